@@ -1,0 +1,32 @@
+"""The ``tetsnn`` command: ``tetsnn <subcommand> [options]``.
+
+Each subcommand lives in its own module, which exposes ``main(argv) -> int``; it is imported
+only when used, so ``tetsnn --help`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line description)
+SUBCOMMANDS = {
+}
+
+
+def usage() -> str:
+    lines = ["usage: tetsnn <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12}{desc}" for name, (_, desc) in SUBCOMMANDS.items()]
+    lines += ["", "Run 'tetsnn <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] not in SUBCOMMANDS:
+        print(f"tetsnn: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, _ = SUBCOMMANDS[argv[0]]
+    return importlib.import_module(module).main(argv[1:]) or 0

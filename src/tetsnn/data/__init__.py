@@ -1,0 +1,1 @@
+"""Datasets: static images (``static``) and event-camera recordings (``events``)."""

@@ -1,0 +1,115 @@
+"""Spiking ResNets with the spike after the residual add (TET's ResNet19 and ImageNet ResNet18/34).
+
+BasicBlock:  x -> conv3x3-BN-SN -> conv3x3-BN -> (+ shortcut) -> SN
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..layers import SeqToANNContainer
+from ..neuron import make_neuron
+from ._registry import register_model
+from .base import SpikingModel
+
+
+def conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1, neuron="lif", **neuron_kw):
+        super().__init__()
+        self.conv1 = SeqToANNContainer(conv3x3(cin, cout, stride), nn.BatchNorm2d(cout))
+        self.sn1 = make_neuron(neuron, **neuron_kw)
+        self.conv2 = SeqToANNContainer(conv3x3(cout, cout), nn.BatchNorm2d(cout))
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = SeqToANNContainer(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.sn2 = make_neuron(neuron, **neuron_kw)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.conv2(self.sn1(self.conv1(x)))
+        return self.sn2(out + identity)
+
+
+def make_stage(block, cin, cout, blocks, stride, **kw):
+    layers = [block(cin, cout, stride, **kw)]
+    layers += [block(cout, cout, 1, **kw) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+def imagenet_stem(neuron="lif", **neuron_kw):
+    """7x7/2 conv (64, no bias) + BN + SN + 3x3/2 max pool."""
+    return nn.Sequential(
+        SeqToANNContainer(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)),
+        make_neuron(neuron, **neuron_kw),
+        SeqToANNContainer(nn.MaxPool2d(3, 2, 1)),
+    )
+
+
+def kaiming_init(model: nn.Module) -> None:
+    """He-normal (fan_out) convolutions, BatchNorm weight 1 and bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ResNet19(SpikingModel):
+    """TET's CIFAR ResNet19 (12,630,858 parameters at 10 classes), PyTorch's default init."""
+
+    def __init__(self, num_classes=10, T=4, neuron="lif", **neuron_kw):
+        super().__init__(T)
+        kw = dict(neuron=neuron, **neuron_kw)
+        self.stem = nn.Sequential(
+            SeqToANNContainer(conv3x3(3, 64), nn.BatchNorm2d(64)), make_neuron(neuron, **neuron_kw))
+        self.layer1 = make_stage(BasicBlock, 64, 128, 3, 1, **kw)
+        self.layer2 = make_stage(BasicBlock, 128, 256, 3, 2, **kw)
+        self.layer3 = make_stage(BasicBlock, 256, 512, 2, 2, **kw)
+        self.pool = SeqToANNContainer(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc1 = SeqToANNContainer(nn.Linear(512, 256))
+        self.sn_fc = make_neuron(neuron, **neuron_kw)
+        self.fc2 = SeqToANNContainer(nn.Linear(256, num_classes))
+
+    def forward_seq(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc2(self.sn_fc(self.fc1(self.pool(x))))
+
+
+class ImageNetResNet(SpikingModel):
+    """ImageNet-style spiking ResNet (stem 7x7/2 + max pool, four stages, avg pool + one Linear)."""
+
+    def __init__(self, block, layers, num_classes=1000, T=4, widths=(64, 128, 256, 512),
+                 strides=(1, 2, 2, 2), neuron="lif", block_kw=None, **neuron_kw):
+        super().__init__(T)
+        kw = dict(neuron=neuron, **(block_kw or {}), **neuron_kw)
+        self.stem = imagenet_stem(neuron, **neuron_kw)
+        stages, cin = [], 64
+        for cout, n, s in zip(widths, layers, strides):
+            stages.append(make_stage(block, cin, cout, n, s, **kw))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.pool = SeqToANNContainer(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = SeqToANNContainer(nn.Linear(cin, num_classes))
+        kaiming_init(self)
+
+    def forward_seq(self, x):
+        return self.fc(self.pool(self.stages(self.stem(x))))
+
+
+@register_model("resnet19", num_classes=10)
+def resnet19(num_classes=10, T=4, **kw):
+    return ResNet19(num_classes, T, **kw)
+
+
+@register_model("resnet18", num_classes=1000)
+def resnet18(num_classes=1000, T=4, **kw):
+    return ImageNetResNet(BasicBlock, [2, 2, 2, 2], num_classes, T, **kw)
+
+
+@register_model("resnet34", num_classes=1000)
+def resnet34(num_classes=1000, T=4, **kw):
+    return ImageNetResNet(BasicBlock, [3, 4, 6, 3], num_classes, T, **kw)

@@ -1,0 +1,71 @@
+"""SEW-ResNet: spike-element-wise residual blocks.
+
+Block: out = SN(BN(conv(SN(BN(conv(x)))))) (spikes); identity = x, or SN(BN(conv1x1(x))) when the
+shape changes; the two spike tensors are joined by ADD (identity + out), AND (identity * out)
+or IAND (identity * (1 - out)).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..layers import SeqToANNContainer
+from ..neuron import make_neuron
+from ._registry import register_model
+from .resnet import ImageNetResNet, conv3x3
+
+CONNECTS = ("ADD", "AND", "IAND")
+
+
+def sew_connect(identity, out, connect: str):
+    if connect == "ADD":
+        return identity + out
+    if connect == "AND":
+        return identity * out
+    if connect == "IAND":
+        return identity * (1 - out)
+    raise ValueError(f"unknown connect {connect!r}: expected one of {CONNECTS}")
+
+
+class SEWBlock(nn.Module):
+    def __init__(self, cin, cout, stride=1, connect="ADD", neuron="lif", **neuron_kw):
+        super().__init__()
+        if connect not in CONNECTS:
+            raise ValueError(f"unknown connect {connect!r}: expected one of {CONNECTS}")
+        self.connect = connect
+        self.conv1 = SeqToANNContainer(conv3x3(cin, cout, stride), nn.BatchNorm2d(cout))
+        self.sn1 = make_neuron(neuron, **neuron_kw)
+        self.conv2 = SeqToANNContainer(conv3x3(cout, cout), nn.BatchNorm2d(cout))
+        self.sn2 = make_neuron(neuron, **neuron_kw)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                SeqToANNContainer(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)),
+                make_neuron(neuron, **neuron_kw))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.sn2(self.conv2(self.sn1(self.conv1(x))))
+        return sew_connect(identity, out, self.connect)
+
+
+def _sew(layers, num_classes, T, connect="ADD", widths=(64, 128, 256, 512), strides=(1, 2, 2, 2), **kw):
+    if connect not in CONNECTS:
+        raise ValueError(f"unknown connect {connect!r}: expected one of {CONNECTS}")
+    return ImageNetResNet(SEWBlock, layers, num_classes, T, widths=widths, strides=strides,
+                          block_kw={"connect": connect}, **kw)
+
+
+@register_model("sew_resnet18", num_classes=1000)
+def sew_resnet18(num_classes=1000, T=4, connect="ADD", **kw):
+    return _sew([2, 2, 2, 2], num_classes, T, connect, **kw)
+
+
+@register_model("sew_resnet34", num_classes=1000)
+def sew_resnet34(num_classes=1000, T=4, connect="ADD", **kw):
+    return _sew([3, 4, 6, 3], num_classes, T, connect, **kw)
+
+
+@register_model("sew_resnet19", num_classes=10)
+def sew_resnet19(num_classes=10, T=4, connect="ADD", **kw):
+    """The seed's SEW-ResNet19: 7x7/2 stem + max pool, stages [3, 3, 2] at 128-256-512."""
+    return _sew([3, 3, 2], num_classes, T, connect, widths=(128, 256, 512), strides=(1, 2, 2), **kw)

@@ -1,0 +1,32 @@
+"""A small convolutional SNN for 8x8 single-channel images (scikit-learn's digits)."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..layers import Layer, SeqToANNContainer
+from ..neuron import make_neuron
+from ._registry import register_model
+from .base import SpikingModel
+
+
+class DigitsSNN(SpikingModel):
+    """Layer(1,32) Layer(32,64) AvgPool2 | Layer(64,128) AvgPool2 | flatten -> Linear(512,128) -> SN -> Linear."""
+
+    def __init__(self, num_classes=10, T=4, in_channels=1, neuron="lif", **neuron_kw):
+        super().__init__(T)
+        kw = dict(neuron=neuron, **neuron_kw)
+        self.features = nn.Sequential(
+            Layer(in_channels, 32, **kw), Layer(32, 64, **kw), SeqToANNContainer(nn.AvgPool2d(2)),
+            Layer(64, 128, **kw), SeqToANNContainer(nn.AvgPool2d(2)),
+        )
+        self.fc1 = SeqToANNContainer(nn.Flatten(), nn.Linear(128 * 2 * 2, 128))
+        self.sn = make_neuron(neuron, **neuron_kw)
+        self.fc2 = SeqToANNContainer(nn.Linear(128, num_classes))
+
+    def forward_seq(self, x):
+        return self.fc2(self.sn(self.fc1(self.features(x))))
+
+
+@register_model("digits_snn", num_classes=10)
+def digits_snn(num_classes=10, T=4, **kw):
+    return DigitsSNN(num_classes, T, **kw)

@@ -1,0 +1,233 @@
+"""Spiking neurons: surrogate spike functions and the LIF / IF neurons.
+
+Layout: every spiking tensor is batch-first ``[N, T, ...]`` (dim 1 is time).
+
+LIF dynamics (TET's ``LIFSpike``), with the membrane starting at 0 on every call::
+
+    u[t] = tau * u[t-1] + x[t]          tau is a decay factor (0.5), not a time constant
+    s[t] = H(u[t] - threshold)          strict '>': u == threshold does not fire
+    u[t] = (1 - s[t]) * u[t]            hard reset (soft: u[t] -= threshold * s[t])
+
+The reset is not detached by default, so gradients flow through ``s[t]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ZIF", "SigmoidSpike", "AtanSpike", "CustomSpike",
+    "zif", "sigmoid_spike", "atan_spike",
+    "zif_grad", "sigmoid_grad", "atan_grad",
+    "SURROGATES", "resolve_surrogate", "lif_loop",
+    "LIF", "IF", "ReLUNeuron", "make_neuron", "NEURONS",
+]
+
+
+# --------------------------------------------------------------------------- surrogates
+# Each surrogate is the derivative ds/dv of the spike s = H(v), v = u - threshold.
+
+def zif_grad(v: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Triangle of height 1/gamma and half-width gamma: (1/gamma)^2 * max(0, gamma - |v|)."""
+    return (gamma - v.abs()).clamp_min(0) * (1.0 / gamma) ** 2
+
+
+def sigmoid_grad(v: torch.Tensor, alpha: float = 4.0) -> torch.Tensor:
+    """alpha * sig(alpha v) * (1 - sig(alpha v))."""
+    sg = torch.sigmoid(alpha * v)
+    return alpha * sg * (1 - sg)
+
+
+def atan_grad(v: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """alpha / 2 / (1 + (pi/2 * alpha * v)^2)."""
+    return (alpha / 2) / (1 + (math.pi / 2 * alpha * v) ** 2)
+
+
+class _Spike(torch.autograd.Function):
+    """Heaviside forward ``(v > 0)``; backward multiplies by ``grad_fn(v, width)``."""
+
+    grad_fn: Callable = None
+
+    @classmethod
+    def forward(cls, ctx, v, width):
+        ctx.save_for_backward(v)
+        ctx.width = width
+        return (v > 0).to(v.dtype)
+
+    @classmethod
+    def backward(cls, ctx, grad_out):
+        (v,) = ctx.saved_tensors
+        return grad_out * cls.grad_fn(v, ctx.width), None
+
+
+class ZIF(_Spike):
+    """Spike with TET's triangle surrogate: ``ZIF.apply(v, gamma)``."""
+    grad_fn = staticmethod(zif_grad)
+
+
+class SigmoidSpike(_Spike):
+    """Spike with the sigmoid-derivative surrogate: ``SigmoidSpike.apply(v, alpha)``."""
+    grad_fn = staticmethod(sigmoid_grad)
+
+
+class AtanSpike(_Spike):
+    """Spike with the arctan surrogate: ``AtanSpike.apply(v, alpha)``."""
+    grad_fn = staticmethod(atan_grad)
+
+
+class CustomSpike(torch.autograd.Function):
+    """Spike whose backward is a user callable ``fn(v) -> ds/dv``: ``CustomSpike.apply(v, fn)``."""
+
+    @staticmethod
+    def forward(ctx, v, fn):
+        ctx.save_for_backward(v)
+        ctx.fn = fn
+        return (v > 0).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (v,) = ctx.saved_tensors
+        return grad_out * ctx.fn(v), None
+
+
+def zif(v: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    return ZIF.apply(v, gamma)
+
+
+def sigmoid_spike(v: torch.Tensor, alpha: float = 4.0) -> torch.Tensor:
+    return SigmoidSpike.apply(v, alpha)
+
+
+def atan_spike(v: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    return AtanSpike.apply(v, alpha)
+
+
+# name -> (spike Function, surrogate derivative, default width)
+SURROGATES = {
+    "zif": (ZIF, zif_grad, 1.0),
+    "sigmoid": (SigmoidSpike, sigmoid_grad, 4.0),
+    "atan": (AtanSpike, atan_grad, 2.0),
+}
+
+
+def resolve_surrogate(surrogate: Union[str, Callable], gamma: float = 1.0, alpha=None):
+    """Return ``(name, width, spike_fn, grad_fn)`` for a surrogate name or a callable.
+
+    ``spike_fn(v)`` is the Heaviside with that surrogate backward; ``grad_fn(v)`` is ds/dv.
+    For "zif" the width is ``gamma``; for "sigmoid" and "atan" it is ``alpha``.
+    A callable is used as ds/dv directly (name "custom", width None).
+    """
+    if callable(surrogate):
+        fn = surrogate
+        return "custom", None, (lambda v: CustomSpike.apply(v, fn)), fn
+    if surrogate not in SURROGATES:
+        raise ValueError(
+            f"unknown surrogate {surrogate!r}: expected one of {sorted(SURROGATES)} or a callable v -> ds/dv")
+    cls, grad, default = SURROGATES[surrogate]
+    if surrogate == "zif":
+        width = float(gamma)
+    else:
+        width = float(default if alpha is None else alpha)
+    if not width > 0:
+        raise ValueError(f"surrogate width must be > 0, got {width} for {surrogate!r}")
+    return surrogate, width, (lambda v: cls.apply(v, width)), (lambda v: grad(v, width))
+
+
+# --------------------------------------------------------------------------- reference dynamics
+
+def lif_loop(x: torch.Tensor, tau: float, threshold: float, spike_fn: Callable,
+             reset: str = "hard", detach_reset: bool = False) -> torch.Tensor:
+    """The per-step loop over time on ``[N, T, ...]``: the semantic reference of every backend.
+
+    float16 / bfloat16 inputs are integrated in float32; spikes come back in the input's dtype.
+    """
+    dtype = x.dtype
+    xs = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    u = torch.zeros_like(xs[:, 0])
+    spikes = []
+    for t in range(xs.shape[1]):
+        u = tau * u + xs[:, t]
+        s = spike_fn(u - threshold)
+        r = s.detach() if detach_reset else s
+        u = u * (1 - r) if reset == "hard" else u - threshold * r
+        spikes.append(s)
+    return torch.stack(spikes, dim=1).to(dtype)
+
+
+# --------------------------------------------------------------------------- modules
+
+class LIF(nn.Module):
+    """Leaky integrate-and-fire neuron over batch-first ``[N, T, ...]`` input.
+
+    Stateless between calls: the membrane starts at 0 on every forward.
+
+    Args:
+        tau: decay factor of the membrane (u <- tau * u + x). 1.0 gives IF.
+        threshold: firing threshold (a membrane exactly at it does not fire).
+        gamma: half-width of the ZIF triangle surrogate.
+        surrogate: "zif", "sigmoid", "atan", or a callable ``v -> ds/dv``.
+        alpha: width of the sigmoid / atan surrogate (defaults 4.0 / 2.0).
+        reset: "hard" (to 0) or "soft" (subtract the threshold).
+        detach_reset: stop the gradient through the reset term.
+        backend: "auto", "loop", or any backend registered in ``LIF.backends``.
+    """
+
+    backends = {"loop"}
+
+    def __init__(self, tau: float = 0.5, threshold: float = 1.0, gamma: float = 1.0,
+                 surrogate: Union[str, Callable] = "zif", alpha=None, reset: str = "hard",
+                 detach_reset: bool = False, backend: str = "auto"):
+        super().__init__()
+        if reset not in ("hard", "soft"):
+            raise ValueError(f"unknown reset {reset!r}: expected 'hard' or 'soft'")
+        if backend != "auto" and backend not in self.backends:
+            raise ValueError(f"unknown backend {backend!r}: expected 'auto' or one of {sorted(self.backends)}")
+        self.tau = float(tau)
+        self.threshold = float(threshold)
+        self.reset = reset
+        self.detach_reset = bool(detach_reset)
+        self.backend = backend
+        self.surrogate = surrogate
+        self.surrogate_name, self.width, self.spike_fn, self.grad_fn = resolve_surrogate(surrogate, gamma, alpha)
+
+    def extra_repr(self) -> str:
+        return (f"tau={self.tau}, threshold={self.threshold}, surrogate={self.surrogate_name}, "
+                f"width={self.width}, reset={self.reset}, detach_reset={self.detach_reset}, backend={self.backend}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"{type(self).__name__} expects batch-first input [N, T, ...] with at least 2 dims, "
+                             f"got shape {tuple(x.shape)}")
+        return lif_loop(x, self.tau, self.threshold, self.spike_fn, self.reset, self.detach_reset)
+
+
+class IF(LIF):
+    """Integrate-and-fire neuron: LIF without leak (tau = 1), as used by SEW-ResNet."""
+
+    def __init__(self, threshold: float = 1.0, gamma: float = 1.0, surrogate="zif", alpha=None,
+                 reset: str = "hard", detach_reset: bool = False, backend: str = "auto"):
+        super().__init__(1.0, threshold, gamma, surrogate, alpha, reset, detach_reset, backend)
+
+
+class ReLUNeuron(nn.Module):
+    """ReLU in the place of a spiking neuron: turns a model into its ANN twin."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+
+NEURONS = {"lif": LIF, "if": IF, "relu": ReLUNeuron}
+
+
+def make_neuron(neuron: str = "lif", **kw) -> nn.Module:
+    """Build a neuron by name ("lif", "if" or "relu"); keyword arguments go to the spiking ones."""
+    if neuron not in NEURONS:
+        raise ValueError(f"unknown neuron {neuron!r}: expected one of {sorted(NEURONS)}")
+    if neuron == "relu":
+        return ReLUNeuron()
+    if neuron == "if":
+        kw.pop("tau", None)
+    return NEURONS[neuron](**kw)
