@@ -1,0 +1,69 @@
+"""Checkpoints: plain dicts of tensors and Python values, written atomically and read with
+``torch.load(weights_only=True)``, so loading a checkpoint can never run code.
+
+A training checkpoint holds ``model`` (the state_dict), ``optimizer``, ``scheduler``, ``scaler``,
+``epoch``, ``step`` (optimizer steps done inside that epoch), ``partial`` (that epoch's running
+sums), ``history`` (one metrics dict per finished epoch), ``rng`` and ``config``.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A missing or unreadable checkpoint file (one-line message naming it)."""
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Write ``state`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; a clear error names a missing or bad file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated file, another format, or objects that need code to load
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load checkpoint {path}: {msg}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a tetsnn checkpoint (expected a dict with 'model' and 'config')")
+    return ckpt
+
+
+def rng_state() -> dict:
+    """Every RNG state as tensors, ints and lists (loadable with weights_only=True)."""
+    version, state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(state), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(rng: dict) -> None:
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

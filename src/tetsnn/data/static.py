@@ -1,0 +1,123 @@
+"""Static image datasets: scikit-learn's digits, CIFAR10/100 and ImageNet.
+
+The digits and CIFAR are small enough to live on the training device as one uint8 tensor
+``[N, C, H, W]``; ``StaticImages`` crops, flips and normalises a whole batch there, with no
+per-sample Python. ImageNet goes through torchvision's ImageFolder and a DataLoader.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+__all__ = ["DataError", "STATIC", "DIGITS_SPLIT_SEED", "load_digits", "load_cifar", "StaticImages",
+           "augment", "imagenet_folders"]
+
+DIGITS_SPLIT_SEED = 0   # the digits split never depends on --seed: every run sees the same test set
+
+# pixel scale (uint8 value of white), normalisation and training augmentation of each dataset
+STATIC = {
+    "digits": dict(scale=16.0, mean=(0.3053,), std=(0.3760,), pad=1, flip=False),
+    "cifar10": dict(scale=255.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010), pad=4, flip=True),
+    "cifar100": dict(scale=255.0, mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761), pad=4, flip=True),
+}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """Missing or unreadable dataset files (one-line message naming the path)."""
+
+
+def load_digits():
+    """scikit-learn's 8x8 digits (values 0..16) as uint8 ``[N, 1, 8, 8]``, split 80/20 stratified.
+
+    Returns ``(train_x, train_y, test_x, test_y, info)``; ``info`` records the split."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    d = sk_digits()
+    images = d.images.astype(np.uint8)[:, None]
+    labels = d.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels,
+                                           random_state=DIGITS_SPLIT_SEED)
+    info = dict(split="stratified 80/20 (scikit-learn train_test_split)", split_seed=DIGITS_SPLIT_SEED,
+                train_size=len(train_idx), test_size=len(test_idx), test_indices=test_idx.tolist())
+    return images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], info
+
+
+def load_cifar(name: str, root: str, train: bool, download: bool = False):
+    """CIFAR10/100 through torchvision as uint8 ``[N, 3, 32, 32]`` and int64 labels."""
+    import torchvision
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    expected = os.path.join(root, cls.base_folder)
+    if not download and not os.path.isdir(expected):
+        raise DataError(f"{name} not found: expected the extracted files in {expected} "
+                        f"(set --data-dir, or pass --download to fetch them)")
+    try:
+        ds = cls(root, train=train, download=download)
+    except RuntimeError as e:
+        raise DataError(f"{name} under {root}: {e}") from None
+    return np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, dtype=np.int64)
+
+
+def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random shift by up to ``pad`` pixels (zero fill, as RandomCrop(size, padding=pad)) and a
+    horizontal flip with p=0.5, drawn per sample, for a whole batch ``[B, C, H, W]`` at once."""
+    b, c, h, w = x.shape
+    dev = x.device
+    if pad:
+        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        x = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+               rows, cols]
+    if flip:
+        mask = torch.rand(b, generator=generator, device=dev) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class StaticImages:
+    """``fetch(indices, generator)`` for images held on the device: index, augment (when a generator
+    is given, i.e. for training), convert to float and normalise."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, dataset: str, device):
+        spec = STATIC[dataset]
+        self.images = torch.as_tensor(images, dtype=torch.uint8).to(device)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
+        self.pad, self.flip, self.scale = spec["pad"], spec["flip"], spec["scale"]
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(spec["mean"], device=device).view(shape)
+        self.std = torch.tensor(spec["std"], device=device).view(shape)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __call__(self, idx: torch.Tensor, generator=None):
+        idx = idx.to(self.images.device)
+        x = self.images[idx]
+        if generator is not None:
+            x = augment(x, self.pad, self.flip, generator)
+        x = (x.float() / self.scale - self.mean) / self.std
+        return x, self.labels[idx]
+
+
+def imagenet_folders(root: str):
+    """ImageNet's ``train/`` and ``val/`` class folders through torchvision's ImageFolder, with
+    RandomResizedCrop(224) + flip for training and Resize(256) + CenterCrop(224) for evaluation."""
+    from torchvision import datasets, transforms as T
+
+    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    tf = {"train": T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
+          "val": T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])}
+    out = []
+    for split in ("train", "val"):
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise DataError(f"imagenet not found: expected class folders in {path} (set --data-dir)")
+        out.append(datasets.ImageFolder(path, transform=tf[split]))
+    return out
