@@ -10,6 +10,8 @@ import sys
 
 # name -> (module, one-line description)
 SUBCOMMANDS = {
+    "train": ("tetsnn.train", "train a spiking network (default: TET on the bundled digits)"),
+    "test": ("tetsnn.evaluate", "evaluate a checkpoint: top-1, top-5 and top-1 per number of steps"),
 }
 
 

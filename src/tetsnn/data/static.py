@@ -106,9 +106,10 @@ class StaticImages:
         return x, self.labels[idx]
 
 
-def imagenet_folders(root: str):
+def imagenet_folders(root: str, with_train: bool = True):
     """ImageNet's ``train/`` and ``val/`` class folders through torchvision's ImageFolder, with
-    RandomResizedCrop(224) + flip for training and Resize(256) + CenterCrop(224) for evaluation."""
+    RandomResizedCrop(224) + flip for training and Resize(256) + CenterCrop(224) for evaluation.
+    Returns ``(train, val)``; train is None when ``with_train`` is False."""
     from torchvision import datasets, transforms as T
 
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -116,6 +117,9 @@ def imagenet_folders(root: str):
           "val": T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])}
     out = []
     for split in ("train", "val"):
+        if split == "train" and not with_train:
+            out.append(None)
+            continue
         path = os.path.join(root, split)
         if not os.path.isdir(path):
             raise DataError(f"imagenet not found: expected class folders in {path} (set --data-dir)")

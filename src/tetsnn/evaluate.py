@@ -1,0 +1,116 @@
+"""Evaluation of a spiking model, and the ``tetsnn test`` command.
+
+``tetsnn test --checkpoint FILE [--data-dir DIR] [--json]`` rebuilds the model and the test set from
+the checkpoint's config and reports top-1 and top-5 of the time-averaged logits, plus
+``per_step_top1``: the top-1 of the average of the first t steps, for t = 1..T.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+
+import torch
+
+from .distributed import all_reduce_sum
+
+__all__ = ["autocast", "evaluate", "main"]
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str):
+    """Mixed-precision context for ``amp`` in {"bf16", "fp16", "none"}."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+@torch.no_grad()
+def evaluate(model, loader, criterion=None, amp: str = "none") -> dict:
+    """Top-1 / top-5 of the time-averaged logits, top-1 of the first t steps, and the mean loss,
+    summed over every rank's share of the test set (each test sample counts exactly once)."""
+    was_training = model.training
+    model.eval()
+    sums = None   # [count, loss sum, top-5 correct, top-1 correct using steps 1..t for each t]
+    for x, y in loader:
+        with autocast(x.device, amp):
+            out = model(x)
+        out = out.float()
+        T = out.shape[1]
+        if sums is None:
+            sums = torch.zeros(3 + T, dtype=torch.float64, device=x.device)
+        running = out.cumsum(1) / torch.arange(1, T + 1, device=out.device).view(1, T, 1)  # [N, T, C]
+        sums[3:] += (running.argmax(2) == y[:, None]).sum(0)
+        k = min(5, out.shape[2])
+        sums[2] += (running[:, -1].topk(k, dim=1).indices == y[:, None]).any(1).sum()
+        if criterion is not None:
+            sums[1] += criterion(out, y).double() * len(y)
+        sums[0] += len(y)
+    model.train(was_training)
+    if sums is None:   # this rank had no test samples; the model's T gives the shape
+        sums = torch.zeros(3 + getattr(model, "T", 1), dtype=torch.float64, device=next(model.parameters()).device)
+    all_reduce_sum(sums)
+    n = max(sums[0].item(), 1.0)
+    per_step = (sums[3:] / n).tolist()
+    return dict(count=int(sums[0].item()), loss=sums[1].item() / n, top1=per_step[-1],
+                top5=sums[2].item() / n, per_step_top1=per_step)
+
+
+def _parser():
+    from .config import ConfigError
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise ConfigError(message)
+
+    p = Parser(prog="tetsnn test", description="Evaluate a checkpoint on its test set.")
+    p.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by tetsnn train")
+    p.add_argument("--data-dir", default=None, help="where the dataset lives (default: the run's data_dir)")
+    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object: top1, top5, per_step_top1")
+    return p
+
+
+def run_test(args) -> dict:
+    """Evaluate ``args.checkpoint`` on the test set of its run's config."""
+    from .checkpoint import load_checkpoint
+    from .config import resolve
+    from .data import build_data
+    from .distributed import setup
+    from .train import build_model
+
+    ckpt = load_checkpoint(args.checkpoint)
+    overrides = {k: v for k, v in dict(data_dir=args.data_dir, batch_size=args.batch_size,
+                                       device=args.device).items() if v is not None}
+    cfg = resolve({**ckpt["config"], **overrides, "download": False})
+    _, _, device = setup(cfg["device"])
+    model = build_model(cfg).to(device)
+    model.load_state_dict(ckpt["model"])
+    data = build_data(cfg, device, train=False)
+    res = evaluate(model, data.test, amp=cfg["amp"])
+    return dict(top1=res["top1"], top5=res["top5"], per_step_top1=res["per_step_top1"], count=res["count"],
+                checkpoint=args.checkpoint, epoch=ckpt.get("epoch"))
+
+
+def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+
+    try:
+        args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        res = run_test(args)
+    except (ConfigError, CheckpointError, DataError) as e:
+        print(f"tetsnn test: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({k: res[k] for k in ("top1", "top5", "per_step_top1")}))
+        return 0
+    print(f"{res['checkpoint']} (epoch {res['epoch']}), {res['count']} test samples")
+    print(f"top-1 {100 * res['top1']:.2f}%   top-5 {100 * res['top5']:.2f}%   (time-averaged logits)")
+    steps = "  ".join(f"t={t}: {100 * a:.2f}%" for t, a in enumerate(res["per_step_top1"], 1))
+    print(f"top-1 using the first t steps: {steps}")
+    return 0

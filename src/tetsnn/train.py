@@ -1,0 +1,359 @@
+"""``tetsnn train``: one training engine for a CPU, a GPU or many (torchrun + DDP).
+
+    tetsnn train [--config FILE|PRESET] [--KEY VALUE ...]
+    torchrun --nproc_per_node=K -m tetsnn train ...
+
+The run directory receives config.yaml, data.json, metrics.jsonl, last.pt, best.pt, TensorBoard
+events and curves.png. SIGTERM / SIGINT finish the current optimizer step, save last.pt and exit
+with status 0; ``--resume DIR`` continues from exactly that step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from functools import partial
+
+import torch
+import yaml
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError, load_config, parse_train_args, resolve
+from .distributed import all_reduce_max, all_reduce_sum, cleanup, is_distributed, setup
+from .evaluate import autocast, evaluate
+from .loss import sdt_loss, tet_loss
+from .models import create_model
+from .utils import seed_all
+
+__all__ = ["build_model", "build_criterion", "build_optimizer", "resolve_run_config", "fit", "main",
+           "NonFiniteLoss"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def build_model(cfg: dict) -> nn.Module:
+    """The model a config describes (its weights are freshly initialised)."""
+    return create_model(cfg["model"], num_classes=cfg["num_classes"], T=cfg["T"], **cfg["model_kw"])
+
+
+def build_criterion(cfg: dict):
+    """``loss(outputs [N, T, C], y) -> scalar``: TET (with lamb, means) or standard direct training."""
+    if cfg["loss"] == "tet":
+        return partial(tet_loss, lamb=cfg["lamb"], means=cfg["means"])
+    return sdt_loss
+
+
+def build_optimizer(cfg: dict, model: nn.Module):
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                               weight_decay=cfg["weight_decay"])
+    return torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def resolve_run_config(argv) -> dict:
+    """Command line -> the run's config. With --resume, the saved config, where any explicitly given
+    key must agree with it except ``epochs`` (which may extend the run)."""
+    config_file, flags = parse_train_args(argv)
+    if flags.get("resume") is None:
+        return resolve({**load_config(config_file or "digits"), **flags})
+    run_dir = flags["resume"]
+    saved = load_checkpoint(os.path.join(run_dir, "last.pt"))["config"]
+    given = {**(load_config(config_file) if config_file else {}), **flags}
+    for key, value in given.items():
+        if key in ("resume", "epochs") or (key == "out" and os.path.abspath(value) == os.path.abspath(run_dir)):
+            continue
+        if key not in saved or value != saved[key]:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} {value} contradicts the resumed run's {key}: {saved.get(key)!r}")
+    return resolve({**saved, "epochs": given.get("epochs", saved["epochs"]), "resume": run_dir, "out": run_dir})
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the training loop stops after its current optimizer step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def _write_text(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _fresh_run_dir(cfg) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join("runs", f"{stamp}-{cfg['dataset']}-{cfg['model']}")
+    path, i = base, 1
+    while os.path.exists(path):
+        i += 1
+        path = f"{base}-{i}"
+    return path
+
+
+class RunFiles:
+    """Everything rank 0 writes: config.yaml, data.json, metrics.jsonl, TensorBoard, curves.png."""
+
+    def __init__(self, out: str, cfg: dict, data_info: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(out, exist_ok=True)
+        self.out = out
+        _write_text(os.path.join(out, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
+        _write_text(os.path.join(out, "data.json"), json.dumps(data_info) + "\n")
+        self.tb = SummaryWriter(log_dir=out)
+
+    def path(self, name):
+        return os.path.join(self.out, name)
+
+    def epoch_done(self, history):
+        _write_text(self.path("metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history))
+        m = history[-1]
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"):
+            self.tb.add_scalar(key, m[key], m["epoch"])
+        self.tb.flush()
+        self.plot(history)
+
+    def plot(self, history):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ep = [m["epoch"] for m in history]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, what in zip(axes, ("loss", "acc")):
+            for split in ("train", "test"):
+                ax.plot(ep, [m[f"{split}_{what}"] for m in history], marker="o", label=split)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("loss" if what == "loss" else "accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        tmp = self.path(f"curves.png.tmp{os.getpid()}")
+        fig.savefig(tmp, format="png", dpi=80)
+        plt.close(fig)
+        os.replace(tmp, self.path("curves.png"))
+
+    def close(self):
+        self.tb.close()
+
+
+class Trainer:
+    """Holds a run's state; ``fit`` trains from its current position (epoch, step) to the end."""
+
+    def __init__(self, cfg: dict, rank: int, world_size: int, device: torch.device):
+        from .data import build_data
+
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.main = rank == 0
+        seed_all(cfg["seed"])                      # the same initial weights on every rank
+        self.data = build_data(cfg, device, rank, world_size)
+        model = build_model(cfg).to(device)
+        if cfg["sync_bn"] and world_size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+        self.criterion = build_criterion(cfg)
+        self.optimizer = build_optimizer(cfg, model)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg["epochs"], eta_min=0)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+        self.epoch, self.step = 0, 0              # finished epochs; optimizer steps done in the next one
+        self.partial = [0.0, 0.0, 0.0, 0.0]       # that epoch's loss sum, correct, samples, seconds
+        self.history, self.best = [], None
+        seed_all(cfg["seed"] + rank)               # per-rank seeding for anything random from here on
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                    epoch=self.epoch, step=self.step, partial=list(self.partial), history=list(self.history),
+                    best=self.best, rng=rng_state(), config=dict(self.cfg))
+
+    def load(self, ckpt: dict):
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scheduler.T_max = self.cfg["epochs"]    # --epochs may extend the run
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step, self.history, self.best = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"]
+        # the saved partial sums are already summed over ranks: rank 0 carries them
+        self.partial = list(ckpt["partial"]) if self.main else [0.0, 0.0, 0.0, 0.0]
+        if self.main:
+            set_rng_state(ckpt["rng"])
+
+    def save(self, files, name="last.pt"):
+        if self.main:
+            save_checkpoint(self.state(), files.path(name))
+
+    # -- training ------------------------------------------------------------------------------
+    def train_epoch(self, stop: StopRequest, progress) -> bool:
+        """Train from ``self.step`` to the end of epoch ``self.epoch + 1``; False if stopped early."""
+        loader = self.data.train
+        loader.set_epoch(self.epoch + 1, start=self.step)
+        self.ddp.train()
+        t0, seconds0 = time.perf_counter(), self.partial[3]
+        for x, y in loader:
+            with autocast(self.device, self.cfg["amp"]):
+                out = self.ddp(x)
+            loss = self.criterion(out.float(), y)
+            # one collective decides for every rank: stop on a non-finite loss, or after this step
+            flags = all_reduce_max(torch.tensor([float(not torch.isfinite(loss).item()), float(stop.requested)],
+                                                device=self.device))
+            if flags[0]:
+                raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at epoch {self.epoch + 1}, "
+                                    f"step {self.step + 1}")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            n = len(y)
+            correct = (out.detach().float().mean(1).argmax(1) == y).sum().item()
+            self.partial[0] += loss.item() * n
+            self.partial[1] += correct
+            self.partial[2] += n
+            self.partial[3] = seconds0 + time.perf_counter() - t0
+            progress(self.partial, self.step, len(loader))
+            if flags[1]:
+                return False
+        return True
+
+    def reduced_partial(self):
+        return all_reduce_sum(torch.tensor(self.partial[:3], dtype=torch.float64, device=self.device)).tolist()
+
+    def finish_epoch(self) -> dict:
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss_sum, correct, count = self.reduced_partial()
+        test = evaluate(self.model, self.data.test, self.criterion, self.cfg["amp"])
+        self.scheduler.step()
+        self.epoch += 1
+        m = dict(epoch=self.epoch, train_loss=loss_sum / max(count, 1), train_acc=correct / max(count, 1),
+                 test_loss=test["loss"], test_acc=test["top1"], lr=lr, seconds=self.partial[3])
+        self.history.append(m)
+        self.step, self.partial = 0, [0.0, 0.0, 0.0, 0.0]
+        return m
+
+
+def _progress(trainer, cfg):
+    """A tqdm bar on an interactive rank 0; nothing otherwise (one line per epoch is printed)."""
+    if not (trainer.main and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=len(trainer.data.train), initial=trainer.step, leave=False,
+                desc=f"epoch {trainer.epoch + 1}/{cfg['epochs']}", dynamic_ncols=True)
+
+
+def fit(cfg: dict) -> dict:
+    """Train (or resume) the run ``cfg`` describes. Returns a summary dict."""
+    if cfg["sync_bn"] and not (cfg["device"].startswith("cuda") or (cfg["device"] == "auto" and torch.cuda.is_available())):
+        raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU)")
+    rank, world, device = setup(cfg["device"])
+    try:
+        trainer = Trainer(cfg, rank, world, device)
+        if cfg["resume"]:
+            trainer.load(load_checkpoint(os.path.join(cfg["resume"], "last.pt"), map_location=device))
+            out = cfg["resume"]
+        else:
+            out = cfg["out"] or _fresh_run_dir(cfg)
+            if os.path.exists(os.path.join(out, "last.pt")):
+                raise ConfigError(f"{out} already holds a run (last.pt); resume it with --resume {out}")
+        files = RunFiles(out, cfg, trainer.data.info) if trainer.main else None
+        try:
+            return _loop(trainer, files, cfg, world)
+        finally:
+            if files:
+                files.close()
+    finally:
+        cleanup()
+
+
+def _loop(trainer, files, cfg, world) -> dict:
+    say = print if trainer.main else (lambda *a, **k: None)
+    if trainer.epoch == 0 and trainer.step == 0:
+        say(f"training {cfg['model']} on {cfg['dataset']} ({trainer.data.info.get('train_used')} train / "
+            f"{trainer.data.info.get('test_used')} test samples), T={cfg['T']}, {cfg['epochs']} epochs, "
+            f"{world} process(es) on {trainer.device}; run directory {files.out if files else ''}")
+    with StopRequest() as stop:
+        while trainer.epoch < cfg["epochs"]:
+            bar = _progress(trainer, cfg)
+
+            def progress(p, step, total):
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{p[0] / p[2]:.4f}", acc=f"{p[1] / p[2]:.3f}",
+                                    samples_s=f"{p[2] * world / max(p[3], 1e-9):.0f}")
+            try:
+                done = trainer.train_epoch(stop, progress)
+            except NonFiniteLoss as e:
+                last = files.path("last.pt") if files else "last.pt"
+                kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
+                raise NonFiniteLoss(f"{e}; stopping, {kept}") from None
+            finally:
+                if bar is not None:
+                    bar.close()
+            if not done:
+                summed = trainer.reduced_partial()     # the checkpoint keeps the sums of all ranks
+                if files:
+                    trainer.partial[:3] = summed
+                    trainer.save(files)
+                say(f"stopped by signal at epoch {trainer.epoch + 1}, step {trainer.step}; saved last.pt. "
+                    f"Continue with: tetsnn train --resume {files.out if files else ''}")
+                return dict(interrupted=True, epoch=trainer.epoch, step=trainer.step)
+            m = trainer.finish_epoch()
+            is_best = trainer.best is None or m["test_acc"] > trainer.best["test_acc"]
+            if is_best:
+                trainer.best = dict(epoch=m["epoch"], test_acc=m["test_acc"])
+            if files:
+                files.epoch_done(trainer.history)
+                trainer.save(files, "last.pt")
+                if is_best:
+                    trainer.save(files, "best.pt")
+            say(f"epoch {m['epoch']}/{cfg['epochs']}  train loss {m['train_loss']:.4f} acc {100 * m['train_acc']:.2f}%  "
+                f"test loss {m['test_loss']:.4f} acc {100 * m['test_acc']:.2f}%  lr {m['lr']:.2e}  {m['seconds']:.1f}s")
+            if all_reduce_max(torch.tensor([float(stop.requested)], device=trainer.device))[0]:
+                say(f"stopped by signal after epoch {trainer.epoch}; continue with: tetsnn train --resume "
+                    f"{files.out if files else ''}")
+                return dict(interrupted=True, epoch=trainer.epoch, step=0)
+    final, best = trainer.history[-1], trainer.best
+    say(f"best test accuracy: {100 * best['test_acc']:.2f}% (epoch {best['epoch']}); "
+        f"final test accuracy: {100 * final['test_acc']:.2f}% (epoch {final['epoch']})")
+    if files:
+        say(f"run directory: {files.out}")
+    return dict(interrupted=False, best=best, final=final, out=files.out if files else None)
+
+
+def main(argv=None) -> int:
+    from .data import DataError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        fit(resolve_run_config(argv))
+    except (ConfigError, CheckpointError, DataError, NonFiniteLoss) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"tetsnn train: error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, NonFiniteLoss) else 2
+    return 0
