@@ -1,0 +1,197 @@
+"""The frame cache: event counts at sensor resolution, one memory-mappable uint16 file per split.
+
+A cache lives in ``<cache_dir>/<dataset>-<key>/``, where ``key`` hashes every framing parameter,
+the root and the name, size and modification time of every source file, so any change builds a
+new cache. It holds ``train.u16`` and ``test.u16`` (raw C-order uint16, shape in the manifest) and
+``manifest.json`` (parameters, source files, per-sample origin and label, skipped files).
+
+It is built in ``.<dataset>-<key>.tmp-<pid>/`` next to it and renamed into place (os.replace)
+only when complete, so a directory at the final name is always a finished cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+__all__ = ["Recording", "default_cache_dir", "ensure_cache", "open_split"]
+
+CACHE_VERSION = 1
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One source recording: its path under the root, its split, and every file it depends on."""
+    file: str
+    split: str
+    label: int | None = None                   # known from the folder (CIFAR10-DVS) or None
+    sources: tuple = field(default_factory=tuple)  # extra files it reads, relative to the root
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TETSNN_CACHE", Path.home() / ".cache" / "tetsnn"))
+
+
+def _fingerprint(root: Path, recordings) -> list:
+    """``[name, size, mtime_ns]`` of every source file (``None`` for a missing one)."""
+    names = sorted({name for r in recordings for name in (r.file, *r.sources)})
+    out = []
+    for name in names:
+        try:
+            st = (root / name).stat()
+            out.append([name, st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([name, None, None])
+    return out
+
+
+def _cache_key(dataset: str, root: Path, params: dict, sources: list) -> str:
+    blob = json.dumps([CACHE_VERSION, dataset, str(root), params, sources], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _is_complete(directory: Path, manifest: dict) -> bool:
+    for info in manifest.get("splits", {}).values():
+        expected = int(np.prod(info["shape"])) * np.dtype(info["dtype"]).itemsize
+        path = directory / info["file"]
+        if not path.is_file() or path.stat().st_size != expected:
+            return False
+    return set(manifest.get("splits", {})) == set(SPLITS)
+
+
+def _read_manifest(directory: Path) -> dict | None:
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if _is_complete(directory, manifest) else None
+
+
+def _ordered_map(fn, items, workers: int):
+    """``map(fn, items)`` on a thread pool, in order, with at most ``2 * workers`` in flight."""
+    pool = ThreadPoolExecutor(workers)
+    pending = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _build(directory: Path, dataset: str, recordings, frame_fn, on_error: str, workers: int) -> dict:
+    """Frame every recording into ``directory``; return the manifest (not yet written)."""
+    def attempt(recording):
+        try:
+            return frame_fn(recording), None
+        except ValueError as error:
+            return None, error
+
+    outputs = {s: open(directory / f"{s}.u16", "wb") for s in SPLITS}
+    splits = {s: {"file": f"{s}.u16", "dtype": "uint16", "shape": None, "labels": [], "samples": []}
+              for s in SPLITS}
+    skipped, sample_shape = [], None
+    results = _ordered_map(attempt, recordings, workers)
+    try:
+        for recording, (result, error) in tqdm(zip(recordings, results), total=len(recordings),
+                                               desc=f"{dataset}: framing", unit="file", disable=None):
+            if error is not None:
+                if on_error == "raise":
+                    raise error
+                skipped.append({"file": recording.file, "error": str(error)})
+                continue
+            frames, samples = result
+            sample_shape = list(frames.shape[1:])
+            outputs[recording.split].write(np.ascontiguousarray(frames, dtype=np.uint16).tobytes())
+            splits[recording.split]["labels"] += [s["label"] for s in samples]
+            splits[recording.split]["samples"] += [{"file": recording.file, **s} for s in samples]
+    finally:
+        results.close()  # stops the pool now, also when an error propagates
+        for f in outputs.values():
+            f.close()
+    if sample_shape is None:
+        raise ValueError(f"{dataset}: no recording could be read ({len(skipped)} skipped)")
+    for info in splits.values():
+        info["shape"] = [len(info["labels"])] + sample_shape
+    return {"splits": splits, "skipped": skipped}
+
+
+def ensure_cache(dataset: str, root, recordings, frame_fn, params: dict, cache_dir=None,
+                 on_error: str = "raise", workers: int | None = None) -> tuple[Path, dict]:
+    """Return ``(directory, manifest)`` of the cache for these recordings, building it if needed.
+
+    ``frame_fn(recording) -> (uint16 frames [k, T, 2, H, W], [k sample dicts with a "label"])``
+    raises ValueError (naming the file) for bad input; ``on_error="skip"`` leaves such recordings
+    out and lists them in the manifest. Recordings are framed in parallel on a thread pool and
+    written in their listed order.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    root = Path(root).resolve()
+    sources = _fingerprint(root, recordings)
+    key = _cache_key(dataset, root, params, sources)
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    directory = base / f"{dataset}-{key}"
+    manifest = _read_manifest(directory)
+    if manifest is None:
+        if directory.exists():  # not a cache this code wrote: replace it
+            shutil.rmtree(directory)
+        manifest = _build_atomically(directory, dataset, root, recordings, frame_fn, params, sources,
+                                     on_error, workers)
+    if manifest["skipped"] and on_error == "raise":
+        first = manifest["skipped"][0]
+        raise ValueError(f"the cache {directory} was built with on_error='skip' and left out "
+                         f"{len(manifest['skipped'])} file(s), e.g. {first['error']}; "
+                         f"pass on_error='skip' to use it")
+    return directory, manifest
+
+
+def _build_atomically(directory, dataset, root, recordings, frame_fn, params, sources, on_error, workers):
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if workers is None:
+            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        built = _build(tmp, dataset, recordings, frame_fn, on_error, max(1, int(workers)))
+        manifest = {"version": CACHE_VERSION, "dataset": dataset, "root": str(root), "params": params,
+                    "sources": sources, **built}
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process finished the same cache first: use theirs
+            manifest = _read_manifest(directory)
+            if manifest is None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if manifest["skipped"]:
+        names = ", ".join(s["file"] for s in manifest["skipped"][:5])
+        warnings.warn(f"{dataset}: skipped {len(manifest['skipped'])} unreadable file(s): {names}"
+                      f"{' ...' if len(manifest['skipped']) > 5 else ''} (listed in {directory}/manifest.json)",
+                      stacklevel=3)
+    return manifest
+
+
+def open_split(directory: Path, info: dict):
+    """``(frames, labels)`` of a split (``manifest["splits"][name]``): a read-only uint16 memmap
+    ``[N, T, 2, H, W]`` and int64 labels ``[N]``."""
+    shape = tuple(info["shape"])
+    labels = np.asarray(info["labels"], dtype=np.int64)
+    if shape[0] == 0:  # mmap cannot map an empty file
+        return np.zeros(shape, dtype=info["dtype"]), labels
+    return np.memmap(directory / info["file"], dtype=info["dtype"], mode="r", shape=shape), labels

@@ -1,0 +1,43 @@
+"""``tetsnn preprocess``: build an event dataset's frame cache ahead of training."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .datasets import DEFAULT_T, build_cache
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="tetsnn preprocess",
+        description="Frame an event-camera dataset's original recordings into the cache that "
+                    "training reads (both splits).")
+    parser.add_argument("dataset", choices=sorted(DEFAULT_T), help="which dataset")
+    parser.add_argument("--root", required=True,
+                        help="the original recordings: CIFAR10-DVS class folders, or the DvsGesture folder")
+    parser.add_argument("--cache", default=None, help="cache directory (default ~/.cache/tetsnn)")
+    parser.add_argument("--T", type=int, default=None, help="frames per sample (default 10 CIFAR10-DVS, 16 Gesture)")
+    parser.add_argument("--split", choices=("tet", "tebn"), default="tet",
+                        help="CIFAR10-DVS train/test split (default tet: the first 90%% of each class train)")
+    parser.add_argument("--split-by", choices=("count", "time"), default="count",
+                        help="cut each sample into T frames of equal event count (default) or equal time")
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                        help="stop at an unreadable file (default) or skip it and list it in the manifest")
+    parser.add_argument("--workers", type=int, default=None, help="threads framing files (default: all CPUs)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        directory, manifest = build_cache(args.dataset, args.root, args.T, args.split, args.cache,
+                                          args.on_error, args.split_by, args.workers)
+    except (ValueError, OSError) as error:
+        print(f"tetsnn preprocess: error: {error}", file=sys.stderr)
+        return 1
+    splits = manifest["splits"]
+    print(f"{args.dataset}: {splits['train']['shape'][0]} train / {splits['test']['shape'][0]} test samples, "
+          f"T={manifest['params']['T']}, in {directory}")
+    for skipped in manifest["skipped"]:
+        print(f"skipped {skipped['file']}: {skipped['error']}")
+    return 0

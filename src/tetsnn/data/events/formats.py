@@ -1,0 +1,169 @@
+"""Readers for the original event-camera recordings: jAER AEDAT 2.0 and AEDAT 3.1.
+
+Both return a structured array with fields ``t`` (int64 microseconds, unwrapped but not rebased),
+``x`` (int16 column), ``y`` (int16 row) and ``p`` (int8, 0 = OFF, 1 = ON), in file order. Whole
+bodies and whole packets are decoded with numpy; nothing loops over events in Python.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+
+__all__ = ["EVENT_DTYPE", "read_aedat2", "read_aedat31", "read_gesture_labels"]
+
+# Aligned (16 bytes a record): numpy's loops over unaligned int64 fields are several times slower.
+EVENT_DTYPE = np.dtype([("t", "<i8"), ("x", "<i2"), ("y", "<i2"), ("p", "i1")], align=True)
+
+_AEDAT2_RECORD = np.dtype([("address", ">u4"), ("timestamp", ">u4")])
+_AEDAT31_PACKET = struct.Struct("<hhiiiiii")  # type, source, size, tsOffset, tsOverflow, capacity, number, valid
+_AEDAT31_POLARITY = np.dtype([("data", "<u4"), ("timestamp", "<i4")])
+_POLARITY_EVENT = 1
+
+
+def _split_header(data: bytes, path, version: str, end_line: bytes | None = None) -> int:
+    """Check the ``#!AER-DAT<version>`` header and return the offset where the body starts.
+
+    The header is the run of lines starting with ``#``. With ``end_line`` the header must end
+    with that line (AEDAT 3.1's ``#!END-HEADER``) and the body starts right after it.
+    """
+    if not data.startswith(b"#!AER-DAT"):
+        raise ValueError(f"{path}: missing '#!AER-DAT' header; not an AEDAT file")
+    first = data.split(b"\n", 1)[0].strip()
+    found = first[len(b"#!AER-DAT"):].decode("ascii", "replace")
+    if found != version:
+        raise ValueError(f"{path}: AEDAT version {found!r} is not supported here (expected {version})")
+    pos = 0
+    while data.startswith(b"#", pos):
+        newline = data.find(b"\n", pos)
+        if newline < 0:
+            raise ValueError(f"{path}: header line at byte {pos} has no line end (truncated header)")
+        line, pos = data[pos:newline].strip(), newline + 1
+        if end_line is not None and line == end_line:
+            return pos
+    if end_line is not None:
+        raise ValueError(f"{path}: header has no {end_line.decode()!r} line")
+    return pos
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def unwrap_timestamps(t: np.ndarray) -> None:
+    """In place: add 2**32 after each backwards jump larger than 2**31 (int64 copies of uint32 times)."""
+    back = np.flatnonzero(t[1:] < t[:-1])  # usually empty: one cheap pass
+    wraps = back[t[back] - t[back + 1] > 2**31]
+    if len(wraps):
+        step = np.zeros(len(t), dtype=np.int64)
+        step[wraps + 1] = 2**32
+        t += np.cumsum(step)
+
+
+def read_aedat2(path) -> np.ndarray:
+    """Decode a jAER AEDAT 2.0 DVS128 recording (CIFAR10-DVS) in tetsnn's orientation.
+
+    Records are big-endian ``uint32 address, uint32 timestamp``; ``x = 127 - ((a >> 1) & 0x7F)``,
+    ``y = (a >> 8) & 0x7F`` and ``p = 1 - (a & 1)``.
+    """
+    data = _read(path)
+    start = _split_header(data, path, "2.0")
+    size = len(data) - start
+    if size % _AEDAT2_RECORD.itemsize:
+        raise ValueError(f"{path}: body of {size} bytes is not a multiple of the "
+                         f"{_AEDAT2_RECORD.itemsize}-byte record (truncated or corrupt file)")
+    if size == 0:
+        raise ValueError(f"{path}: empty recording (no events)")
+    records = np.frombuffer(data, _AEDAT2_RECORD, offset=start)
+    # The address is big-endian: byte 3 of a record holds bits 0-7, byte 2 bits 8-15. Working on
+    # those bytes skips a byte swap and keeps the arithmetic in uint8.
+    address = np.frombuffer(data, np.uint8, offset=start).reshape(-1, _AEDAT2_RECORD.itemsize)
+    bits0_7, bits8_15 = address[:, 3], address[:, 2]
+    events = np.empty(len(records), dtype=EVENT_DTYPE)
+    events["t"] = records["timestamp"]
+    unwrap_timestamps(events["t"])
+    events["x"] = 127 - (bits0_7 >> 1)  # bits 1-7: the shift already clears bit 7
+    events["y"] = bits8_15 & 0x7F
+    events["p"] = 1 - (bits0_7 & 1)
+    return events
+
+
+def _polarity_packets(data: bytes, start: int, path):
+    """Yield ``(offset, count, overflow)`` for each polarity packet after the header."""
+    pos = start
+    while pos < len(data):
+        if len(data) - pos < _AEDAT31_PACKET.size:
+            raise ValueError(f"{path}: truncated packet header at byte {pos} "
+                             f"({len(data) - pos} of {_AEDAT31_PACKET.size} bytes)")
+        kind, _, size, _, overflow, capacity, number, _ = _AEDAT31_PACKET.unpack_from(data, pos)
+        body = pos + _AEDAT31_PACKET.size
+        if size <= 0 or capacity < 0 or not 0 <= number <= capacity:
+            raise ValueError(f"{path}: corrupt packet header at byte {pos} "
+                             f"(eventSize {size}, eventCapacity {capacity}, eventNumber {number})")
+        if body + size * capacity > len(data):
+            raise ValueError(f"{path}: packet at byte {pos} needs {size * capacity} body bytes, "
+                             f"{len(data) - body} left (truncated or corrupt file)")
+        if kind == _POLARITY_EVENT:
+            if size != _AEDAT31_POLARITY.itemsize:
+                raise ValueError(f"{path}: polarity packet at byte {pos} has eventSize {size}, expected 8")
+            yield body, number, overflow
+        pos = body + size * capacity
+
+
+def read_aedat31(path) -> np.ndarray:
+    """Decode the polarity events of an AEDAT 3.1 recording (DVS128 Gesture).
+
+    Packets of other types are skipped; events whose valid bit is clear are dropped.
+    ``x = (d >> 17) & 0x7FFF``, ``y = (d >> 2) & 0x7FFF``, ``p = (d >> 1) & 1`` and
+    ``t = timestamp | (eventTSOverflow << 31)``.
+    """
+    data = _read(path)
+    packets = list(_polarity_packets(data, _split_header(data, path, "3.1", b"#!END-HEADER"), path))
+    records = [np.frombuffer(data, _AEDAT31_POLARITY, count=n, offset=o) for o, n, _ in packets]
+    records = np.concatenate(records) if records else np.empty(0, _AEDAT31_POLARITY)
+    overflow = np.repeat(np.array([v for _, _, v in packets], dtype=np.int64),
+                         [n for _, n, _ in packets])
+    valid = (records["data"] & 1).astype(bool)
+    if not valid.any():
+        raise ValueError(f"{path}: empty recording (no valid polarity events)")
+    d = records["data"][valid]
+    events = np.empty(len(d), dtype=EVENT_DTYPE)
+    events["t"] = records["timestamp"][valid]
+    events["t"] |= overflow[valid] << 31
+    events["x"] = (d >> 17) & 0x7FFF
+    events["y"] = (d >> 2) & 0x7FFF
+    events["p"] = (d >> 1) & 1
+    return events
+
+
+def read_gesture_labels(path) -> np.ndarray:
+    """Read a DVS128 Gesture ``*_labels.csv``: one ``(label, start, end)`` row per sample.
+
+    Labels are the file's classes 1..11 minus one; a sample is the events with
+    ``start <= t < end`` (microseconds of device time).
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: labels file not found")
+    rows = []
+    with open(path, newline="") as f:
+        lines = f.read().splitlines()
+    if not lines or not lines[0].strip().lower().startswith("class"):
+        raise ValueError(f"{path}, line 1: expected the header 'class,startTime_usec,endTime_usec'")
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = [s.strip() for s in line.split(",")]
+        try:
+            label, start, end = (int(s) for s in fields)
+        except ValueError:
+            raise ValueError(f"{path}, line {number}: malformed row {line!r} "
+                             f"(expected three integers: class,startTime_usec,endTime_usec)") from None
+        if not 1 <= label <= 11 or end <= start:
+            raise ValueError(f"{path}, line {number}: bad row {line!r} "
+                             f"(class must be 1..11 and endTime after startTime)")
+        rows.append((label - 1, start, end, number))
+    if not rows:
+        raise ValueError(f"{path}: no label rows")
+    return np.array(rows, dtype=np.int64)

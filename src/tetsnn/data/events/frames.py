@@ -1,0 +1,118 @@
+"""Events -> frames of per-pixel counts (numpy), and the per-batch model input transform (torch).
+
+``to_frames`` bins a recording's events into ``[T, 2, H, W]`` counts with one ``np.bincount``
+(fancy-index ``+=`` would drop repeated pixels and make frames binary). ``batch_transform`` turns a
+batch of cached counts into model input on the batch's device: area resize, per-frame max scaling
+and TET's flip + circular roll, identical at every time step of a sample.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["to_frames", "batch_transform"]
+
+
+def time_bins(t: np.ndarray, T: int) -> np.ndarray:
+    """Frame of each event when splitting by time: ``(t_i - t0) * T // span``.
+
+    ``t0`` is the earliest time and ``span = t_last - t0 + 1`` (integer arithmetic, so the latest
+    event lands in frame T-1).
+    """
+    t0 = t.min()
+    return (t - t0) * T // (t.max() - t0 + 1)
+
+
+def pixel_index(events: np.ndarray, sensor_size) -> np.ndarray:
+    """``(p * H + y) * W + x`` of each event, after checking every field is inside the sensor.
+
+    Uses the smallest integer type that holds ``2 * H * W`` (int16 for 128 x 128), which cuts the
+    memory traffic of this, the framing's busiest step.
+    """
+    H, W = sensor_size
+    for name, limit in (("x", W), ("y", H), ("p", 2)):
+        field = events[name]
+        if field.dtype.kind not in "iu":
+            raise ValueError(f"event field {name!r} must be an integer type, got {field.dtype}")
+        # Viewed as unsigned, a negative value is huge: one max() checks both ends.
+        if len(field) and field.view(field.dtype.str.replace("i", "u")).max() >= limit:
+            raise ValueError(f"event field {name!r} spans [{field.min()}, {field.max()}], outside "
+                             f"[0, {limit - 1}] for sensor_size (H, W) = {(H, W)}")
+    dtype = np.int16 if 2 * H * W <= 2**15 else np.int32 if 2 * H * W <= 2**31 else np.int64
+    index = np.multiply(events["p"], H, dtype=dtype)
+    index += events["y"]
+    index *= W
+    index += events["x"]
+    return index
+
+
+def to_frames(events: np.ndarray, T: int, sensor_size=(128, 128), split_by: str = "count") -> np.ndarray:
+    """Bin events (fields t, x, y, p) into ``T`` frames of per-pixel counts.
+
+    Returns int64 ``[T, 2, H, W]``: channel = polarity (0 OFF, 1 ON), row = y, column = x.
+    ``sensor_size`` is ``(H, W)``. ``split_by="count"``: with N events, frame j holds events
+    ``[j*N//T, (j+1)*N//T)`` in file order; ``"time"``: see :func:`time_bins`.
+    """
+    if int(T) != T or T < 1:
+        raise ValueError(f"T must be a positive integer, got {T!r}")
+    H, W = (int(s) for s in sensor_size)
+    pixels = pixel_index(events, (H, W))
+    size = 2 * H * W
+    if split_by == "count":
+        bounds = np.arange(T + 1, dtype=np.int64) * len(pixels) // T
+        frames = [np.bincount(pixels[a:b], minlength=size) for a, b in zip(bounds[:-1], bounds[1:])]
+        return np.stack(frames).reshape(T, 2, H, W)
+    if split_by == "time":
+        if len(pixels) == 0:
+            return np.zeros((T, 2, H, W), dtype=np.int64)
+        index = time_bins(events["t"], T) * size + pixels
+        return np.bincount(index, minlength=T * size).reshape(T, 2, H, W)
+    raise ValueError(f"split_by must be 'count' or 'time', got {split_by!r}")
+
+
+def _flip_roll(x: torch.Tensor, flip: bool, roll: int, generator) -> torch.Tensor:
+    """Per sample: flip W with p=0.5, then roll H and W circularly, the same at every step.
+
+    Random draws, in this order: ``B`` uniforms for the flips (if ``flip``), then ``B`` row shifts
+    and ``B`` column shifts in ``[-roll, roll]`` (if ``roll``). One gather does the rest.
+    """
+    B, T, C, H, W = x.shape
+    kw = dict(generator=generator, device=x.device)
+    flips = torch.rand(B, **kw) < 0.5 if flip else torch.zeros(B, dtype=torch.bool, device=x.device)
+    dh = torch.randint(-roll, roll + 1, (B,), **kw) if roll else torch.zeros(B, dtype=torch.long, device=x.device)
+    dw = torch.randint(-roll, roll + 1, (B,), **kw) if roll else torch.zeros_like(dh)
+    # torch.roll semantics: out[i] = in[(i - shift) % n]; a flip then maps column j to W - 1 - j.
+    rows = (torch.arange(H, device=x.device) - dh[:, None]) % H
+    cols = (torch.arange(W, device=x.device) - dw[:, None]) % W
+    cols = torch.where(flips[:, None], W - 1 - cols, cols)
+    index = (rows[:, :, None] * W + cols[:, None, :]).reshape(B, 1, H * W).expand(B, T * C, H * W)
+    return x.reshape(B, T * C, H * W).gather(2, index).reshape(B, T, C, H, W)
+
+
+def batch_transform(frames: torch.Tensor, size: int = 48, norm: str | None = "max", flip: bool = False,
+                    roll: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Event counts ``[B, T, 2, H, W]`` (any dtype, any device) -> float32 ``[B, T, 2, size, size]``.
+
+    Resizes with adaptive average pooling (skipped when already ``size``), then with
+    ``norm="max"`` divides each frame (one step of one sample, ``[2, H, W]``) by its own maximum
+    (an empty frame stays 0). ``flip`` / ``roll`` add TET's train-time augmentation: a horizontal
+    flip with p=0.5 and a circular roll of H and W by independent integers in ``[-roll, roll]``,
+    drawn per sample from ``generator`` and applied identically at every time step.
+    """
+    if frames.ndim != 5 or frames.shape[2] != 2:
+        raise ValueError(f"expected event frames [B, T, 2, H, W], got shape {tuple(frames.shape)}")
+    if norm not in ("max", None):
+        raise ValueError(f"norm must be 'max' or None, got {norm!r}")
+    if int(roll) != roll or roll < 0:
+        raise ValueError(f"roll must be a non-negative integer, got {roll!r}")
+    B, T, C, H, W = frames.shape
+    x = frames.to(torch.float32)
+    if (H, W) != (size, size):
+        x = F.adaptive_avg_pool2d(x.reshape(B * T, C, H, W), size).reshape(B, T, C, size, size)
+    if norm == "max":
+        peak = x.amax(dim=(2, 3, 4), keepdim=True)
+        x = x / torch.where(peak > 0, peak, torch.ones_like(peak))
+    if flip or roll:
+        x = _flip_roll(x, flip, int(roll), generator)
+    return x.clone() if x is frames else x
