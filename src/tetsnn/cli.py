@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS = {
     "train": ("tetsnn.train", "train a spiking network (default: TET on the bundled digits)"),
     "test": ("tetsnn.evaluate", "evaluate a checkpoint: top-1, top-5 and top-1 per number of steps"),
+    "preprocess": ("tetsnn.data.events.cli", "frame an event dataset's recordings into the training cache"),
 }
 
 

@@ -4,5 +4,6 @@
 """
 from .loader import BatchLoader, Data, build_data
 from .static import DataError
+from .events import CIFAR10DVS, DVSGesture
 
-__all__ = ["BatchLoader", "Data", "DataError", "build_data"]
+__all__ = ["BatchLoader", "Data", "DataError", "build_data", "CIFAR10DVS", "DVSGesture"]
