@@ -172,10 +172,12 @@ class LIF(nn.Module):
         alpha: width of the sigmoid / atan surrogate (defaults 4.0 / 2.0).
         reset: "hard" (to 0) or "soft" (subtract the threshold).
         detach_reset: stop the gradient through the reset term.
-        backend: "auto", "loop", or any backend registered in ``LIF.backends``.
+        backend: "loop" (the per-step reference), "fused" (one kernel call per direction, CPU or GPU),
+            "triton" (a Triton kernel; built-in surrogates only) or "auto": "triton" on CUDA when
+            triton is installed and the surrogate is built in, "fused" otherwise.
     """
 
-    backends = {"loop"}
+    backends = {"loop", "fused", "triton"}
 
     def __init__(self, tau: float = 0.5, threshold: float = 1.0, gamma: float = 1.0,
                  surrogate: Union[str, Callable] = "zif", alpha=None, reset: str = "hard",
@@ -192,6 +194,9 @@ class LIF(nn.Module):
         self.backend = backend
         self.surrogate = surrogate
         self.surrogate_name, self.width, self.spike_fn, self.grad_fn = resolve_surrogate(surrogate, gamma, alpha)
+        if backend == "triton" and callable(surrogate):
+            raise ValueError("backend 'triton' supports the surrogates 'zif', 'sigmoid' and 'atan', not a "
+                             "callable; use backend='fused' or 'loop'")
 
     def extra_repr(self) -> str:
         return (f"tau={self.tau}, threshold={self.threshold}, surrogate={self.surrogate_name}, "
@@ -201,7 +206,29 @@ class LIF(nn.Module):
         if x.dim() < 2:
             raise ValueError(f"{type(self).__name__} expects batch-first input [N, T, ...] with at least 2 dims, "
                              f"got shape {tuple(x.shape)}")
-        return lif_loop(x, self.tau, self.threshold, self.spike_fn, self.reset, self.detach_reset)
+        backend = self.resolve_backend(x)
+        if backend == "loop":
+            return lif_loop(x, self.tau, self.threshold, self.spike_fn, self.reset, self.detach_reset)
+        from .kernels.fused import lif_fused
+        surrogate = self.surrogate if callable(self.surrogate) else self.surrogate_name
+        return lif_fused(x, self.tau, self.threshold, self.reset, self.detach_reset, surrogate,
+                         self.width or 1.0, kernel=backend)
+
+    def resolve_backend(self, x: torch.Tensor) -> str:
+        """The backend that runs on ``x``: ``self.backend``, with "auto" made concrete."""
+        if self.backend != "auto":
+            return self.backend
+        if x.is_cuda and not callable(self.surrogate) and _has_triton():
+            return "triton"
+        return "fused"
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class IF(LIF):

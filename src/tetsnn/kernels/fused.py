@@ -1,0 +1,296 @@
+"""The fused LIF: the whole time loop in one call, no autograd graph, BPTT in one reverse loop.
+
+Forward, per step t (``h`` is the pre-reset membrane, the only tensor kept for backward)::
+
+    h[t] = tau * u[t-1] + x[t]                  u[-1] = 0
+    s[t] = H(h[t] - threshold)                  strict '>'
+    u[t] = h[t] * (1 - s[t])                    hard reset
+    u[t] = h[t] - threshold * s[t]              soft reset
+
+Backward, with ``sg[t] = surrogate'(h[t] - threshold)``, ``gs[t] = dL/ds[t]`` from the output and
+``gu[t] = dL/du[t]`` coming back from step t+1 (``gu[T-1] = 0``)::
+
+    hard, attached:  gh[t] = (gs[t] - gu[t] * h[t]) * sg[t] + gu[t] * (1 - s[t])
+    hard, detached:  gh[t] = gs[t] * sg[t] + gu[t] * (1 - s[t])
+    soft, attached:  gh[t] = (gs[t] - gu[t] * threshold) * sg[t] + gu[t]
+    soft, detached:  gh[t] = gs[t] * sg[t] + gu[t]
+    dL/dx[t] = gh[t],   gu[t-1] = tau * gh[t]
+
+``s[t]`` is rebuilt in backward as ``h[t] - threshold > 0``, so nothing else is saved.
+Each operation is the one the per-step loop's autograd performs, in the same dtype and order, so
+the results agree bit for bit wherever no fused multiply-add intervenes.
+
+Kernels: ``"fused"`` runs a numba kernel (one pass over memory per direction, threads over
+neurons) on CPU float32/float64 and the same loop in torch ops elsewhere; ``"triton"`` runs
+:mod:`tetsnn.kernels.triton_lif`. Both are ``torch.library`` custom ops, so torch.compile can trace
+models that use them. A user-callable surrogate goes through :class:`FusedLIFCustom` instead.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Tuple
+
+import torch
+from torch import Tensor
+
+from ..neuron import atan_grad, sigmoid_grad, zif_grad
+
+__all__ = ["lif_fused", "FusedLIFCustom", "forward_torch", "backward_torch", "SURROGATE_IDS",
+           "numba_available"]
+
+SURROGATE_IDS = {"zif": 0, "sigmoid": 1, "atan": 2}
+_TORCH_GRADS = {"zif": zif_grad, "sigmoid": sigmoid_grad, "atan": atan_grad}
+
+
+def half_to_float(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# --------------------------------------------------------------------------- torch-op kernels
+
+@torch.no_grad()
+def forward_torch(x: Tensor, tau: float, threshold: float, hard: bool) -> Tuple[Tensor, Tensor]:
+    """The forward recurrence in torch ops, without a graph: returns ``(s, h)``."""
+    s, h = torch.empty_like(x), torch.empty_like(x)
+    u = torch.zeros_like(x[:, 0])
+    for t in range(x.shape[1]):
+        ht = tau * u + x[:, t]
+        st = (ht - threshold > 0).to(x.dtype)
+        u = ht * (1 - st) if hard else ht - threshold * st
+        h[:, t], s[:, t] = ht, st
+    return s, h
+
+
+@torch.no_grad()
+def backward_torch(grad_s: Tensor, h: Tensor, tau: float, threshold: float, hard: bool,
+                   detach_reset: bool, grad_fn: Callable) -> Tensor:
+    """The reverse-time BPTT loop in torch ops; ``grad_fn(v)`` is ds/dv."""
+    gx = torch.empty_like(h)
+    gu = torch.zeros_like(h[:, 0])
+    for t in reversed(range(h.shape[1])):
+        ht = h[:, t]
+        v = ht - threshold
+        g = grad_s[:, t]
+        if not detach_reset:
+            g = g - gu * ht if hard else g - gu * threshold
+        gh = g * grad_fn(v)
+        gh = gh + gu * (1 - (v > 0).to(h.dtype)) if hard else gh + gu
+        gx[:, t] = gh
+        gu = tau * gh
+    return gx
+
+
+# --------------------------------------------------------------------------- numba kernels
+
+_NUMBA = None  # the numba module once imported, False when numba is unusable
+_KERNELS = {}  # (direction, hard, detach, surrogate) -> compiled numba kernel
+_BLOCK = 2048  # neurons per numba work item
+
+
+def _numba():
+    global _NUMBA
+    if _NUMBA is None:
+        try:
+            import numba
+            _NUMBA = numba
+        except ImportError:
+            warnings.warn("numba is not installed: the 'fused' LIF backend runs its loop in torch ops "
+                          "(about 2x slower)", RuntimeWarning, stacklevel=3)
+            _NUMBA = False
+    return _NUMBA
+
+
+def _forward_kernel(hard: bool):
+    """The numba forward for one reset mode; ``c = [tau, threshold, 0, 1]`` in the input's dtype."""
+    numba, np = _numba(), __import__("numpy")
+
+    @numba.njit(parallel=True)
+    def fwd(x, s, h, c):
+        n_, t_, m_ = x.shape
+        nb = (m_ + _BLOCK - 1) // _BLOCK
+        for job in numba.prange(n_ * nb):
+            n, m0 = job // nb, (job % nb) * _BLOCK
+            w = min(_BLOCK, m_ - m0)
+            u = np.zeros(w, x.dtype)
+            for t in range(t_):
+                for i in range(w):
+                    ht = c[0] * u[i] + x[n, t, m0 + i]
+                    st = c[3] if ht - c[1] > c[2] else c[2]
+                    h[n, t, m0 + i] = ht
+                    s[n, t, m0 + i] = st
+                    u[i] = ht * (c[3] - st) if hard else ht - c[1] * st
+    return fwd
+
+
+def _backward_kernel(hard: bool, detach: bool, surrogate: str):
+    """The numba BPTT loop; ``c = [tau, threshold, 0, 1, width, k]`` in the membrane's dtype, with
+    ``k = (1/width)^2`` for zif and ``pi/2 * width`` for atan (the constants the torch ops use)."""
+    numba, np = _numba(), __import__("numpy")
+    kind = SURROGATE_IDS[surrogate]
+
+    @numba.njit(inline="always")
+    def grad(v, c):
+        if kind == 0:
+            a = c[4] - abs(v)
+            return (a if a > c[2] else c[2]) * c[5]
+        if kind == 1:
+            sg = c[3] / (c[3] + np.exp(-(c[4] * v)))
+            return c[4] * sg * (c[3] - sg)
+        z = c[5] * v
+        return (c[4] / (c[3] + c[3])) / (c[3] + z * z)
+
+    @numba.njit(parallel=True)
+    def bwd(gs, h, gx, c):
+        n_, t_, m_ = h.shape
+        nb = (m_ + _BLOCK - 1) // _BLOCK
+        for job in numba.prange(n_ * nb):
+            n, m0 = job // nb, (job % nb) * _BLOCK
+            w = min(_BLOCK, m_ - m0)
+            gu = np.zeros(w, h.dtype)
+            for t in range(t_ - 1, -1, -1):
+                for i in range(w):
+                    ht = h[n, t, m0 + i]
+                    v = ht - c[1]
+                    g = gs[n, t, m0 + i]
+                    if not detach:
+                        g = g - gu[i] * ht if hard else g - gu[i] * c[1]
+                    gh = g * grad(v, c)
+                    gh = gh + gu[i] * (c[3] - (c[3] if v > c[2] else c[2])) if hard else gh + gu[i]
+                    gx[n, t, m0 + i] = gh
+                    gu[i] = c[0] * gh
+    return bwd
+
+
+def _kernel(key):
+    if key not in _KERNELS:
+        _KERNELS[key] = _forward_kernel(*key[1:]) if key[0] == "fwd" else _backward_kernel(*key[1:])
+    return _KERNELS[key]
+
+
+def numba_available() -> bool:
+    return bool(_numba())
+
+
+def _use_numba(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and numba_available()
+
+
+def _consts(dtype, tau, threshold, surrogate="zif", width=1.0):
+    k = (1.0 / width) ** 2 if surrogate == "zif" else math.pi / 2 * width
+    return torch.tensor([tau, threshold, 0.0, 1.0, width, k], dtype=dtype).numpy()
+
+
+def _as3d(t: Tensor) -> Tensor:
+    return t.contiguous().view(t.shape[0], t.shape[1], -1)
+
+
+def _call_numba(key, *args):
+    try:
+        _kernel(key)(*args)
+    except Exception as e:  # a failed compile leaves the torch-op kernels in charge
+        global _NUMBA
+        _NUMBA = False
+        warnings.warn(f"the numba LIF kernel failed ({type(e).__name__}: {e}); falling back to torch ops",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("tetsnn::lif_forward", mutates_args=())
+def lif_forward(x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
+                surrogate: str, width: float, kernel: str) -> Tuple[Tensor, Tensor]:
+    """Spikes and pre-reset membranes ``(s, h)`` of a float32/float64 ``[N, T, ...]`` input."""
+    hard = reset == "hard"
+    if kernel == "triton":
+        from . import triton_lif
+        return triton_lif.forward(x, tau, threshold, hard)
+    if _use_numba(x):
+        x3 = _as3d(x)
+        s, h = torch.empty_like(x3), torch.empty_like(x3)
+        if _call_numba(("fwd", hard), x3.numpy(), s.numpy(), h.numpy(), _consts(x.dtype, tau, threshold)):
+            return s.view(x.shape), h.view(x.shape)
+    return forward_torch(x, tau, threshold, hard)
+
+
+@lif_forward.register_fake
+def _(x, tau, threshold, reset, detach_reset, surrogate, width, kernel):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("tetsnn::lif_backward", mutates_args=())
+def lif_backward(grad_s: Tensor, h: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
+                 surrogate: str, width: float, kernel: str) -> Tensor:
+    """dL/dx from dL/ds and the saved pre-reset membranes ``h``."""
+    hard = reset == "hard"
+    grad_s = grad_s.contiguous()
+    if kernel == "triton":
+        from . import triton_lif
+        return triton_lif.backward(grad_s, h, tau, threshold, hard, detach_reset, surrogate, width)
+    if _use_numba(h):
+        gx = torch.empty_like(h)
+        c = _consts(h.dtype, tau, threshold, surrogate, width)
+        args = (_as3d(grad_s).numpy(), _as3d(h).numpy(), _as3d(gx).numpy(), c)
+        if _call_numba(("bwd", hard, detach_reset, surrogate), *args):
+            return gx
+    grad = _TORCH_GRADS[surrogate]
+    return backward_torch(grad_s, h, tau, threshold, hard, detach_reset, lambda v: grad(v, width))
+
+
+@lif_backward.register_fake
+def _(grad_s, h, tau, threshold, reset, detach_reset, surrogate, width, kernel):
+    return torch.empty_like(h)
+
+
+def _setup_context(ctx, inputs, output):
+    x, tau, threshold, reset, detach_reset, surrogate, width, kernel = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+    ctx.args = (tau, threshold, reset, detach_reset, surrogate, width, kernel)
+
+
+def _backward(ctx, grad_s, _grad_h):
+    (h,) = ctx.saved_tensors
+    if grad_s is None:
+        grad_s = torch.zeros_like(h)
+    return (lif_backward(grad_s, h, *ctx.args),) + (None,) * 7
+
+
+lif_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FusedLIFCustom(torch.autograd.Function):
+    """The fused LIF with a user-callable surrogate ``fn(v) -> ds/dv`` (torch-op kernels)."""
+
+    @staticmethod
+    def forward(ctx, x, tau, threshold, hard, detach_reset, fn):
+        s, h = forward_torch(x, tau, threshold, hard)
+        ctx.save_for_backward(h)
+        ctx.args = (tau, threshold, hard, detach_reset, fn)
+        return s
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        (h,) = ctx.saved_tensors
+        return (backward_torch(grad_s.contiguous(), h, *ctx.args),) + (None,) * 5
+
+
+def lif_fused(x: Tensor, tau: float, threshold: float, reset: str = "hard", detach_reset: bool = False,
+              surrogate="zif", width: float = 1.0, kernel: str = "fused") -> Tensor:
+    """Spikes of ``[N, T, ...]`` input ``x`` by the fused kernels (``kernel`` "fused" or "triton").
+
+    ``surrogate`` is a built-in name (with its ``width``) or a callable ``v -> ds/dv`` ("fused" only).
+    float16 / bfloat16 inputs are integrated in float32; spikes come back in the input's dtype.
+    """
+    dtype = x.dtype
+    xs = half_to_float(x)
+    if callable(surrogate):
+        if kernel != "fused":
+            raise ValueError(f"the {kernel!r} LIF backend supports the surrogates {sorted(SURROGATE_IDS)}, "
+                             f"not a callable; use backend='fused' or 'loop'")
+        s = FusedLIFCustom.apply(xs, tau, threshold, reset == "hard", detach_reset, surrogate)
+    else:
+        s, _ = lif_forward(xs, tau, threshold, reset, detach_reset, surrogate, width, kernel)
+    return s.to(dtype)
