@@ -1,0 +1,66 @@
+"""Configuration: presets, flag overrides and one-line errors that write nothing."""
+import pytest
+import yaml
+
+from tetsnn.config import DEFAULTS, ConfigError, list_presets, load_config, resolve
+from tetsnn.train import main, resolve_run_config
+
+PRESETS = {"digits", "cifar10_resnet19", "cifar100_resnet19", "cifar10dvs_vggsnn", "dvsgesture_vggsnn",
+           "imagenet_resnet34", "imagenet_sew_resnet34"}
+
+
+def test_every_preset_resolves():
+    assert PRESETS <= set(list_presets())
+    table = {  # the spec's preset table: model, T, batch, optimizer, epochs, lambda
+        "digits": ("digits_snn", 4, 64, "adam", 15, 1e-3),
+        "cifar10_resnet19": ("resnet19", 4, 128, "adam", 200, 1e-3),
+        "cifar100_resnet19": ("resnet19", 4, 128, "adam", 200, 1e-3),
+        "cifar10dvs_vggsnn": ("vggsnn", 10, 128, "adam", 150, 1e-4),
+        "dvsgesture_vggsnn": ("vggsnn", 16, 32, "adam", 100, 1e-4),
+        "imagenet_resnet34": ("resnet34", 6, 256, "sgd", 100, 1e-4),
+        "imagenet_sew_resnet34": ("sew_resnet34", 4, 256, "sgd", 100, 1e-4),
+    }
+    for name, (model, T, bs, opt, epochs, lamb) in table.items():
+        cfg = resolve(load_config(name))
+        assert (cfg["model"], cfg["T"], cfg["batch_size"], cfg["optimizer"], cfg["epochs"]) == (model, T, bs, opt, epochs)
+        assert cfg["lamb"] == pytest.approx(lamb) and cfg["means"] == 1.0
+    assert resolve(load_config("cifar100_resnet19"))["num_classes"] == 100
+    assert resolve(load_config("dvsgesture_vggsnn"))["num_classes"] == 11
+    assert resolve(load_config("imagenet_resnet34"))["lr"] == 0.1
+
+
+def test_flags_override_keys_with_dashes():
+    cfg = resolve_run_config(["--batch-size", "32", "--lr", "1e-2", "--amp", "bf16", "--download", "--T", "2"])
+    assert cfg["batch_size"] == 32 and cfg["lr"] == 0.01 and cfg["amp"] == "bf16"
+    assert cfg["download"] is True and cfg["T"] == 2 and cfg["dataset"] == "digits"
+    assert set(cfg) == set(DEFAULTS)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--lr", "abc"], ["lr", "'abc'"]),
+    (["--optimizer", "rmsprop"], ["optimizer", "rmsprop"]),
+    (["--model", "nope"], ["model", "nope"]),
+    (["--batch-size", "0"], ["batch_size"]),
+    (["--no-such-flag", "1"], ["--no-such-flag"]),
+    (["--config", "missing.yaml"], ["missing.yaml"]),
+    (["--sync-bn", "--device", "cpu"], ["sync-bn", "CUDA"]),
+])
+def test_bad_config_is_one_line_error_and_writes_nothing(tmp_path, capsys, argv, words):
+    out = tmp_path / "run"
+    assert main(argv + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    for w in words:
+        assert w in err
+    assert not out.exists()
+
+
+def test_unknown_key_in_yaml_names_key_and_file(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"lr": 0.01, "learning_rate": 0.1}))
+    assert main(["--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate" in err and "c.yaml" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="num_classes"):
+        resolve({"num_classes": -3})
