@@ -5,6 +5,7 @@ from .layers import Layer, SeqToANNContainer, add_time_dim, to_batch_first, to_t
 from .loss import sdt_loss, tet_loss
 from .models import create_model, list_models, register_model
 from .utils import seed_all
+from .export import export_nir, to_nir
 
 __version__ = "0.1.0"
 
@@ -14,4 +15,5 @@ __all__ = [
     "zif_grad", "sigmoid_grad", "atan_grad",
     "SeqToANNContainer", "Layer", "add_time_dim", "to_time_first", "to_batch_first",
     "tet_loss", "sdt_loss", "create_model", "list_models", "register_model", "seed_all",
+    "export_nir", "to_nir",
 ]

@@ -1,0 +1,270 @@
+"""Export a tetsnn model to NIR, the Neuromorphic Intermediate Representation (the ``nir`` package).
+
+A NIR graph describes one time step of the network in continuous time. Integrated by forward Euler
+with dt = 1, the exported graph computes what tetsnn computes:
+
+- ``LIF(tau, threshold)``, ``u = tau * u + x``: ``nir.LIF(tau=1/(1-tau), r=1/(1-tau), v_leak=0,
+  v_threshold=threshold, v_reset=0)``, since ``v + (v_leak - v + r * x) / tau_nir = tau * v + x``
+  (tau = 0.5 gives NIR tau = 2, r = 2).
+- ``IF(threshold)``, ``u = u + x``: ``nir.IF(r=1, v_threshold=threshold, v_reset=0)``.
+- Conv2d / Linear with the BatchNorm that follows them folded in: ``nir.Conv2d``; ``nir.Affine`` for a
+  Linear with a bias, ``nir.Linear`` for one without.
+- AvgPool2d and AdaptiveAvgPool2d: ``nir.AvgPool2d``; Flatten: ``nir.Flatten`` (NIR shapes have no
+  batch dimension); MaxPool2d of spikes: ``nir.SumPool2d`` then ``nir.Threshold(0)`` (the max of 0/1
+  values is 1 exactly when their sum is above 0).
+- A sum of two tensors (a residual connection, SEW-ResNet's ADD): edges from both into the consumer,
+  since NIR sums a node's incoming edges.
+
+What NIR cannot express raises a ValueError naming the layer: soft reset (NIR neurons reset to
+``v_reset``), element-wise products (SEW-ResNet's AND and IAND), max pooling of non-spikes, and
+decay factors outside [0, 1). Surrogate gradients are training-only and not exported. The graph
+is fed one frame per time step (a static image: the same frame at every step), and its neuron state
+must start at 0 for every sample, as tetsnn's does.
+"""
+from __future__ import annotations
+
+import operator
+import os
+import tempfile
+from typing import Dict, List, Sequence, Tuple
+
+import nir
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .layers import SeqToANNContainer
+from .neuron import LIF
+
+__all__ = ["export_nir", "to_nir"]
+
+_SUMS = (operator.add, operator.iadd, torch.add)
+_PASS_THROUGH = (nn.Identity, nn.Dropout)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def _pair(v) -> np.ndarray:
+    return np.array(v if isinstance(v, (tuple, list)) else (v, v))
+
+
+class _Tracer(fx.Tracer):
+    """Keeps neurons and per-step containers whole: they become graph nodes of their own."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (LIF, SeqToANNContainer)) or super().is_leaf_module(m, qualname)
+
+
+class _Steps(nn.Module):
+    """The model's sequence path ``[N, T, ...] -> [N, T, classes]``, without the static-input branch."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_seq(x) if hasattr(self.model, "forward_seq") else self.model(x)
+
+
+class _Value:
+    """What a traced tensor is in the NIR graph: the sum of the outputs of ``sources``."""
+
+    def __init__(self, sources: List[str], shape: Tuple[int, ...], spikes: bool = False):
+        self.sources, self.shape, self.spikes = sources, tuple(shape), spikes
+
+
+class _Builder:
+    def __init__(self):
+        self.nodes: Dict[str, nir.NIRNode] = {}
+        self.edges: List[Tuple[str, str]] = []
+
+    def add(self, name: str, node: nir.NIRNode, sources: Sequence[str]) -> List[str]:
+        self.nodes[name] = node
+        self.edges += [(s, name) for s in sources]
+        return [name]
+
+
+# --------------------------------------------------------------------------- single layers
+
+def neuron_node(name: str, neuron: LIF, shape) -> nir.NIRNode:
+    """The NIR neuron that, integrated by forward Euler with dt = 1, matches ``neuron``."""
+    if neuron.reset != "hard":
+        raise ValueError(f"layer {name!r}: {neuron.reset} reset cannot be expressed in NIR, whose LIF/IF "
+                         f"neurons reset to v_reset (hard reset); train with reset='hard' to export")
+    full = lambda v: np.full(shape, v, dtype=np.float32)  # noqa: E731
+    if neuron.tau == 1.0:
+        return nir.IF(r=full(1.0), v_threshold=full(neuron.threshold), v_reset=full(0.0))
+    if not 0.0 <= neuron.tau < 1.0:
+        raise ValueError(f"layer {name!r}: decay factor tau={neuron.tau} has no NIR LIF equivalent "
+                         f"(needs 0 <= tau < 1, or tau = 1 for IF)")
+    tau_nir = 1.0 / (1.0 - neuron.tau)
+    return nir.LIF(tau=full(tau_nir), r=full(tau_nir), v_leak=full(0.0), v_threshold=full(neuron.threshold),
+                   v_reset=full(0.0))
+
+
+def fold_batchnorm(weight: torch.Tensor, bias, bn: nn.modules.batchnorm._BatchNorm, name: str):
+    """Weight and bias of a Conv2d/Linear followed by ``bn`` (inference statistics) as one layer."""
+    if bn.running_mean is None:
+        raise ValueError(f"layer {name!r}: BatchNorm without running statistics cannot be folded")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    bias = torch.zeros_like(bn.running_mean) if bias is None else bias
+    return weight * scale.view(-1, *[1] * (weight.dim() - 1)), bias * scale + shift
+
+
+def _layer_nodes(name: str, m: nn.Module, bn, shape, spikes: bool) -> List[Tuple[str, nir.NIRNode]]:
+    """NIR node(s) for one layer ``m`` (and the BatchNorm ``bn`` folded into it) on input ``shape``."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        weight, bias = m.weight, m.bias
+        if bn is not None:
+            weight, bias = fold_batchnorm(weight, bias, bn, name)
+        if isinstance(m, nn.Linear):
+            return [(name, nir.Linear(_np(weight)) if bias is None else nir.Affine(_np(weight), _np(bias)))]
+        if m.padding_mode != "zeros":
+            raise ValueError(f"layer {name!r}: padding_mode={m.padding_mode!r} cannot be expressed in NIR")
+        bias = torch.zeros(m.out_channels) if bias is None else bias
+        padding = m.padding if isinstance(m.padding, str) else tuple(m.padding)
+        return [(name, nir.Conv2d(tuple(shape[1:]), _np(weight), tuple(m.stride), padding, tuple(m.dilation),
+                                  m.groups, _np(bias)))]
+    if isinstance(m, nn.AvgPool2d):
+        k = _pair(m.kernel_size)
+        s = k if m.stride is None else _pair(m.stride)
+        if m.ceil_mode or m.divisor_override or (not m.count_include_pad and np.any(_pair(m.padding))):
+            raise ValueError(f"layer {name!r}: ceil_mode, divisor_override and count_include_pad=False "
+                             f"cannot be expressed in NIR")
+        return [(name, nir.AvgPool2d(k, s, _pair(m.padding)))]
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        size = np.array(shape[1:])
+        out = np.where(np.array([v is None for v in _pair(m.output_size)]), size,
+                       [v or 0 for v in _pair(m.output_size)])
+        if np.any(size % out):
+            raise ValueError(f"layer {name!r}: adaptive pooling of {tuple(size)} to {tuple(out)} has no "
+                             f"fixed kernel; NIR needs one")
+        k = size // out
+        return [(name, nir.AvgPool2d(k, k, np.array([0, 0])))]
+    if isinstance(m, nn.MaxPool2d):
+        if not spikes:
+            raise ValueError(f"layer {name!r}: NIR has no max pooling; tetsnn exports the max pooling of "
+                             f"spikes only (as sum pooling and a threshold at 0)")
+        if m.ceil_mode or np.any(_pair(m.dilation) != 1):
+            raise ValueError(f"layer {name!r}: max pooling with ceil_mode or dilation cannot be expressed in NIR")
+        k = _pair(m.kernel_size)
+        s = k if m.stride is None else _pair(m.stride)
+        return [(name, nir.SumPool2d(k, s, _pair(m.padding))),
+                (f"{name}.threshold", nir.Threshold(np.zeros(_pooled_shape(m, shape), dtype=np.float32)))]
+    if isinstance(m, nn.Flatten):
+        if m.start_dim == 0:
+            raise ValueError(f"layer {name!r}: Flatten(start_dim=0) flattens the batch dimension")
+        end = m.end_dim - 1 if m.end_dim > 0 else m.end_dim
+        return [(name, nir.Flatten({"input": np.array(shape)}, m.start_dim - 1, end))]
+    raise ValueError(f"layer {name!r}: {type(m).__name__} cannot be exported to NIR")
+
+
+@torch.no_grad()
+def _pooled_shape(m: nn.Module, shape) -> Tuple[int, ...]:
+    return tuple(m(torch.zeros(1, *shape)).shape[1:])
+
+
+def _container_layers(name: str, c: SeqToANNContainer) -> List[Tuple[str, nn.Module]]:
+    if isinstance(c.module, nn.Sequential):
+        return [(f"{name}.module.{i}", m) for i, m in enumerate(c.module)]
+    return [(f"{name}.module", c.module)]
+
+
+def _add_layers(b: _Builder, layers: List[Tuple[str, nn.Module]], value: _Value) -> _Value:
+    """Append per-step layers (a BatchNorm is folded into the Conv2d/Linear before it) to the graph."""
+    i = 0
+    while i < len(layers):
+        name, m = layers[i]
+        bn = None
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and i + 1 < len(layers) and \
+                isinstance(layers[i + 1][1], (nn.BatchNorm1d, nn.BatchNorm2d)):
+            bn = layers[i + 1][1]
+            i += 1
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(f"layer {name!r}: a BatchNorm not right after a Conv2d/Linear cannot be folded; "
+                             f"NIR has no BatchNorm node")
+        i += 1
+        if isinstance(m, _PASS_THROUGH):
+            continue
+        with torch.no_grad():
+            out_shape = tuple(m(torch.zeros(1, *value.shape)).shape[1:])
+        sources = value.sources
+        for node_name, node in _layer_nodes(name, m, bn, value.shape, value.spikes):
+            sources = b.add(node_name, node, sources)
+        spikes = value.spikes and isinstance(m, (nn.Flatten, nn.MaxPool2d))
+        value = _Value(sources, out_shape, spikes)
+    return value
+
+
+# --------------------------------------------------------------------------- whole models
+
+def to_nir(model: nn.Module, input_shape: Sequence[int]) -> nir.NIRGraph:
+    """The NIR graph of ``model`` for one sample and one time step of shape ``input_shape`` ``(C, H, W)``."""
+    input_shape = tuple(int(v) for v in input_shape)
+    was_training = model.training
+    model.eval()
+    try:
+        graph = _Tracer().trace(_Steps(model))
+        b = _Builder()
+        modules = dict(model.named_modules())
+        env: Dict[fx.Node, _Value] = {}
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                env[node] = _Value(b.add("input", nir.Input({"input": np.array(input_shape)}), []), input_shape)
+            elif node.op == "call_module":
+                name = node.target.removeprefix("model.")
+                m, arg = modules[name], env[node.args[0]]
+                if isinstance(m, LIF):
+                    env[node] = _Value(b.add(name, neuron_node(name, m, arg.shape), arg.sources), arg.shape, True)
+                elif isinstance(m, SeqToANNContainer):
+                    env[node] = _add_layers(b, _container_layers(name, m), arg)
+                else:
+                    env[node] = _add_layers(b, [(name, m)], arg)
+            elif node.op == "call_function" and node.target in _SUMS:
+                env[node] = _sum(node, env)
+            elif node.op == "output":
+                out = env[node.args[0]]
+                b.add("output", nir.Output({"output": np.array(out.shape)}), out.sources)
+            else:
+                raise ValueError(f"{type(model).__name__}: {node.op} {node.target} cannot be expressed in NIR "
+                                 f"(NIR sums incoming edges but has no element-wise product, so SEW-ResNet's "
+                                 f"AND/IAND connections cannot be exported)")
+    finally:
+        model.train(was_training)
+    return nir.NIRGraph(b.nodes, b.edges, metadata={"exporter": "tetsnn", "dt": 1.0,
+                                                   "model": type(model).__name__})
+
+
+def _sum(node: fx.Node, env) -> _Value:
+    if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+        raise ValueError(f"{node.name}: only the sum of two tensors can be expressed in NIR (as edges)")
+    a, b = (env[x] for x in node.args)
+    if a.shape != b.shape or set(a.sources) & set(b.sources):
+        raise ValueError(f"{node.name}: a sum of tensors of shapes {a.shape} and {b.shape} from sources "
+                         f"{a.sources} and {b.sources} cannot be expressed as NIR edges")
+    return _Value(a.sources + b.sources, a.shape)
+
+
+def export_nir(model: nn.Module, path, input_shape: Sequence[int]) -> nir.NIRGraph:
+    """Write ``model`` as a NIR graph to ``path`` (HDF5, read back with ``nir.read``) and return the graph.
+
+    ``input_shape`` is the shape of one sample at one time step, ``(C, H, W)``.
+    """
+    graph = to_nir(model, input_shape)
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".nir.tmp")
+    os.close(fd)
+    try:
+        nir.write(tmp, graph)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return graph

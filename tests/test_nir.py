@@ -1,0 +1,242 @@
+"""NIR export: the graph read back with nir.read, simulated by an independent forward-Euler
+evaluator (and by Norse where it can) against tetsnn's own spikes."""
+import os
+
+import nir
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tetsnn
+from tetsnn.models.resnet import BasicBlock, ImageNetResNet
+from tetsnn.models.sew_resnet import SEWBlock
+
+S = tetsnn.SeqToANNContainer
+
+
+# --------------------------------------------------------------------------- an independent NIR evaluator
+
+def topological(graph):
+    preds = {n: [s for s, d in graph.edges if d == n] for n in graph.nodes}
+    order, done = [], set()
+    while len(order) < len(graph.nodes):
+        ready = [n for n in graph.nodes if n not in done and all(p in done for p in preds[n])]
+        assert ready, "the graph has a cycle"
+        order += ready
+        done |= set(ready)
+    return order, preds
+
+
+def euler_step(node, x, v):
+    """One forward-Euler step (dt = 1) of NIR's neuron equations; returns (spikes, new membrane)."""
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+    if isinstance(node, nir.LIF):
+        v = v + (t(node.v_leak) - v + t(node.r) * x) / t(node.tau)
+    else:
+        v = v + t(node.r) * x
+    z = (v > t(node.v_threshold)).double()
+    return z, torch.where(z > 0, t(node.v_reset), v)
+
+
+def apply(node, x):
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+    if isinstance(node, nir.Conv2d):
+        return F.conv2d(x, t(node.weight), t(node.bias), tuple(node.stride), tuple(node.padding),
+                        tuple(node.dilation), int(node.groups))
+    if isinstance(node, nir.Affine):
+        return x @ t(node.weight).T + t(node.bias)
+    if isinstance(node, nir.Linear):
+        return x @ t(node.weight).T
+    if isinstance(node, (nir.AvgPool2d, nir.SumPool2d)):
+        k = tuple(int(v) for v in node.kernel_size)
+        y = F.avg_pool2d(x, k, tuple(int(v) for v in node.stride), tuple(int(v) for v in node.padding))
+        return y * (k[0] * k[1]) if isinstance(node, nir.SumPool2d) else y
+    if isinstance(node, nir.Threshold):
+        return (x > t(node.threshold)).double()
+    if isinstance(node, nir.Flatten):   # NIR shapes exclude the batch dimension
+        return x.flatten(int(node.start_dim) + 1, int(node.end_dim) + 1 if node.end_dim >= 0 else -1)
+    if isinstance(node, nir.Output):
+        return x
+    raise AssertionError(f"no rule for {type(node).__name__}")
+
+
+def simulate(graph, frames):
+    """Run a NIR graph on ``frames [N, T, ...]``; returns every node's outputs stacked over time."""
+    order, preds = topological(graph)
+    membranes, record = {}, {n: [] for n in order}
+    for step in range(frames.shape[1]):
+        out = {}
+        for name in order:
+            node = graph.nodes[name]
+            if isinstance(node, nir.Input):
+                out[name] = frames[:, step]
+                continue
+            x = sum(out[p] for p in preds[name])
+            if isinstance(node, (nir.LIF, nir.IF)):
+                out[name], membranes[name] = euler_step(node, x, membranes.get(name, torch.zeros_like(x)))
+            else:
+                out[name] = apply(node, x)
+        for name in order:
+            record[name].append(out[name])
+    return {name: torch.stack(v, 1) for name, v in record.items()}
+
+
+def spikes_of(model, x):
+    """tetsnn's spikes per LIF/IF layer and its logits."""
+    spikes, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, tetsnn.LIF):
+            hooks.append(m.register_forward_hook(lambda m, i, o, name=name: spikes.__setitem__(name, o)))
+    with torch.no_grad():
+        logits = model(x)
+    for h in hooks:
+        h.remove()
+    return spikes, logits
+
+
+def randomize_batchnorm(model):
+    """Random inference statistics, and weights doubled so that every layer spikes."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(2.0)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.2, 0.5)
+    return model
+
+
+class TinyResNet(tetsnn.models.SpikingModel):
+    """ResNet19-style: conv-BN-LIF stem, two BasicBlocks (one with a 1x1 downsample), avg pool, fc."""
+
+    def __init__(self, T=4, **neuron_kw):
+        super().__init__(T)
+        self.stem = nn.Sequential(S(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)),
+                                  tetsnn.make_neuron(**neuron_kw))
+        self.layer = nn.Sequential(BasicBlock(8, 16, 2, **neuron_kw), BasicBlock(16, 16, 1, **neuron_kw))
+        self.pool = S(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = S(nn.Linear(16, 5))
+
+    def forward_seq(self, x):
+        return self.fc(self.pool(self.layer(self.stem(x))))
+
+
+def tiny_sew(neuron="lif", connect="ADD"):
+    """SEW-ResNet with the ImageNet stem (7x7/2 conv, max pool of spikes) and two ADD blocks."""
+    return ImageNetResNet(SEWBlock, [1, 1], num_classes=5, T=3, widths=(8, 16), strides=(1, 2), neuron=neuron,
+                          block_kw={"connect": connect})
+
+
+CASES = {
+    "digits_snn": (lambda: tetsnn.create_model("digits_snn", T=4), (1, 8, 8)),
+    "resnet_lif": (lambda: TinyResNet(T=4), (3, 8, 8)),
+    "resnet_if_threshold": (lambda: TinyResNet(T=4, neuron="if", threshold=0.7), (3, 8, 8)),
+    "sew_add": (lambda: tiny_sew(), (3, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_nir_round_trip_reproduces_tetsnn_spikes(case, tmp_path):
+    torch.manual_seed(0)
+    build, shape = CASES[case]
+    model = randomize_batchnorm(build()).eval()
+    path = tmp_path / "model.nir"
+    tetsnn.export_nir(model, path, shape)
+    assert os.listdir(tmp_path) == ["model.nir"]             # no temporary file left behind
+    graph = nir.read(str(path))
+
+    model = model.double()
+    x = torch.rand(2, model.T, *shape, dtype=torch.float64) * 2
+    spikes, logits = spikes_of(model, x)
+    sim = simulate(graph, x)
+    assert set(spikes) == {n for n, node in graph.nodes.items() if isinstance(node, (nir.LIF, nir.IF))}
+    for name, s in spikes.items():
+        assert 0 < s.mean() < 1, name
+        assert torch.equal(sim[name].reshape(s.shape), s), name
+    torch.testing.assert_close(sim["output"], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_norse_simulates_an_exported_if_network(tmp_path):
+    norse = pytest.importorskip("norse.torch")
+
+    class Net(tetsnn.models.SpikingModel):
+        def __init__(self):
+            super().__init__(T=5)
+            self.conv = S(nn.Conv2d(2, 4, 3, 1, 1), nn.BatchNorm2d(4))
+            self.sn1 = tetsnn.IF()
+            self.fc1 = S(nn.Flatten(), nn.Linear(4 * 6 * 6, 8))
+            self.sn2 = tetsnn.IF(threshold=0.5)
+            self.fc2 = S(nn.Linear(8, 3))
+
+        def forward_seq(self, x):
+            return self.fc2(self.sn2(self.fc1(self.sn1(self.conv(x)))))
+
+    torch.manual_seed(1)
+    model = randomize_batchnorm(Net()).eval()
+    tetsnn.export_nir(model, tmp_path / "if.nir", (2, 6, 6))
+    net = norse.from_nir(nir.read(str(tmp_path / "if.nir")), dt=1.0)
+    x = torch.rand(1, 5, 2, 6, 6) * 2          # batch of one: Norse's Flatten(0, -1) also flattens a batch
+    state, outs = None, []
+    with torch.no_grad():
+        for t in range(5):
+            out, state = net(x[:, t], state)
+            outs.append(out.reshape(1, -1))
+        spikes, logits = spikes_of(model, x)
+    assert 0 < spikes["sn1"].mean() < 1 and 0 < spikes["sn2"].mean() < 1
+    torch.testing.assert_close(torch.stack(outs, 1), logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,shape", [("digits_snn", (1, 8, 8)), ("vggsnn", (2, 48, 48)),
+                                        ("resnet19", (3, 32, 32)), ("sew_resnet19", (3, 32, 32))])
+def test_registry_models_export(name, shape, tmp_path):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(tetsnn.create_model(name, num_classes=10)).eval()
+    graph = nir.read(str(tetsnn.export_nir(model, tmp_path / "m.nir", shape) and tmp_path / "m.nir"))
+    kinds = [type(n).__name__ for n in graph.nodes.values()]
+    mods = list(model.named_modules())
+    assert kinds.count("LIF") == sum(isinstance(m, tetsnn.LIF) for _, m in mods)
+    assert kinds.count("Conv2d") == sum(isinstance(m, nn.Conv2d) for _, m in mods)
+    assert "BatchNorm" not in "".join(kinds) and kinds.count("Input") == kinds.count("Output") == 1
+    for n in graph.nodes.values():
+        if isinstance(n, nir.LIF):       # u = 0.5 u + x  <->  tau = 2, r = 2, v_leak = 0
+            assert np.all(n.tau == 2) and np.all(n.r == 2) and np.all(n.v_leak == 0)
+            assert np.all(n.v_threshold == 1) and np.all(n.v_reset == 0)
+    # BatchNorm folded into the convolution before it
+    conv_name = next(n for n, m in mods if isinstance(m, nn.Conv2d))
+    conv = model.get_submodule(conv_name)
+    bn = next(m for m in model.get_submodule(conv_name.rsplit(".", 1)[0]) if isinstance(m, nn.BatchNorm2d))
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        weight = conv.weight * scale[:, None, None, None]
+        bias = ((0 if conv.bias is None else conv.bias) - bn.running_mean) * scale + bn.bias
+    np.testing.assert_allclose(graph.nodes[conv_name].weight, weight.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(graph.nodes[conv_name].bias, bias.numpy(), rtol=1e-5, atol=1e-6)
+    into = {}
+    for src, dst in graph.edges:
+        into[dst] = into.get(dst, 0) + 1
+    blocks = sum(type(m).__name__ == "BasicBlock" for _, m in mods)
+    if name == "resnet19":      # each block's residual sum: two edges into its second LIF
+        assert sum(c == 2 for c in into.values()) == blocks == 8
+    elif name == "sew_resnet19":  # ADD of spikes: the pool receives the spikes of the last stage's sum
+        assert {s for s, d in graph.edges if d == "pool.module.0"} == {
+            "stages.2.0.downsample.1", "stages.2.0.sn2", "stages.2.1.sn2"}
+        assert kinds.count("SumPool2d") == kinds.count("Threshold") == 1    # max pooling of spikes
+    else:
+        assert max(into.values()) == 1
+
+
+def test_what_nir_cannot_express(tmp_path):
+    with pytest.raises(ValueError, match="soft reset"):
+        tetsnn.export_nir(tetsnn.create_model("digits_snn", reset="soft"), tmp_path / "a.nir", (1, 8, 8))
+    with pytest.raises(ValueError, match="AND/IAND"):
+        tetsnn.export_nir(tiny_sew(connect="AND"), tmp_path / "b.nir", (3, 16, 16))
+    with pytest.raises(ValueError, match="tau=1.5"):
+        tetsnn.export_nir(tetsnn.create_model("digits_snn", tau=1.5), tmp_path / "c.nir", (1, 8, 8))
+    maxpool_on_currents = nn.Sequential(S(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2)), tetsnn.LIF())
+    with pytest.raises(ValueError, match="max pooling"):
+        tetsnn.to_nir(maxpool_on_currents, (1, 8, 8))
+    assert os.listdir(tmp_path) == []
