@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "train": ("tetsnn.train", "train a spiking network (default: TET on the bundled digits)"),
     "test": ("tetsnn.evaluate", "evaluate a checkpoint: top-1, top-5 and top-1 per number of steps"),
     "preprocess": ("tetsnn.data.events.cli", "frame an event dataset's recordings into the training cache"),
+    "profile": ("tetsnn.analysis.cli", "firing rates, synaptic operations and energy of a checkpoint"),
+    "export": ("tetsnn.export_cli", "write a checkpoint's model as a NIR graph"),
 }
 
 

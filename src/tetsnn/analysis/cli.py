@@ -1,0 +1,96 @@
+"""``tetsnn profile``: firing rates, synaptic operations and energy of a trained model on test batches.
+
+    tetsnn profile --checkpoint FILE [--data-dir DIR] [--batches K] [--json] [--plot out.png]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+
+__all__ = ["load_trained_model", "make_parser", "main"]
+
+
+def load_trained_model(checkpoint, device="cpu", **overrides):
+    """The config and the trained model (in eval mode, on ``device``) of a ``tetsnn train`` checkpoint.
+    ``overrides`` replace config keys (e.g. ``data_dir``)."""
+    from ..checkpoint import CheckpointError, load_checkpoint
+    from ..config import resolve
+    from ..train import build_model
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = resolve({**ckpt["config"], **{k: v for k, v in overrides.items() if v is not None}, "download": False})
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint}: weights do not fit model {cfg['model']!r}: "
+                              f"{str(e).splitlines()[0]}") from None
+    return cfg, model.to(device).eval()
+
+
+def make_parser(prog, description):
+    from ..config import ConfigError
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise ConfigError(message)
+
+    return Parser(prog=prog, description=description)
+
+
+def _args(argv):
+    p = make_parser("tetsnn profile", "Firing rates, synaptic operations and energy of a checkpoint on test batches.")
+    p.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by tetsnn train")
+    p.add_argument("--data-dir", default=None, help="where the dataset lives (default: the run's data_dir)")
+    p.add_argument("--batches", type=int, default=4, help="number of test batches to run (default 4)")
+    p.add_argument("--batch-size", type=int, default=None, help="test batch size (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--mac-pj", type=float, default=4.6, help="energy of one MAC in pJ (default 4.6, 45 nm)")
+    p.add_argument("--ac-pj", type=float, default=0.9, help="energy of one accumulate in pJ (default 0.9, 45 nm)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write firing rates and a spike raster to this file")
+    args = p.parse_args(argv)
+    from ..config import ConfigError
+    if args.batches < 1:
+        raise ConfigError(f"--batches must be >= 1, got {args.batches}")
+    return args
+
+
+def run_profile(args) -> dict:
+    from ..data import build_data
+    from . import profile
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, model = load_trained_model(args.checkpoint, device, data_dir=args.data_dir, batch_size=args.batch_size)
+    data = build_data(cfg, device, train=False)
+    batches = (x for x, _ in itertools.islice(iter(data.test), args.batches))
+    return profile(model, batches, T=cfg["T"], mac_pj=args.mac_pj, ac_pj=args.ac_pj, raster=args.plot is not None)
+
+
+def main(argv=None) -> int:
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..data import DataError
+    from . import format_table
+    from .plots import plot_profile
+
+    try:
+        args = _args(list(sys.argv[1:] if argv is None else argv))
+        result = run_profile(args)
+        if args.plot:
+            plot_profile(result, args.plot)
+    except (ConfigError, CheckpointError, DataError, ValueError, OSError) as e:
+        print(f"tetsnn profile: error: {e}", file=sys.stderr)
+        return 2
+    result.pop("raster", None)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
+        if args.plot:
+            print(f"figure: {args.plot}")
+    return 0

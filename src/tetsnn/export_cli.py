@@ -1,0 +1,62 @@
+"""``tetsnn export``: write a trained model in a format other SNN tools read.
+
+    tetsnn export --checkpoint FILE --format nir --out PATH [--input-shape C,H,W]
+"""
+from __future__ import annotations
+
+import sys
+
+__all__ = ["INPUT_SHAPES", "main"]
+
+# one sample at one time step, as the dataset loaders deliver it
+INPUT_SHAPES = {
+    "digits": (1, 8, 8),
+    "cifar10": (3, 32, 32),
+    "cifar100": (3, 32, 32),
+    "imagenet": (3, 224, 224),
+    "cifar10-dvs": (2, 48, 48),
+    "dvs-gesture": (2, 48, 48),
+}
+
+
+def _shape(text: str):
+    from .config import ConfigError
+
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--input-shape must be three positive integers C,H,W, got {text!r}")
+    return shape
+
+
+def _args(argv):
+    from .analysis.cli import make_parser
+
+    p = make_parser("tetsnn export", "Export a trained model to another format (NIR).")
+    p.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by tetsnn train")
+    p.add_argument("--format", choices=["nir"], default="nir", help="output format (nir)")
+    p.add_argument("--out", required=True, help="file to write (e.g. model.nir)")
+    p.add_argument("--input-shape", type=str, default=None,
+                   help="C,H,W of one input frame (default: the checkpoint's dataset)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from .analysis.cli import load_trained_model
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .export import export_nir
+
+    try:
+        args = _args(list(sys.argv[1:] if argv is None else argv))
+        cfg, model = load_trained_model(args.checkpoint)
+        shape = _shape(args.input_shape) if args.input_shape else INPUT_SHAPES[cfg["dataset"]]
+        graph = export_nir(model, args.out, shape)
+    except (ConfigError, CheckpointError, ValueError, OSError) as e:
+        print(f"tetsnn export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: NIR graph of {cfg['model']} ({len(graph.nodes)} nodes, {len(graph.edges)} edges), "
+          f"input {'x'.join(map(str, shape))} per time step, T = {cfg['T']}")
+    return 0
