@@ -68,13 +68,14 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -
     b, c, h, w = x.shape
     dev = x.device
     if pad:
+        hp, wp = h + 2 * pad, w + 2 * pad
         xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
         oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
         ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
-        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-        x = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-               rows, cols]
+        # the crop of sample i starts at flat position oy*wp + ox of its padded image
+        window = (torch.arange(h, device=dev)[:, None] * wp + torch.arange(w, device=dev)).view(1, 1, h * w)
+        idx = (oy * wp + ox).view(b, 1, 1) + window
+        x = torch.gather(xp.reshape(b, c, hp * wp), 2, idx.expand(b, c, h * w)).view(b, c, h, w)
     if flip:
         mask = torch.rand(b, generator=generator, device=dev) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
