@@ -143,13 +143,12 @@ CASES = {
 def test_nir_round_trip_reproduces_tetsnn_spikes(case, tmp_path):
     torch.manual_seed(0)
     build, shape = CASES[case]
-    model = randomize_batchnorm(build()).eval()
+    model = randomize_batchnorm(build()).eval().double()       # float64 model, float32 NIR weights
     path = tmp_path / "model.nir"
     tetsnn.export_nir(model, path, shape)
     assert os.listdir(tmp_path) == ["model.nir"]             # no temporary file left behind
     graph = nir.read(str(path))
 
-    model = model.double()
     x = torch.rand(2, model.T, *shape, dtype=torch.float64) * 2
     spikes, logits = spikes_of(model, x)
     sim = simulate(graph, x)

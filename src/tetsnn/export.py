@@ -23,6 +23,7 @@ must start at 0 for every sample, as tetsnn's does.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 import os
 import tempfile
@@ -127,7 +128,7 @@ def _layer_nodes(name: str, m: nn.Module, bn, shape, spikes: bool) -> List[Tuple
             return [(name, nir.Linear(_np(weight)) if bias is None else nir.Affine(_np(weight), _np(bias)))]
         if m.padding_mode != "zeros":
             raise ValueError(f"layer {name!r}: padding_mode={m.padding_mode!r} cannot be expressed in NIR")
-        bias = torch.zeros(m.out_channels) if bias is None else bias
+        bias = torch.zeros_like(weight[:, 0, 0, 0]) if bias is None else bias
         padding = m.padding if isinstance(m.padding, str) else tuple(m.padding)
         return [(name, nir.Conv2d(tuple(shape[1:]), _np(weight), tuple(m.stride), padding, tuple(m.dilation),
                                   m.groups, _np(bias)))]
@@ -156,7 +157,7 @@ def _layer_nodes(name: str, m: nn.Module, bn, shape, spikes: bool) -> List[Tuple
         k = _pair(m.kernel_size)
         s = k if m.stride is None else _pair(m.stride)
         return [(name, nir.SumPool2d(k, s, _pair(m.padding))),
-                (f"{name}.threshold", nir.Threshold(np.zeros(_pooled_shape(m, shape), dtype=np.float32)))]
+                (f"{name}.threshold", nir.Threshold(np.zeros(_output_shape(m, shape), dtype=np.float32)))]
     if isinstance(m, nn.Flatten):
         if m.start_dim == 0:
             raise ValueError(f"layer {name!r}: Flatten(start_dim=0) flattens the batch dimension")
@@ -166,8 +167,11 @@ def _layer_nodes(name: str, m: nn.Module, bn, shape, spikes: bool) -> List[Tuple
 
 
 @torch.no_grad()
-def _pooled_shape(m: nn.Module, shape) -> Tuple[int, ...]:
-    return tuple(m(torch.zeros(1, *shape)).shape[1:])
+def _output_shape(m: nn.Module, shape) -> Tuple[int, ...]:
+    """Per-sample output shape of layer ``m`` for per-sample input ``shape`` (on the layer's device and dtype)."""
+    p = next(itertools.chain(m.parameters(), m.buffers()), None)
+    kw = {} if p is None or not p.is_floating_point() else dict(device=p.device, dtype=p.dtype)
+    return tuple(m(torch.zeros(1, *shape, **kw)).shape[1:])
 
 
 def _container_layers(name: str, c: SeqToANNContainer) -> List[Tuple[str, nn.Module]]:
@@ -192,8 +196,7 @@ def _add_layers(b: _Builder, layers: List[Tuple[str, nn.Module]], value: _Value)
         i += 1
         if isinstance(m, _PASS_THROUGH):
             continue
-        with torch.no_grad():
-            out_shape = tuple(m(torch.zeros(1, *value.shape)).shape[1:])
+        out_shape = _output_shape(m, value.shape)
         sources = value.sources
         for node_name, node in _layer_nodes(name, m, bn, value.shape, value.spikes):
             sources = b.add(node_name, node, sources)
