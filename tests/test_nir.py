@@ -231,11 +231,25 @@ def test_registry_models_export(name, shape, tmp_path):
 def test_what_nir_cannot_express(tmp_path):
     with pytest.raises(ValueError, match="soft reset"):
         tetsnn.export_nir(tetsnn.create_model("digits_snn", reset="soft"), tmp_path / "a.nir", (1, 8, 8))
-    with pytest.raises(ValueError, match="AND/IAND"):
-        tetsnn.export_nir(tiny_sew(connect="AND"), tmp_path / "b.nir", (3, 16, 16))
+    for connect in ("AND", "IAND"):
+        with pytest.raises(ValueError, match="AND/IAND"):
+            tetsnn.export_nir(tiny_sew(connect=connect), tmp_path / "b.nir", (3, 16, 16))
     with pytest.raises(ValueError, match="tau=1.5"):
         tetsnn.export_nir(tetsnn.create_model("digits_snn", tau=1.5), tmp_path / "c.nir", (1, 8, 8))
     maxpool_on_currents = nn.Sequential(S(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2)), tetsnn.LIF())
     with pytest.raises(ValueError, match="max pooling"):
         tetsnn.to_nir(maxpool_on_currents, (1, 8, 8))
     assert os.listdir(tmp_path) == []
+
+
+def test_untraceable_model_gives_a_clear_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sn = tetsnn.LIF()
+
+        def forward(self, x):
+            return self.sn(x) if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match="Branchy cannot be traced for export"):
+        tetsnn.to_nir(Branchy(), (3,))

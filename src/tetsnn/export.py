@@ -41,6 +41,7 @@ from .neuron import LIF
 __all__ = ["export_nir", "to_nir"]
 
 _SUMS = (operator.add, operator.iadd, torch.add)
+_PRODUCTS = (operator.mul, operator.imul, torch.mul, operator.sub, operator.isub, torch.sub)
 _PASS_THROUGH = (nn.Identity, nn.Dropout)
 
 
@@ -213,7 +214,11 @@ def to_nir(model: nn.Module, input_shape: Sequence[int]) -> nir.NIRGraph:
     was_training = model.training
     model.eval()
     try:
-        graph = _Tracer().trace(_Steps(model))
+        try:
+            graph = _Tracer().trace(_Steps(model))
+        except Exception as e:  # data-dependent control flow and the like
+            raise ValueError(f"{type(model).__name__} cannot be traced for export: "
+                             f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
         b = _Builder()
         modules = dict(model.named_modules())
         env: Dict[fx.Node, _Value] = {}
@@ -234,10 +239,12 @@ def to_nir(model: nn.Module, input_shape: Sequence[int]) -> nir.NIRGraph:
             elif node.op == "output":
                 out = env[node.args[0]]
                 b.add("output", nir.Output({"output": np.array(out.shape)}), out.sources)
+            elif node.op == "call_function" and node.target in _PRODUCTS:
+                raise ValueError(f"{type(model).__name__}: {node.name} multiplies or subtracts tensors; NIR sums "
+                                 f"incoming edges but has no element-wise product, so SEW-ResNet's AND/IAND "
+                                 f"connections cannot be exported (ADD can)")
             else:
-                raise ValueError(f"{type(model).__name__}: {node.op} {node.target} cannot be expressed in NIR "
-                                 f"(NIR sums incoming edges but has no element-wise product, so SEW-ResNet's "
-                                 f"AND/IAND connections cannot be exported)")
+                raise ValueError(f"{type(model).__name__}: {node.op} {node.target} has no NIR counterpart")
     finally:
         model.train(was_training)
     return nir.NIRGraph(b.nodes, b.edges, metadata={"exporter": "tetsnn", "dt": 1.0,
