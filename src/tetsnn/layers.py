@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .kernels.compact import spike_conv2d
 from .neuron import make_neuron
 
 __all__ = ["SeqToANNContainer", "Layer", "add_time_dim", "to_time_first", "to_batch_first", "check_T"]
@@ -56,13 +57,18 @@ class SeqToANNContainer(nn.Module):
 
 
 class Layer(nn.Module):
-    """Conv2d (with bias) + BatchNorm2d applied per step, then a spiking neuron."""
+    """Conv2d (with bias) + BatchNorm2d applied per step, then a spiking neuron.
+
+    ``spikes=True`` declares that the input is 0/1 spikes: with a spiking ``neuron`` the conv then
+    keeps it for backward as packed bits (:class:`tetsnn.kernels.compact.SpikeConv2d`).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 padding: int = 1, neuron: str = "lif", **neuron_kw):
+                 padding: int = 1, neuron: str = "lif", spikes: bool = False, **neuron_kw):
         super().__init__()
         self.fwd = SeqToANNContainer(
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=True),
+            spike_conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=True,
+                         spikes=spikes and neuron != "relu"),
             nn.BatchNorm2d(out_channels),
         )
         self.act = make_neuron(neuron, **neuron_kw)

@@ -6,25 +6,29 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..kernels.compact import spike_conv2d, spike_linear
 from ..layers import SeqToANNContainer
 from ..neuron import make_neuron
 from ._registry import register_model
 from .base import SpikingModel
 
 
-def conv3x3(cin, cout, stride=1):
-    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+def conv3x3(cin, cout, stride=1, spikes=False):
+    """3x3 conv without bias; ``spikes=True`` where its input is 0/1 spikes (saved as packed bits)."""
+    return spike_conv2d(cin, cout, 3, stride, 1, bias=False, spikes=spikes)
 
 
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride=1, neuron="lif", **neuron_kw):
         super().__init__()
-        self.conv1 = SeqToANNContainer(conv3x3(cin, cout, stride), nn.BatchNorm2d(cout))
+        spikes = neuron != "relu"  # the block's input and sn1's output are spikes
+        self.conv1 = SeqToANNContainer(conv3x3(cin, cout, stride, spikes), nn.BatchNorm2d(cout))
         self.sn1 = make_neuron(neuron, **neuron_kw)
-        self.conv2 = SeqToANNContainer(conv3x3(cout, cout), nn.BatchNorm2d(cout))
+        self.conv2 = SeqToANNContainer(conv3x3(cout, cout, 1, spikes), nn.BatchNorm2d(cout))
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = SeqToANNContainer(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = SeqToANNContainer(spike_conv2d(cin, cout, 1, stride, bias=False, spikes=spikes),
+                                                nn.BatchNorm2d(cout))
         self.sn2 = make_neuron(neuron, **neuron_kw)
 
     def forward(self, x):
@@ -72,7 +76,7 @@ class ResNet19(SpikingModel):
         self.pool = SeqToANNContainer(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc1 = SeqToANNContainer(nn.Linear(512, 256))
         self.sn_fc = make_neuron(neuron, **neuron_kw)
-        self.fc2 = SeqToANNContainer(nn.Linear(256, num_classes))
+        self.fc2 = SeqToANNContainer(spike_linear(256, num_classes, spikes=neuron != "relu"))
 
     def forward_seq(self, x):
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..kernels.compact import spike_conv2d
 from ..layers import SeqToANNContainer
 from ..neuron import make_neuron
 from ._registry import register_model
@@ -32,14 +33,17 @@ class SEWBlock(nn.Module):
         if connect not in CONNECTS:
             raise ValueError(f"unknown connect {connect!r}: expected one of {CONNECTS}")
         self.connect = connect
-        self.conv1 = SeqToANNContainer(conv3x3(cin, cout, stride), nn.BatchNorm2d(cout))
+        spikes = neuron != "relu"  # sn1's output is spikes; the block's input too unless ADD made it 0/1/2
+        in_spikes = spikes and connect != "ADD"
+        self.conv1 = SeqToANNContainer(conv3x3(cin, cout, stride, in_spikes), nn.BatchNorm2d(cout))
         self.sn1 = make_neuron(neuron, **neuron_kw)
-        self.conv2 = SeqToANNContainer(conv3x3(cout, cout), nn.BatchNorm2d(cout))
+        self.conv2 = SeqToANNContainer(conv3x3(cout, cout, 1, spikes), nn.BatchNorm2d(cout))
         self.sn2 = make_neuron(neuron, **neuron_kw)
         self.downsample = None
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(
-                SeqToANNContainer(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)),
+                SeqToANNContainer(spike_conv2d(cin, cout, 1, stride, bias=False, spikes=in_spikes),
+                                  nn.BatchNorm2d(cout)),
                 make_neuron(neuron, **neuron_kw))
 
     def forward(self, x):

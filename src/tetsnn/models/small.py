@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..kernels.compact import spike_linear
 from ..layers import Layer, SeqToANNContainer
 from ..neuron import make_neuron
 from ._registry import register_model
@@ -16,12 +17,12 @@ class DigitsSNN(SpikingModel):
         super().__init__(T)
         kw = dict(neuron=neuron, **neuron_kw)
         self.features = nn.Sequential(
-            Layer(in_channels, 32, **kw), Layer(32, 64, **kw), SeqToANNContainer(nn.AvgPool2d(2)),
+            Layer(in_channels, 32, **kw), Layer(32, 64, spikes=True, **kw), SeqToANNContainer(nn.AvgPool2d(2)),
             Layer(64, 128, **kw), SeqToANNContainer(nn.AvgPool2d(2)),
         )
         self.fc1 = SeqToANNContainer(nn.Flatten(), nn.Linear(128 * 2 * 2, 128))
         self.sn = make_neuron(neuron, **neuron_kw)
-        self.fc2 = SeqToANNContainer(nn.Linear(128, num_classes))
+        self.fc2 = SeqToANNContainer(spike_linear(128, num_classes, spikes=neuron != "relu"))
 
     def forward_seq(self, x):
         return self.fc2(self.sn(self.fc1(self.features(x))))

@@ -14,10 +14,10 @@ class VGGSNN(SpikingModel):
         kw = dict(neuron=neuron, **neuron_kw)
         pool = lambda: SeqToANNContainer(nn.AvgPool2d(2))  # noqa: E731  (acts on spikes)
         self.features = nn.Sequential(
-            Layer(in_channels, 64, **kw), Layer(64, 128, **kw), pool(),
-            Layer(128, 256, **kw), Layer(256, 256, **kw), pool(),
-            Layer(256, 512, **kw), Layer(512, 512, **kw), pool(),
-            Layer(512, 512, **kw), Layer(512, 512, **kw), pool(),
+            Layer(in_channels, 64, **kw), Layer(64, 128, spikes=True, **kw), pool(),
+            Layer(128, 256, **kw), Layer(256, 256, spikes=True, **kw), pool(),
+            Layer(256, 512, **kw), Layer(512, 512, spikes=True, **kw), pool(),
+            Layer(512, 512, **kw), Layer(512, 512, spikes=True, **kw), pool(),
         )
         side = size // 16
         self.classifier = SeqToANNContainer(nn.Flatten(), nn.Linear(512 * side * side, num_classes))

@@ -1,0 +1,171 @@
+"""Spike-fed Conv2d / Linear that keep their input for backward as packed bits (1 bit per element).
+
+A conv or linear layer saves its input for the weight gradient. When that input is spikes (exactly
+0 or 1), 32 of every 32 bits it keeps are redundant: :class:`SpikeConv2d` and :class:`SpikeLinear`
+save ``pack_spikes(x)`` instead and rebuild ``x`` bit for bit in backward, then call the same
+gradient kernels autograd would, so every gradient is bit-identical to the plain layer's.
+
+Use them only where the input is truly 0/1 (right after a spiking neuron, or a max pool of
+spikes); average pooling or a SEW "ADD" join produce other values. ``compact=False`` turns a layer
+back into its plain parent class. Parameters and state_dict keys are those of ``nn.Conv2d`` /
+``nn.Linear``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fused import _numba
+
+__all__ = ["pack_spikes", "unpack_spikes", "SpikeConv2d", "SpikeLinear", "spike_conv2d", "spike_linear"]
+
+_PACK = {}  # numba pack / unpack kernels once built
+
+
+def _numba_pack_kernels():
+    if not _PACK:
+        numba = _numba()
+        if not numba:
+            return None
+
+        @numba.njit(parallel=True)
+        def pack(x, out):  # x: flat float array; out[j] holds x[8j .. 8j+7], x[8j] in the lowest bit
+            n = x.shape[0]
+            for j in numba.prange(out.shape[0]):
+                b = 0
+                for k in range(min(8, n - 8 * j)):
+                    if x[8 * j + k] != 0:
+                        b |= 1 << k
+                out[j] = b
+
+        @numba.njit(parallel=True)
+        def unpack(p, out):
+            n = out.shape[0]
+            for j in numba.prange(p.shape[0]):
+                b = p[j]
+                for k in range(min(8, n - 8 * j)):
+                    out[8 * j + k] = (b >> k) & 1
+
+        _PACK["pack"], _PACK["unpack"] = pack, unpack
+    return _PACK
+
+
+def _cpu_fast(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and _numba_pack_kernels()
+
+
+@torch.library.custom_op("tetsnn::pack_spikes", mutates_args=())
+def pack_spikes(x: Tensor) -> Tensor:
+    """uint8 tensor of ``ceil(numel / 8)`` bytes; bit k of byte j is ``x.flatten()[8j + k] != 0``."""
+    x = x.contiguous().view(-1)
+    out = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
+    if _cpu_fast(x):
+        _PACK["pack"](x.numpy(), out.numpy())
+        return out
+    bits = torch.zeros(out.numel() * 8, dtype=torch.uint8, device=x.device)
+    bits[: x.numel()] = x != 0
+    bits = bits.view(-1, 8) << torch.arange(8, dtype=torch.uint8, device=x.device)
+    return torch.sum(bits, dim=1, dtype=torch.uint8, out=out)
+
+
+@pack_spikes.register_fake
+def _(x):
+    return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.custom_op("tetsnn::unpack_spikes", mutates_args=())
+def unpack_spikes(packed: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
+    """The 0/1 tensor of ``shape`` and ``dtype`` that :func:`pack_spikes` packed."""
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    if _cpu_fast(out):
+        _PACK["unpack"](packed.numpy(), out.view(-1).numpy())
+        return out
+    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    return out.copy_(bits.view(-1)[: out.numel()].view(shape))
+
+
+@unpack_spikes.register_fake
+def _(packed, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+class _SpikeConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.x_meta = (list(x.shape), x.dtype)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(pack_spikes(x), weight)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, weight = ctx.saved_tensors
+        x = unpack_spikes(packed, *ctx.x_meta)
+        stride, padding, dilation, groups = ctx.conv
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(stride), list(padding),
+            list(dilation), False, [0, 0], groups, mask)
+        return gx, gw, gb, None, None, None, None
+
+
+class _SpikeLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.x_meta = (list(x.shape), x.dtype)
+        ctx.save_for_backward(pack_spikes(x), weight, bias)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # the products autograd forms for F.linear (addmm on the flattened input)
+        packed, weight, bias = ctx.saved_tensors
+        x = unpack_spikes(packed, *ctx.x_meta).view(-1, weight.shape[1])
+        g = grad.reshape(-1, weight.shape[0])
+        gx = g.mm(weight).view(ctx.x_meta[0]) if ctx.needs_input_grad[0] else None
+        gw = g.t().mm(x) if ctx.needs_input_grad[1] else None
+        gb = g.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def _compact_applies(layer: nn.Module, x: Tensor) -> bool:
+    return layer.compact and torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64, torch.float16,
+                                                                        torch.bfloat16)
+
+
+class SpikeConv2d(nn.Conv2d):
+    """``nn.Conv2d`` for 0/1 input: saves the input as packed bits (``compact=True``, zero padding)."""
+
+    def __init__(self, *args, compact: bool = True, **kw):
+        super().__init__(*args, **kw)
+        self.compact = compact
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _compact_applies(self, x) or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        return _SpikeConv2dFn.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SpikeLinear(nn.Linear):
+    """``nn.Linear`` for 0/1 input: saves the input as packed bits (``compact=True``)."""
+
+    def __init__(self, *args, compact: bool = True, **kw):
+        super().__init__(*args, **kw)
+        self.compact = compact
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _compact_applies(self, x):
+            return super().forward(x)
+        return _SpikeLinearFn.apply(x, self.weight, self.bias)
+
+
+def spike_conv2d(*args, spikes: bool, **kw) -> nn.Conv2d:
+    """A :class:`SpikeConv2d` where the input is 0/1 spikes (``spikes=True``), else a plain ``nn.Conv2d``."""
+    return SpikeConv2d(*args, **kw) if spikes else nn.Conv2d(*args, **kw)
+
+
+def spike_linear(*args, spikes: bool, **kw) -> nn.Linear:
+    """A :class:`SpikeLinear` where the input is 0/1 spikes (``spikes=True``), else a plain ``nn.Linear``."""
+    return SpikeLinear(*args, **kw) if spikes else nn.Linear(*args, **kw)

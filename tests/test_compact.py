@@ -1,0 +1,158 @@
+"""Spike-fed layers that keep their input as packed bits, and the models that use them."""
+import pytest
+import torch
+from torch import nn
+
+import tetsnn
+from tetsnn import LIF, Layer, SeqToANNContainer, create_model
+from tetsnn.kernels import compact, fused
+from tetsnn.kernels.compact import SpikeConv2d, SpikeLinear, pack_spikes, unpack_spikes
+
+
+def spikes(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g) > 0.7).to(dtype)
+
+
+@pytest.fixture(params=["numba", "torch"])
+def kernels(request, monkeypatch):
+    """Run a test with the numba pack kernels and again with the torch-op ones."""
+    if request.param == "torch":
+        monkeypatch.setattr(compact, "_cpu_fast", lambda t: False)
+    return request.param
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
+def test_pack_roundtrip(kernels, n):
+    x = spikes(n, seed=n)
+    p = pack_spikes(x)
+    assert p.dtype == torch.uint8 and p.numel() == (n + 7) // 8
+    # bit k of byte j is element 8j + k
+    assert all(((int(p[j // 8]) >> (j % 8)) & 1) == int(x[j]) for j in range(min(n, 40)))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        y = unpack_spikes(p, [n], dtype)
+        assert y.dtype == dtype and torch.equal(y, x.to(dtype))
+
+
+def grads_of(layer, x, grad_out):
+    layer.zero_grad()
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    y.backward(grad_out)
+    return [y, x.grad] + [p.grad for p in layer.parameters()]
+
+
+def assert_identical(a, b):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        assert u.dtype == v.dtype and torch.equal(u, v)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(kernel_size=3, stride=1, padding=1, bias=True),
+    dict(kernel_size=3, stride=2, padding=1, bias=False),
+    dict(kernel_size=1, stride=2, padding=0, bias=False),
+    dict(kernel_size=3, stride=1, padding=2, dilation=2, groups=2, bias=True),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spike_conv_gradients_bit_identical(kernels, cfg, dtype):
+    spike = SpikeConv2d(4, 6, **cfg).to(dtype)
+    plain = nn.Conv2d(4, 6, **cfg).to(dtype)
+    plain.load_state_dict(spike.state_dict())
+    x = spikes(5, 4, 9, 9, dtype=dtype)
+    grad_out = torch.randn_like(plain(x))
+    assert_identical(grads_of(spike, x, grad_out), grads_of(plain, x, grad_out))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(13, 20), (3, 5, 20)])
+def test_spike_linear_gradients_bit_identical(kernels, bias, shape):
+    spike, plain = SpikeLinear(20, 7, bias=bias), nn.Linear(20, 7, bias=bias)
+    plain.load_state_dict(spike.state_dict())
+    x = spikes(*shape)
+    grad_out = torch.randn(*shape[:-1], 7)
+    assert_identical(grads_of(spike, x, grad_out), grads_of(plain, x, grad_out))
+
+
+def saved(fn, x):
+    """Distinct storages autograd saves while ``fn(x)`` runs: data_ptr -> bytes."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return storages
+
+
+def test_saves_one_bit_per_input_element():
+    conv = SpikeConv2d(8, 8, 3, padding=1, bias=False)
+    x = spikes(4, 8, 16, 16).requires_grad_()
+    weight_bytes = conv.weight.numel() * 4
+    assert sum(saved(conv, x).values()) == x.numel() // 8 + weight_bytes
+    conv.compact = False
+    assert sum(saved(conv, x).values()) == x.numel() * 4 + weight_bytes
+
+
+def test_lif_then_conv_keeps_membrane_plus_bits():
+    # between a LIF and the next conv: the membrane (one value per element) plus one bit per spike
+    net = nn.Sequential(LIF(), SeqToANNContainer(SpikeConv2d(4, 4, 3, padding=1, bias=False)))
+    x = torch.randn(2, 3, 4, 8, 8, requires_grad=True)
+    total = sum(saved(net, x).values())
+    assert total == x.numel() * 4 + x.numel() // 8 + 4 * 4 * 9 * 4
+
+
+def spike_layers(model):
+    return [m for m in model.modules() if isinstance(m, (SpikeConv2d, SpikeLinear))]
+
+
+@pytest.mark.parametrize("name,expected", [("resnet19", 20), ("digits_snn", 2), ("vggsnn", 4),
+                                           ("sew_resnet18", 8)])
+def test_models_use_compact_layers_on_spikes(name, expected):
+    model = create_model(name, T=1)
+    assert len(spike_layers(model)) == expected
+    relu = create_model(name, T=1, neuron="relu")
+    assert spike_layers(relu) == []
+    relu.load_state_dict(model.state_dict())  # same keys either way
+
+
+def test_sew_and_join_feeds_spikes_to_every_block():
+    assert len(spike_layers(create_model("sew_resnet18", T=1, connect="AND"))) == 8 + 8 + 3
+
+
+def test_model_compact_gradients_bit_identical():
+    tetsnn.seed_all(0)
+    model = create_model("digits_snn", T=3)
+    x = torch.rand(4, 1, 8, 8)
+
+    def step():
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        return [out] + [p.grad.clone() for p in model.parameters()]
+
+    a = step()
+    for m in spike_layers(model):
+        m.compact = False
+    assert_identical(a, step())
+
+
+def test_torch_compile_matches_eager():
+    tetsnn.seed_all(0)
+    model = nn.Sequential(
+        Layer(2, 4, neuron="lif"), Layer(4, 4, neuron="lif", spikes=True),
+        SeqToANNContainer(nn.Flatten(), SpikeLinear(4 * 6 * 6, 3)))
+    x = torch.randn(3, 4, 2, 6, 6) + 0.5
+
+    def step(m):
+        model.zero_grad()
+        out = m(x)
+        out.square().sum().backward()
+        return [out] + [p.grad.clone() for p in model.parameters()]
+
+    eager = step(model)
+    compiled = step(torch.compile(model, fullgraph=True))
+    for u, v in zip(eager, compiled):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
