@@ -56,9 +56,13 @@ def build_optimizer(cfg: dict, model: nn.Module):
     return torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
 
+# keys that say where things are, not what is trained: a resumed run may change them
+LOCATION_KEYS = ("data_dir", "cache_dir", "device", "workers")
+
+
 def resolve_run_config(argv) -> dict:
     """Command line -> the run's config. With --resume, the saved config, where any explicitly given
-    key must agree with it except ``epochs`` (which may extend the run)."""
+    key must agree with it, except ``epochs`` (which may extend the run) and the LOCATION_KEYS."""
     config_file, flags = parse_train_args(argv)
     if flags.get("resume") is None:
         return resolve({**load_config(config_file or "digits"), **flags})
@@ -66,12 +70,14 @@ def resolve_run_config(argv) -> dict:
     saved = load_checkpoint(os.path.join(run_dir, "last.pt"))["config"]
     given = {**(load_config(config_file) if config_file else {}), **flags}
     for key, value in given.items():
-        if key in ("resume", "epochs") or (key == "out" and os.path.abspath(value) == os.path.abspath(run_dir)):
+        if key in ("resume", "epochs") + LOCATION_KEYS or (key == "out" and os.path.abspath(value) == os.path.abspath(run_dir)):
             continue
         if key not in saved or value != saved[key]:
             flag = "--" + key.replace("_", "-")
             raise ConfigError(f"{flag} {value} contradicts the resumed run's {key}: {saved.get(key)!r}")
-    return resolve({**saved, "epochs": given.get("epochs", saved["epochs"]), "resume": run_dir, "out": run_dir})
+    moved = {k: given[k] for k in LOCATION_KEYS if k in given}
+    return resolve({**saved, **moved, "epochs": given.get("epochs", saved["epochs"]), "resume": run_dir,
+                    "out": run_dir})
 
 
 class StopRequest:
