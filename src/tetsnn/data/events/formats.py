@@ -6,6 +6,7 @@ bodies and whole packets are decoded with numpy; nothing loops over events in Py
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 
@@ -22,24 +23,24 @@ _AEDAT31_POLARITY = np.dtype([("data", "<u4"), ("timestamp", "<i4")])
 _POLARITY_EVENT = 1
 
 
-def _split_header(data: bytes, path, version: str, end_line: bytes | None = None) -> int:
+def _split_header(data, path, version: str, end_line: bytes | None = None) -> int:
     """Check the ``#!AER-DAT<version>`` header and return the offset where the body starts.
 
     The header is the run of lines starting with ``#``. With ``end_line`` the header must end
     with that line (AEDAT 3.1's ``#!END-HEADER``) and the body starts right after it.
     """
-    if not data.startswith(b"#!AER-DAT"):
+    magic = b"#!AER-DAT"
+    if data[:len(magic)] != magic:
         raise ValueError(f"{path}: missing '#!AER-DAT' header; not an AEDAT file")
-    first = data.split(b"\n", 1)[0].strip()
-    found = first[len(b"#!AER-DAT"):].decode("ascii", "replace")
-    if found != version:
-        raise ValueError(f"{path}: AEDAT version {found!r} is not supported here (expected {version})")
     pos = 0
-    while data.startswith(b"#", pos):
+    while data[pos:pos + 1] == b"#":
         newline = data.find(b"\n", pos)
         if newline < 0:
             raise ValueError(f"{path}: header line at byte {pos} has no line end (truncated header)")
-        line, pos = data[pos:newline].strip(), newline + 1
+        line, pos = bytes(data[pos:newline]).strip(), newline + 1
+        if line.startswith(magic) and line[len(magic):].decode("ascii", "replace") != version:
+            raise ValueError(f"{path}: AEDAT version {line[len(magic):].decode('ascii', 'replace')!r} "
+                             f"is not supported here (expected {version})")
         if end_line is not None and line == end_line:
             return pos
     if end_line is not None:
@@ -47,9 +48,12 @@ def _split_header(data: bytes, path, version: str, end_line: bytes | None = None
     return pos
 
 
-def _read(path) -> bytes:
+def _read(path):
+    """The file's bytes, memory-mapped: no copy of the body is made."""
     with open(path, "rb") as f:
-        return f.read()
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def unwrap_timestamps(t: np.ndarray) -> None:
