@@ -8,19 +8,14 @@ import numpy as np
 __all__ = ["plot_profile"]
 
 
-def _raster_points(raster: dict, per_layer: int):
-    """(time steps, rows, layer boundaries, layer centres) of at most ``per_layer`` neurons per layer."""
-    ts, rows, bounds, centres, offset = [], [], [], [], 0
+def _raster_image(raster: dict, per_layer: int):
+    """[rows, T] spikes of at most ``per_layer`` evenly spaced neurons per layer, and where layers end."""
+    blocks = []
     for spikes in raster.values():
         spikes = np.asarray(spikes)                       # [T, neurons]
         keep = np.linspace(0, spikes.shape[1] - 1, min(per_layer, spikes.shape[1])).astype(int)
-        t, i = np.nonzero(spikes[:, keep])
-        ts.append(t + 1)
-        rows.append(i + offset)
-        centres.append(offset + len(keep) / 2)
-        offset += len(keep)
-        bounds.append(offset)
-    return np.concatenate(ts), np.concatenate(rows), bounds, centres
+        blocks.append(spikes[:, keep].T)
+    return np.concatenate(blocks), np.cumsum([len(b) for b in blocks])
 
 
 def plot_profile(result: dict, path, per_layer: int = 64) -> None:
@@ -40,14 +35,13 @@ def plot_profile(result: dict, path, per_layer: int = 64) -> None:
     ax_rate.set_title(f"firing rates ({result['samples']} samples, T = {result['T']})")
 
     if result.get("raster"):
-        t, rows, bounds, centres = _raster_points(result["raster"], per_layer)
-        ax_raster.scatter(t, rows, s=40, marker="|", linewidths=1.5, color="black")
+        image, bounds = _raster_image(result["raster"], per_layer)
+        ax_raster.imshow(image, aspect="auto", cmap="Greys", vmin=0, vmax=1, interpolation="nearest",
+                         extent=(0.5, image.shape[1] + 0.5, len(image) - 0.5, -0.5))
         for b in bounds[:-1]:
-            ax_raster.axhline(b - 0.5, color="tab:gray", lw=0.5)
-        ax_raster.set_yticks(centres, list(result["raster"]), fontsize=7)
-        ax_raster.set_ylim(bounds[-1] - 0.5, -0.5)
-        ax_raster.set_xticks(range(1, result["T"] + 1))
-        ax_raster.set_xlim(0.5, result["T"] + 0.5)
+            ax_raster.axhline(b - 0.5, color="tab:red", lw=0.8)
+        ax_raster.set_yticks(bounds - np.diff(bounds, prepend=0) / 2, list(result["raster"]), fontsize=7)
+        ax_raster.set_xticks(range(1, image.shape[1] + 1))
     ax_raster.set_xlabel("time step")
     ax_raster.set_title(f"spike raster of one sample (up to {per_layer} neurons per layer)")
     fig.tight_layout()
