@@ -6,6 +6,7 @@ from .loss import sdt_loss, tet_loss
 from .models import create_model, list_models, register_model
 from .utils import seed_all
 from .export import export_nir, to_nir
+from . import analysis  # tetsnn.analysis.profile
 
 __version__ = "0.1.0"
 
