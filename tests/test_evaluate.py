@@ -8,7 +8,10 @@ from torch import nn
 from tetsnn.data import BatchLoader
 from tetsnn.evaluate import evaluate
 
-from conftest import QUICK, run_cli
+from tetsnn.cli import main as cli_main
+from tetsnn.train import main as train_main
+
+from conftest import QUICK
 
 
 class Passthrough(nn.Module):
@@ -54,17 +57,20 @@ def test_evaluate_matches_reference(world):
     assert totals["loss"] / n == pytest.approx(nn.functional.cross_entropy(logits.mean(1), y).item(), rel=1e-5)
 
 
-def test_cli_test_json(tmp_path):
+def test_cli_test_json(tmp_path, capsys):
     out = tmp_path / "run"
-    res = run_cli("train", *QUICK, "--epochs", "1", "--T", "3", "--out", out)
-    assert res.returncode == 0, res.stderr
+    assert train_main(QUICK + ["--epochs", "1", "--T", "3", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    res = run_cli("test", "--checkpoint", out / "last.pt", "--json")
-    assert res.returncode == 0, res.stderr
-    report = json.loads(res.stdout)
+    capsys.readouterr()
+    assert cli_main(["test", "--checkpoint", str(out / "last.pt"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert set(report) == {"top1", "top5", "per_step_top1"}
     assert len(report["per_step_top1"]) == 3 and report["per_step_top1"][-1] == report["top1"]
     assert all(0 <= a <= 1 for a in report["per_step_top1"]) and report["top1"] <= report["top5"] <= 1
     assert report["top1"] == pytest.approx(metrics["test_acc"], abs=1e-12)   # the run's own evaluation
-    res = run_cli("test", "--checkpoint", tmp_path / "nope.pt")
-    assert res.returncode == 2 and "nope.pt" in res.stderr and "Traceback" not in res.stderr
+    assert cli_main(["test", "--checkpoint", str(out / "last.pt")]) == 0
+    text = capsys.readouterr().out
+    assert "top-1" in text and "t=3" in text
+    assert cli_main(["test", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.pt" in err and len(err.strip().splitlines()) == 1

@@ -7,6 +7,11 @@ from .models import create_model, list_models, register_model
 from .utils import seed_all
 from .export import export_nir, to_nir
 from . import analysis  # tetsnn.analysis.profile
+from .checkpoint import load_checkpoint
+from .config import load_config
+from .data import build_data
+from .evaluate import evaluate
+from .train import build_model
 
 __version__ = "0.1.0"
 
@@ -17,4 +22,5 @@ __all__ = [
     "SeqToANNContainer", "Layer", "add_time_dim", "to_time_first", "to_batch_first",
     "tet_loss", "sdt_loss", "create_model", "list_models", "register_model", "seed_all",
     "export_nir", "to_nir",
+    "load_checkpoint", "load_config", "build_data", "build_model", "evaluate",
 ]
