@@ -78,3 +78,25 @@ def test_missing_cifar_names_expected_folder(tmp_path):
         build_data(cfg)
     with pytest.raises(DataError, match="data-dir"):
         build_data(resolve({"dataset": "imagenet", "model": "resnet34"}))
+
+
+def test_imagenet_folders(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("n01", "n02"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                img = rng.integers(0, 256, (40 + 10 * i, 60, 3), dtype=np.uint8)
+                Image.fromarray(img).save(tmp_path / split / cls / f"{i}.png")
+    cfg = resolve({"dataset": "imagenet", "model": "resnet34", "data_dir": str(tmp_path), "batch_size": 4,
+                   "workers": 0})
+    data = build_data(cfg)
+    assert (data.info["train_used"], data.info["test_used"], data.num_classes) == (6, 6, 1000)
+    data.train.set_epoch(1)
+    (x, y), = list(data.train)[:1]
+    assert x.shape == (4, 3, 224, 224) and x.dtype == torch.float32
+    ys = torch.cat([y for _, y in data.test])
+    assert ys.tolist() == [0, 0, 0, 1, 1, 1]              # evaluation: every image once, in order
+    assert build_data(cfg, train=False).train is None
