@@ -64,6 +64,17 @@ def test_to_frames_rejects_events_outside_the_sensor(field, value):
         to_frames(events, 2, sensor_size=(5, 7))
 
 
+def test_to_frames_accepts_tonic_layout():
+    """tonic's DVS layout: x, y int16, p bool, t int64, in another field order."""
+    events = random_events(50, 5, 7, seed=4)
+    tonic = np.empty(50, dtype=[("x", "<i2"), ("y", "<i2"), ("p", "?"), ("t", "<i8")])
+    for name in ("x", "y", "p", "t"):
+        tonic[name] = events[name]
+    np.testing.assert_array_equal(to_frames(tonic, 3, sensor_size=(5, 7)), to_frames(events, 3, sensor_size=(5, 7)))
+    with pytest.raises(ValueError, match="integer or bool"):
+        to_frames(tonic.astype([("x", "<f4"), ("y", "<i2"), ("p", "?"), ("t", "<i8")]), 3, sensor_size=(5, 7))
+
+
 def test_to_frames_rejects_bad_arguments():
     events = random_events(10, 5, 7, seed=0)
     with pytest.raises(ValueError, match="split_by"):

@@ -33,8 +33,8 @@ def pixel_index(events: np.ndarray, sensor_size) -> np.ndarray:
     H, W = sensor_size
     for name, limit in (("x", W), ("y", H), ("p", 2)):
         field = events[name]
-        if field.dtype.kind not in "iu":
-            raise ValueError(f"event field {name!r} must be an integer type, got {field.dtype}")
+        if field.dtype.kind not in "iub":
+            raise ValueError(f"event field {name!r} must be an integer or bool type, got {field.dtype}")
         # Viewed as unsigned, a negative value is huge: one max() checks both ends.
         if len(field) and field.view(field.dtype.str.replace("i", "u")).max() >= limit:
             raise ValueError(f"event field {name!r} spans [{field.min()}, {field.max()}], outside "
