@@ -31,21 +31,27 @@ def _numba_pack_kernels():
 
         @numba.njit(parallel=True)
         def pack(x, out):  # x: flat float array; out[j] holds x[8j .. 8j+7], x[8j] in the lowest bit
-            n = x.shape[0]
-            for j in numba.prange(out.shape[0]):
+            full = x.shape[0] // 8
+            for j in numba.prange(full):
                 b = 0
-                for k in range(min(8, n - 8 * j)):
-                    if x[8 * j + k] != 0:
-                        b |= 1 << k
+                for k in range(8):
+                    b |= (x[8 * j + k] != 0) << k
                 out[j] = b
+            if full < out.shape[0]:
+                b = 0
+                for k in range(x.shape[0] - 8 * full):
+                    b |= (x[8 * full + k] != 0) << k
+                out[full] = b
 
         @numba.njit(parallel=True)
         def unpack(p, out):
-            n = out.shape[0]
-            for j in numba.prange(p.shape[0]):
-                b = p[j]
-                for k in range(min(8, n - 8 * j)):
+            full = out.shape[0] // 8
+            for j in numba.prange(full):
+                b = numba.int32(p[j])
+                for k in range(8):
                     out[8 * j + k] = (b >> k) & 1
+            for k in range(out.shape[0] - 8 * full):
+                out[8 * full + k] = (numba.int32(p[full]) >> k) & 1
 
         _PACK["pack"], _PACK["unpack"] = pack, unpack
     return _PACK

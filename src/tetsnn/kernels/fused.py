@@ -247,6 +247,7 @@ def _(grad_s, h, tau, threshold, reset, detach_reset, surrogate, width, kernel):
 def _setup_context(ctx, inputs, output):
     x, tau, threshold, reset, detach_reset, surrogate, width, kernel = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for h, which nothing differentiates
     ctx.save_for_backward(output[1])
     ctx.args = (tau, threshold, reset, detach_reset, surrogate, width, kernel)
 

@@ -1,0 +1,389 @@
+"""LIF backends and a ResNet19 training step against their baselines: time, saved bytes, peak memory.
+
+    python benchmarks/bench_lif.py [--rounds 5] [--batches 8 16] [--skip-resnet]
+
+(a) LIF forward + backward on [32, T, 128, 16, 16], T = 2, 4, 8: every backend against "loop".
+(b) A ResNet19 CIFAR training step (T = 4) against its ANN twin (ReLU in place of LIF, N*T images),
+    and against the per-step loop without compact spikes (the network before the fast backends).
+On CUDA it adds (c) the Triton kernels' bandwidth on 2^26 neurons x T=8 against torch's
+device-to-device copy, and (d) a bf16 ResNet19 step at batch 64 against its ANN twin.
+
+Variants are interleaved round by round and the medians compared. Saved bytes: every tensor that
+``saved_tensors_hooks`` packs during the forward, each distinct storage once at its full size.
+Peak memory: the rise of peak RSS over the starting RSS (CPU) or of CUDA max allocated.
+Writes benchmarks/results/bench_lif.json and its own section of docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from tetsnn import LIF, create_model, tet_loss
+from tetsnn.kernels import compact, fused
+
+NAME = "bench_lif"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- measuring
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn()`` runs its forward."""
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[(st.device, st.data_ptr())] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def _rss_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory(fn, device) -> int | None:
+    """Rise of peak memory while ``fn()`` runs, in bytes (None where it cannot be measured)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the baseline is honest
+        base = _rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current RSS
+    except OSError:
+        return None
+    fn()
+    return (_rss_kib("VmHWM") - base) * 1024
+
+
+def interleave(variants: dict, rounds: int, device) -> dict:
+    """Time every variant once per round, in turn; returns name -> list of seconds."""
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(times: dict, base: str) -> dict:
+    """Median seconds and, per variant, the ratio of medians to ``base`` and its spread over rounds."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {}
+    for k, v in times.items():
+        per_round = sorted(b / t for b, t in zip(times[base], v))
+        out[k] = dict(median_ms=round(med[k] * 1e3, 2), speedup_vs_base=round(med[base] / med[k], 2),
+                      round_speedups=[round(r, 2) for r in per_round])
+    return out
+
+
+# --------------------------------------------------------------------------- (a) LIF alone
+
+def lif_backends(device) -> list:
+    names = ["loop", "fused"]
+    if device.type == "cpu":
+        names.append("fused-torch-ops")  # the same Function with torch ops instead of numba
+    else:
+        names.append("triton")
+    return names
+
+
+def lif_step(name, x, grad):
+    backend = "fused" if name == "fused-torch-ops" else name
+    m = LIF(backend=backend)
+
+    def run():
+        xx = x.detach().requires_grad_()
+        y = m(xx)
+        y.backward(grad)
+    return run
+
+
+def with_torch_ops(fn):
+    def run():
+        numba = fused._NUMBA
+        fused._NUMBA = False
+        try:
+            fn()
+        finally:
+            fused._NUMBA = numba
+    return run
+
+
+def bench_lif(device, rounds) -> dict:
+    results = {}
+    for T in (2, 4, 8):
+        g = torch.Generator(device="cpu").manual_seed(T)
+        x = (torch.randn(32, T, 128, 16, 16, generator=g) * 0.8 + 0.5).to(device)
+        grad = torch.randn(x.shape, generator=g).to(device)
+        variants = {}
+        for name in lif_backends(device):
+            fn = lif_step(name, x, grad)
+            variants[name] = with_torch_ops(fn) if name == "fused-torch-ops" else fn
+        first = {}
+        for name, fn in variants.items():  # warm-up; the first call pays any one-time compile
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            first[name] = time.perf_counter() - t0
+        times = interleave(variants, rounds, device)
+        res = summarise(times, "loop")
+        for name, fn in variants.items():
+            res[name]["saved_bytes"] = saved_bytes(lambda: fn_forward(name, x))
+            res[name]["peak_bytes"] = peak_memory(fn, device)
+            res[name]["first_call_ms"] = round(first[name] * 1e3, 1)
+        results[f"T={T}"] = res
+        print(f"LIF T={T}:", json.dumps({k: (v['median_ms'], v['speedup_vs_base']) for k, v in res.items()}))
+    return results
+
+
+def fn_forward(name, x):
+    backend = "fused" if name == "fused-torch-ops" else name
+    return LIF(backend=backend)(x.detach().requires_grad_())
+
+
+def numba_compile_cost() -> dict:
+    """Seconds the numba kernels of one configuration take to build and compile (once per process,
+    reset mode, surrogate and dtype): a fresh configuration's first call minus a later one."""
+    x = torch.randn(4, 4, 64) + 0.5
+    m = LIF(surrogate="atan", reset="soft", backend="fused")  # a configuration nothing ran before
+
+    def once():
+        t0 = time.perf_counter()
+        xx = x.clone().requires_grad_()
+        m(xx).sum().backward()
+        return time.perf_counter() - t0
+    first = once()
+    later = min(once() for _ in range(3))
+    return dict(forward_and_backward_s=round(first - later, 2), threads=torch.get_num_threads())
+
+
+# --------------------------------------------------------------------------- (b) ResNet19 step
+
+def resnet_variants(device, dtype=None):
+    """name -> model; the SNNs load the ANN's weights (their state_dict keys are the same)."""
+    ann = create_model("resnet19", T=4, neuron="relu")
+    models = {"ann (ReLU)": ann, "snn (default)": create_model("resnet19", T=4)}
+    if dtype is None:
+        loop = create_model("resnet19", T=4, backend="loop")
+        for m in loop.modules():
+            if isinstance(m, (compact.SpikeConv2d, compact.SpikeLinear)):
+                m.compact = False
+        models["snn (loop, no compact)"] = loop
+    for m in models.values():
+        m.load_state_dict(ann.state_dict())
+        m.to(device).train()
+    return models
+
+
+def train_step(model, x, y, dtype=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def forward():
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            return tet_loss(model(x), y)
+
+    def step():
+        loss = forward()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step, forward
+
+
+def bench_resnet(device, batches, rounds, dtype=None) -> dict:
+    results = {}
+    for n in batches:
+        g = torch.Generator(device="cpu").manual_seed(n)
+        x = torch.randn(n, 3, 32, 32, generator=g).to(device)
+        y = torch.randint(0, 10, (n,), generator=g).to(device)
+        steps = {k: train_step(m, x, y, dtype) for k, m in resnet_variants(device, dtype).items()}
+        for step, _ in steps.values():
+            step()  # warm-up
+        times = interleave({k: s for k, (s, _) in steps.items()}, rounds, device)
+        res = summarise(times, "ann (ReLU)")
+        for k, (step, forward) in steps.items():
+            res[k]["time_vs_ann"] = round(1 / res[k].pop("speedup_vs_base"), 3)
+            res[k]["saved_bytes"] = saved_bytes(forward)
+            res[k]["peak_bytes"] = peak_memory(step, device)
+        ann = res["ann (ReLU)"]
+        for v in res.values():
+            v["saved_vs_ann"] = round(v["saved_bytes"] / ann["saved_bytes"], 3)
+            if v["peak_bytes"] and ann["peak_bytes"]:
+                v["peak_vs_ann"] = round(v["peak_bytes"] / ann["peak_bytes"], 3)
+        results[f"N={n}"] = res
+        print(f"ResNet19 N={n}:", json.dumps({k: (v['time_vs_ann'], v['saved_vs_ann']) for k, v in res.items()}))
+    return results
+
+
+# --------------------------------------------------------------------------- (c) Triton bandwidth (CUDA)
+
+def cuda_seconds(fn, reps=5) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def bench_triton_bandwidth(device, neurons=2 ** 26, T=8) -> dict:
+    """Bytes each Triton kernel moves per second, against torch's device-to-device copy."""
+    from tetsnn.kernels import triton_lif
+    x = torch.randn(1, T, neurons, device=device) + 0.5
+    s, h = triton_lif.forward(x, 0.5, 1.0, True)
+    grad = torch.randn_like(x)
+    dst = torch.empty_like(x)
+    nbytes = x.numel() * x.element_size()
+    copy = 2 * nbytes / cuda_seconds(lambda: dst.copy_(x))
+    fwd = 3 * nbytes / cuda_seconds(lambda: triton_lif.forward(x, 0.5, 1.0, True))  # x in; s, h out
+    bwd = 3 * nbytes / cuda_seconds(lambda: triton_lif.backward(grad, h, 0.5, 1.0, True, False, "zif", 1.0))
+    return dict(gpu=torch.cuda.get_device_name(device), neurons_per_step=neurons, T=T,
+                copy_GBps=round(copy / 1e9, 1), forward_GBps=round(fwd / 1e9, 1), backward_GBps=round(bwd / 1e9, 1),
+                forward_vs_copy=round(fwd / copy, 3), backward_vs_copy=round(bwd / copy, 3))
+
+
+# --------------------------------------------------------------------------- report
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per comparison (default 5)")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 16], help="ResNet19 batch sizes (default 8 16)")
+    p.add_argument("--skip-resnet", action="store_true", help="only the LIF comparisons")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    result = dict(device=str(device), machine=platform.machine(), cpu=platform.processor() or platform.machine(),
+                  cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                  rounds=args.rounds, numba=fused.numba_available())
+    if device.type == "cpu" and fused.numba_available():
+        result["numba_compile"] = numba_compile_cost()
+    result["lif"] = bench_lif(device, args.rounds)
+    if not args.skip_resnet:
+        result["resnet19"] = bench_resnet(device, args.batches, args.rounds)
+    if device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(device)
+        result["triton_bandwidth"] = bench_triton_bandwidth(device)
+        result["resnet19_bf16"] = bench_resnet(device, [64], args.rounds, dtype=torch.bfloat16)
+    out = ROOT / "benchmarks" / "results" / f"{NAME}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    write_section(result)
+    return 0
+
+
+def verdict(value, goal, smaller_is_better=True) -> str:
+    ok = value <= goal if smaller_is_better else value >= goal
+    return "meets the goal" if ok else "misses the goal"
+
+
+def mib(b) -> str:
+    return "n/a" if b is None else f"{b / 2 ** 20:,.1f} MiB"
+
+
+def write_section(res: dict) -> None:
+    lines = [f"<!-- begin {NAME} -->",
+             f"## LIF backends and the ResNet19 step (`benchmarks/bench_lif.py`, {res['device']}, "
+             f"{res['cpu_count']} CPUs, {res['torch_threads']} torch threads, torch {res['torch']})", "",
+             f"Medians of {res['rounds']} interleaved rounds; the bracket gives the lowest and highest per-round ratio "
+             "(the machine is shared, so the spread is the noise).", "",
+             "### (a) LIF forward + backward, [32, T, 128, 16, 16] float32", "",
+             "| T | backend | time | speed-up vs loop | saved bytes | saved vs loop | peak memory | first call |",
+             "|---|---|---|---|---|---|---|---|"]
+    for T, rows in res["lif"].items():
+        loop = rows["loop"]["saved_bytes"]
+        for name, r in rows.items():
+            spread = f"[{r['round_speedups'][0]}-{r['round_speedups'][-1]}]"
+            lines.append(f"| {T[2:]} | {name} | {r['median_ms']} ms | {r['speedup_vs_base']}x {spread} | "
+                         f"{mib(r['saved_bytes'])} | {r['saved_bytes'] / loop:.3f} | {mib(r['peak_bytes'])} | "
+                         f"{r['first_call_ms']} ms |")
+    if "numba_compile" in res:
+        c = res["numba_compile"]
+        lines += ["", f"One-time numba compile of one configuration (forward + backward kernels, per process, "
+                      f"reset mode, surrogate and dtype): {c['forward_and_backward_s']} s."]
+    if "resnet19" in res:
+        lines += ["", "### (b) ResNet19 training step (T = 4) against its ANN twin", "",
+                  "| batch | variant | time | time vs ANN | saved bytes | saved vs ANN | peak memory | peak vs ANN |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n, rows in res["resnet19"].items():
+            for name, r in rows.items():
+                spread = f"[{1 / r['round_speedups'][-1]:.2f}-{1 / r['round_speedups'][0]:.2f}]"
+                lines.append(f"| {n[2:]} | {name} | {r['median_ms'] / 1e3:.2f} s | {r['time_vs_ann']}x {spread} | "
+                             f"{mib(r['saved_bytes'])} | {r['saved_vs_ann']}x | {mib(r['peak_bytes'])} | "
+                             f"{r.get('peak_vs_ann', 'n/a')}x |")
+    lines += ["", "### Goals", "", "| measure | goal | measured | verdict |", "|---|---|---|---|"]
+    fast = "fused" if res["device"] == "cpu" else "triton"
+    for T in ("T=4", "T=8"):
+        r = res["lif"][T][fast]
+        lines.append(f"| LIF fwd+bwd {T}, {fast} vs loop | >= 3x faster | {r['speedup_vs_base']}x | "
+                     f"{verdict(r['speedup_vs_base'], 3.0, False)} |")
+    sv = max(rows[fast]["saved_bytes"] / rows["loop"]["saved_bytes"] for rows in res["lif"].values())
+    lines.append(f"| LIF saved bytes vs loop | <= 1/3 | {sv:.3f} | {verdict(sv, 1 / 3 + 1e-9)} |")
+    for n, rows in res.get("resnet19", {}).items():
+        r = rows["snn (default)"]
+        lines.append(f"| ResNet19 step time vs ANN, {n} | <= 1.10x | {r['time_vs_ann']}x | "
+                     f"{verdict(r['time_vs_ann'], 1.10)} |")
+        lines.append(f"| ResNet19 saved bytes vs ANN, {n} | <= 1.10x | {r['saved_vs_ann']}x | "
+                     f"{verdict(r['saved_vs_ann'], 1.10)} |")
+    if "triton_bandwidth" in res:
+        b = res["triton_bandwidth"]
+        for d in ("forward", "backward"):
+            lines.append(f"| Triton {d} bandwidth vs copy ({b['gpu']}) | >= 0.70 | {b[d + '_vs_copy']} | "
+                         f"{verdict(b[d + '_vs_copy'], 0.70, False)} |")
+        r = res["resnet19_bf16"]["N=64"]["snn (default)"]
+        lines.append(f"| bf16 ResNet19 step vs ANN, batch 64 ({b['gpu']}) | <= 1.10x | {r['time_vs_ann']}x | "
+                     f"{verdict(r['time_vs_ann'], 1.10)} |")
+    else:
+        lines.append("| GPU goals (Triton bandwidth >= 70% of copy; bf16 ResNet19 batch 64 <= 1.10x ANN) | "
+                     "| not measured yet: run this script on a CUDA machine | |")
+    lines.append(f"<!-- end {NAME} -->")
+    text = "\n".join(lines)
+    doc = ROOT / "docs" / "performance.md"
+    old = doc.read_text()
+    pattern = re.compile(rf"<!-- begin {NAME} -->.*?<!-- end {NAME} -->", re.S)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
+    tmp = doc.with_suffix(".md.tmp")
+    tmp.write_text(new)
+    tmp.replace(doc)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
