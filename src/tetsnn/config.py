@@ -8,7 +8,6 @@ The presets live in ``tetsnn/configs/*.yaml`` (the repository's ``configs/`` poi
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import yaml

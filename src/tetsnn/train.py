@@ -10,7 +10,6 @@ with status 0; ``--resume DIR`` continues from exactly that step.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -23,7 +22,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, load_config, parse_train_args, resolve
-from .distributed import all_reduce_max, all_reduce_sum, cleanup, is_distributed, setup
+from .distributed import all_reduce_max, all_reduce_sum, cleanup, setup
 from .evaluate import autocast, evaluate
 from .loss import sdt_loss, tet_loss
 from .models import create_model
@@ -229,8 +228,7 @@ class Trainer:
             flags = all_reduce_max(torch.tensor([float(not torch.isfinite(loss).item()), float(stop.requested)],
                                                 device=self.device))
             if flags[0]:
-                raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at epoch {self.epoch + 1}, "
-                                    f"step {self.step + 1}")
+                raise NonFiniteLoss(f"non-finite training loss at epoch {self.epoch + 1}, step {self.step + 1}")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -242,7 +240,7 @@ class Trainer:
             self.partial[1] += correct
             self.partial[2] += n
             self.partial[3] = seconds0 + time.perf_counter() - t0
-            progress(self.partial, self.step, len(loader))
+            progress(self.partial)
             if flags[1]:
                 return False
         return True
@@ -307,7 +305,7 @@ def _loop(trainer, files, cfg, world) -> dict:
         while trainer.epoch < cfg["epochs"]:
             bar = _progress(trainer, cfg)
 
-            def progress(p, step, total):
+            def progress(p):   # p: loss sum, correct, samples, seconds of this rank
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{p[0] / p[2]:.4f}", acc=f"{p[1] / p[2]:.3f}",
