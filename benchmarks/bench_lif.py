@@ -264,16 +264,17 @@ def cuda_seconds(fn, reps=5) -> float:
 
 
 def bench_triton_bandwidth(device, neurons=2 ** 26, T=8) -> dict:
-    """Bytes each Triton kernel moves per second, against torch's device-to-device copy."""
+    """Bytes each Triton direction moves per second, against torch's device-to-device copy.
+
+    Forward: x in, s out. Backward: x in, h out (the recurrence again), then dL/ds and h in, dL/dx out."""
     from tetsnn.kernels import triton_lif
     x = torch.randn(1, T, neurons, device=device) + 0.5
-    s, h = triton_lif.forward(x, 0.5, 1.0, True)
     grad = torch.randn_like(x)
     dst = torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
     copy = 2 * nbytes / cuda_seconds(lambda: dst.copy_(x))
-    fwd = 3 * nbytes / cuda_seconds(lambda: triton_lif.forward(x, 0.5, 1.0, True))  # x in; s, h out
-    bwd = 3 * nbytes / cuda_seconds(lambda: triton_lif.backward(grad, h, 0.5, 1.0, True, False, "zif", 1.0))
+    fwd = 2 * nbytes / cuda_seconds(lambda: triton_lif.forward(x, 0.5, 1.0, True))
+    bwd = 5 * nbytes / cuda_seconds(lambda: triton_lif.backward(grad, x, 0.5, 1.0, True, False, "zif", 1.0))
     return dict(gpu=torch.cuda.get_device_name(device), neurons_per_step=neurons, T=T,
                 copy_GBps=round(copy / 1e9, 1), forward_GBps=round(fwd / 1e9, 1), backward_GBps=round(bwd / 1e9, 1),
                 forward_vs_copy=round(fwd / copy, 3), backward_vs_copy=round(bwd / copy, 3))

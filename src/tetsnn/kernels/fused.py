@@ -1,6 +1,6 @@
 """The fused LIF: the whole time loop in one call, no autograd graph, BPTT in one reverse loop.
 
-Forward, per step t (``h`` is the pre-reset membrane, the only tensor kept for backward)::
+Forward, per step t (``h`` is the pre-reset membrane)::
 
     h[t] = tau * u[t-1] + x[t]                  u[-1] = 0
     s[t] = H(h[t] - threshold)                  strict '>'
@@ -16,8 +16,10 @@ Backward, with ``sg[t] = surrogate'(h[t] - threshold)``, ``gs[t] = dL/ds[t]`` fr
     soft, detached:  gh[t] = gs[t] * sg[t] + gu[t]
     dL/dx[t] = gh[t],   gu[t-1] = tau * gh[t]
 
-``s[t]`` is rebuilt in backward as ``h[t] - threshold > 0``, so nothing else is saved.
-Each operation is the one the per-step loop's autograd performs, in the same dtype and order, so
+The only tensor kept for backward is the input ``x`` (as float32 for half inputs): the same bytes
+as one membrane per step, and it is already in memory, so the forward writes nothing but spikes.
+Backward re-runs the forward recurrence block by block (in cache) to get ``h``, then ``s[t]`` as
+``h[t] - threshold > 0``. Each operation is the one the per-step loop's autograd performs, in the same dtype and order, so
 the results agree bit for bit wherever no fused multiply-add intervenes.
 
 Kernels: ``"fused"`` runs a numba kernel (one pass over memory per direction, threads over
@@ -63,9 +65,10 @@ def forward_torch(x: Tensor, tau: float, threshold: float, hard: bool) -> Tuple[
 
 
 @torch.no_grad()
-def backward_torch(grad_s: Tensor, h: Tensor, tau: float, threshold: float, hard: bool,
+def backward_torch(grad_s: Tensor, x: Tensor, tau: float, threshold: float, hard: bool,
                    detach_reset: bool, grad_fn: Callable) -> Tensor:
-    """The reverse-time BPTT loop in torch ops; ``grad_fn(v)`` is ds/dv."""
+    """The reverse-time BPTT loop in torch ops, from the input ``x``; ``grad_fn(v)`` is ds/dv."""
+    _, h = forward_torch(x, tau, threshold, hard)
     gx = torch.empty_like(h)
     gu = torch.zeros_like(h[:, 0])
     for t in reversed(range(h.shape[1])):
@@ -84,7 +87,7 @@ def backward_torch(grad_s: Tensor, h: Tensor, tau: float, threshold: float, hard
 # --------------------------------------------------------------------------- numba kernels
 
 _NUMBA = None  # the numba module once imported, False when numba is unusable
-_KERNELS = {}  # (direction, hard, detach, surrogate) -> compiled numba kernel
+_KERNELS = {}  # (kind, *flags) -> numba kernel
 _BLOCK = 2048  # neurons per numba work item
 
 
@@ -101,25 +104,40 @@ def _numba():
     return _NUMBA
 
 
-def _forward_kernel(hard: bool):
-    """The numba forward for one reset mode; ``c = [tau, threshold, 0, 1]`` in the input's dtype."""
+def _integrate_kernel(hard: bool):
+    """The forward recurrence of one reset mode, for one block of neurons (inlined below);
+    ``c = [tau, threshold, 0, 1, ...]`` in the input's dtype."""
     numba, np = _numba(), __import__("numpy")
 
+    @numba.njit(inline="always")
+    def integrate(x, n, m0, w, c, out, to_h):
+        # the recurrence for neurons m0 .. m0+w of sample n: spikes into out[n, t, m0 + i], or
+        # (to_h) pre-reset membranes into out[t, i]
+        u = np.zeros(w, x.dtype)
+        for t in range(x.shape[1]):
+            for i in range(w):
+                ht = c[0] * u[i] + x[n, t, m0 + i]
+                st = c[3] if ht - c[1] > c[2] else c[2]
+                if to_h:
+                    out[t, i] = ht
+                else:
+                    out[n, t, m0 + i] = st
+                u[i] = ht * (c[3] - st) if hard else ht - c[1] * st
+    return integrate
+
+
+def _forward_kernel(hard: bool):
+    """The numba forward: spikes only, threads over blocks of neurons."""
+    numba = _numba()
+    integrate = _kernel(("integrate", hard))
+
     @numba.njit(parallel=True)
-    def fwd(x, s, h, c):
+    def fwd(x, s, c):
         n_, t_, m_ = x.shape
         nb = (m_ + _BLOCK - 1) // _BLOCK
         for job in numba.prange(n_ * nb):
             n, m0 = job // nb, (job % nb) * _BLOCK
-            w = min(_BLOCK, m_ - m0)
-            u = np.zeros(w, x.dtype)
-            for t in range(t_):
-                for i in range(w):
-                    ht = c[0] * u[i] + x[n, t, m0 + i]
-                    st = c[3] if ht - c[1] > c[2] else c[2]
-                    h[n, t, m0 + i] = ht
-                    s[n, t, m0 + i] = st
-                    u[i] = ht * (c[3] - st) if hard else ht - c[1] * st
+            integrate(x, n, m0, min(_BLOCK, m_ - m0), c, s, False)
     return fwd
 
 
@@ -128,6 +146,7 @@ def _backward_kernel(hard: bool, detach: bool, surrogate: str):
     ``k = (1/width)^2`` for zif and ``pi/2 * width`` for atan (the constants the torch ops use)."""
     numba, np = _numba(), __import__("numpy")
     kind = SURROGATE_IDS[surrogate]
+    integrate = _kernel(("integrate", hard))
 
     @numba.njit(inline="always")
     def grad(v, c):
@@ -141,16 +160,18 @@ def _backward_kernel(hard: bool, detach: bool, surrogate: str):
         return (c[4] / (c[3] + c[3])) / (c[3] + z * z)
 
     @numba.njit(parallel=True)
-    def bwd(gs, h, gx, c):
-        n_, t_, m_ = h.shape
+    def bwd(gs, x, gx, c):
+        n_, t_, m_ = x.shape
         nb = (m_ + _BLOCK - 1) // _BLOCK
         for job in numba.prange(n_ * nb):
             n, m0 = job // nb, (job % nb) * _BLOCK
             w = min(_BLOCK, m_ - m0)
-            gu = np.zeros(w, h.dtype)
+            h = np.empty((t_, w), x.dtype)
+            integrate(x, n, m0, w, c, h, True)
+            gu = np.zeros(w, x.dtype)
             for t in range(t_ - 1, -1, -1):
                 for i in range(w):
-                    ht = h[n, t, m0 + i]
+                    ht = h[t, i]
                     v = ht - c[1]
                     g = gs[n, t, m0 + i]
                     if not detach:
@@ -163,8 +184,10 @@ def _backward_kernel(hard: bool, detach: bool, surrogate: str):
 
 
 def _kernel(key):
+    """The numba kernel ``key = (kind, *flags)``, built on first use (compiled on its first call)."""
     if key not in _KERNELS:
-        _KERNELS[key] = _forward_kernel(*key[1:]) if key[0] == "fwd" else _backward_kernel(*key[1:])
+        build = {"integrate": _integrate_kernel, "fwd": _forward_kernel, "bwd": _backward_kernel}[key[0]]
+        _KERNELS[key] = build(*key[1:])
     return _KERNELS[key]
 
 
@@ -201,62 +224,58 @@ def _call_numba(key, *args):
 
 @torch.library.custom_op("tetsnn::lif_forward", mutates_args=())
 def lif_forward(x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
-                surrogate: str, width: float, kernel: str) -> Tuple[Tensor, Tensor]:
-    """Spikes and pre-reset membranes ``(s, h)`` of a float32/float64 ``[N, T, ...]`` input."""
+                surrogate: str, width: float, kernel: str) -> Tensor:
+    """Spikes of a float32/float64 ``[N, T, ...]`` input."""
     hard = reset == "hard"
     if kernel == "triton":
         from . import triton_lif
         return triton_lif.forward(x, tau, threshold, hard)
     if _use_numba(x):
         x3 = _as3d(x)
-        s, h = torch.empty_like(x3), torch.empty_like(x3)
-        if _call_numba(("fwd", hard), x3.numpy(), s.numpy(), h.numpy(), _consts(x.dtype, tau, threshold)):
-            return s.view(x.shape), h.view(x.shape)
-    return forward_torch(x, tau, threshold, hard)
+        s = torch.empty_like(x3)
+        if _call_numba(("fwd", hard), x3.numpy(), s.numpy(), _consts(x.dtype, tau, threshold)):
+            return s.view(x.shape)
+    return forward_torch(x, tau, threshold, hard)[0]
 
 
 @lif_forward.register_fake
 def _(x, tau, threshold, reset, detach_reset, surrogate, width, kernel):
-    return torch.empty_like(x), torch.empty_like(x)
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("tetsnn::lif_backward", mutates_args=())
-def lif_backward(grad_s: Tensor, h: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
+def lif_backward(grad_s: Tensor, x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
                  surrogate: str, width: float, kernel: str) -> Tensor:
-    """dL/dx from dL/ds and the saved pre-reset membranes ``h``."""
+    """dL/dx from dL/ds and the saved input ``x``."""
     hard = reset == "hard"
     grad_s = grad_s.contiguous()
     if kernel == "triton":
         from . import triton_lif
-        return triton_lif.backward(grad_s, h, tau, threshold, hard, detach_reset, surrogate, width)
-    if _use_numba(h):
-        gx = torch.empty_like(h)
-        c = _consts(h.dtype, tau, threshold, surrogate, width)
-        args = (_as3d(grad_s).numpy(), _as3d(h).numpy(), _as3d(gx).numpy(), c)
+        return triton_lif.backward(grad_s, x, tau, threshold, hard, detach_reset, surrogate, width)
+    if _use_numba(x):
+        gx = torch.empty_like(x)
+        c = _consts(x.dtype, tau, threshold, surrogate, width)
+        args = (_as3d(grad_s).numpy(), _as3d(x).numpy(), _as3d(gx).numpy(), c)
         if _call_numba(("bwd", hard, detach_reset, surrogate), *args):
             return gx
     grad = _TORCH_GRADS[surrogate]
-    return backward_torch(grad_s, h, tau, threshold, hard, detach_reset, lambda v: grad(v, width))
+    return backward_torch(grad_s, x, tau, threshold, hard, detach_reset, lambda v: grad(v, width))
 
 
 @lif_backward.register_fake
-def _(grad_s, h, tau, threshold, reset, detach_reset, surrogate, width, kernel):
-    return torch.empty_like(h)
+def _(grad_s, x, tau, threshold, reset, detach_reset, surrogate, width, kernel):
+    return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):
     x, tau, threshold, reset, detach_reset, surrogate, width, kernel = inputs
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero-filled gradient for h, which nothing differentiates
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(x)
     ctx.args = (tau, threshold, reset, detach_reset, surrogate, width, kernel)
 
 
-def _backward(ctx, grad_s, _grad_h):
-    (h,) = ctx.saved_tensors
-    if grad_s is None:
-        grad_s = torch.zeros_like(h)
-    return (lif_backward(grad_s, h, *ctx.args),) + (None,) * 7
+def _backward(ctx, grad_s):
+    (x,) = ctx.saved_tensors
+    return (lif_backward(grad_s, x, *ctx.args),) + (None,) * 7
 
 
 lif_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -267,15 +286,15 @@ class FusedLIFCustom(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, tau, threshold, hard, detach_reset, fn):
-        s, h = forward_torch(x, tau, threshold, hard)
-        ctx.save_for_backward(h)
+        s, _ = forward_torch(x, tau, threshold, hard)
+        ctx.save_for_backward(x)
         ctx.args = (tau, threshold, hard, detach_reset, fn)
         return s
 
     @staticmethod
     def backward(ctx, grad_s):
-        (h,) = ctx.saved_tensors
-        return (backward_torch(grad_s.contiguous(), h, *ctx.args),) + (None,) * 5
+        (x,) = ctx.saved_tensors
+        return (backward_torch(grad_s.contiguous(), x, *ctx.args),) + (None,) * 5
 
 
 def lif_fused(x: Tensor, tau: float, threshold: float, reset: str = "hard", detach_reset: bool = False,
@@ -293,5 +312,5 @@ def lif_fused(x: Tensor, tau: float, threshold: float, reset: str = "hard", deta
                              f"not a callable; use backend='fused' or 'loop'")
         s = FusedLIFCustom.apply(xs, tau, threshold, reset == "hard", detach_reset, surrogate)
     else:
-        s, _ = lif_forward(xs, tau, threshold, reset, detach_reset, surrogate, width, kernel)
+        s = lif_forward(xs, tau, threshold, reset, detach_reset, surrogate, width, kernel)
     return s.to(dtype)

@@ -1,6 +1,8 @@
 """The fused LIF as Triton kernels: one program per block of neurons, the loop over T inside.
 
-Same recurrences as :mod:`tetsnn.kernels.fused` (see its docstring). Neuron ``i`` of a contiguous
+Same recurrences as :mod:`tetsnn.kernels.fused` (see its docstring), and the same saved tensor (the
+input). The forward reads ``x`` and writes ``s``; the backward first re-runs the recurrence writing
+``h`` into its output buffer, then walks back in time overwriting it with ``dL/dx``. Neuron ``i`` of a contiguous
 ``[N, T, M]`` tensor (``M`` = the product of the trailing dims) lives at ``n*T*M + t*M + m`` with
 ``n = i // M, m = i % M``, so each program reads and writes contiguous runs of ``BLOCK`` values per
 step. Scalars come from a small tensor in the compute dtype (``[tau, threshold, width, k]``), so
@@ -10,8 +12,6 @@ float64 inputs use float64 constants exactly as the torch ops do. On the CPU the
 from __future__ import annotations
 
 import math
-from typing import Tuple
-
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +23,9 @@ BLOCK = 1024
 
 
 @triton.jit
-def _lif_fwd(x_ptr, s_ptr, h_ptr, c_ptr, n_neurons, T, M, HARD: tl.constexpr, BLOCK: tl.constexpr):
+def _integrate(x_ptr, out_ptr, c_ptr, n_neurons, T, M, HARD: tl.constexpr, STORE_H: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """The forward recurrence; stores the spikes, or (STORE_H) the pre-reset membranes."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n_neurons
     base = (i // M) * T * M + i % M
@@ -34,8 +36,10 @@ def _lif_fwd(x_ptr, s_ptr, h_ptr, c_ptr, n_neurons, T, M, HARD: tl.constexpr, BL
         at = base + t * M
         h = tau * u + tl.load(x_ptr + at, mask=mask, other=0.0)
         s = tl.where(h - th > 0, 1.0, 0.0).to(h.dtype)
-        tl.store(h_ptr + at, h, mask=mask)
-        tl.store(s_ptr + at, s, mask=mask)
+        if STORE_H:
+            tl.store(out_ptr + at, h, mask=mask)
+        else:
+            tl.store(out_ptr + at, s, mask=mask)
         if HARD:
             u = h * (1 - s)
         else:
@@ -56,8 +60,9 @@ def _surrogate(v, w, k, KIND: tl.constexpr):
 
 
 @triton.jit
-def _lif_bwd(gs_ptr, h_ptr, gx_ptr, c_ptr, n_neurons, T, M, HARD: tl.constexpr, DETACH: tl.constexpr,
+def _lif_bwd(gs_ptr, gx_ptr, c_ptr, n_neurons, T, M, HARD: tl.constexpr, DETACH: tl.constexpr,
              KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """Reverse-time BPTT reading the membranes from gx (where _integrate put them), writing dL/dx."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n_neurons
     base = (i // M) * T * M + i % M
@@ -68,7 +73,7 @@ def _lif_bwd(gs_ptr, h_ptr, gx_ptr, c_ptr, n_neurons, T, M, HARD: tl.constexpr, 
     gu = tl.zeros([BLOCK], dtype=tau.dtype)
     for j in range(T):
         at = base + (T - 1 - j) * M
-        h = tl.load(h_ptr + at, mask=mask, other=0.0)
+        h = tl.load(gx_ptr + at, mask=mask, other=0.0)
         g = tl.load(gs_ptr + at, mask=mask, other=0.0).to(h.dtype)
         v = h - th
         if not DETACH:
@@ -102,23 +107,30 @@ def _check_device(x: Tensor) -> None:
                          f"TRITON_INTERPRET=1 set before tetsnn.kernels.triton_lif is imported")
 
 
-def forward(x: Tensor, tau: float, threshold: float, hard: bool) -> Tuple[Tensor, Tensor]:
+def _run_integrate(x: Tensor, out: Tensor, c: Tensor, hard: bool, store_h: bool) -> None:
+    neurons, t, m, grid = _geometry(x)
+    _integrate[grid](x, out, c, neurons, t, m, HARD=hard, STORE_H=store_h, BLOCK=BLOCK)
+
+
+def forward(x: Tensor, tau: float, threshold: float, hard: bool) -> Tensor:
+    """Spikes of a contiguous-able float ``[N, T, ...]`` input."""
     _check_device(x)
     x = x.contiguous()
-    s, h = torch.empty_like(x), torch.empty_like(x)
+    s = torch.empty_like(x)
     if x.numel():
-        neurons, t, m, grid = _geometry(x)
-        _lif_fwd[grid](x, s, h, _consts(x.dtype, x.device, tau, threshold), neurons, t, m,
-                       HARD=hard, BLOCK=BLOCK)
-    return s, h
+        _run_integrate(x, s, _consts(x.dtype, x.device, tau, threshold), hard, False)
+    return s
 
 
-def backward(grad_s: Tensor, h: Tensor, tau: float, threshold: float, hard: bool, detach_reset: bool,
+def backward(grad_s: Tensor, x: Tensor, tau: float, threshold: float, hard: bool, detach_reset: bool,
              surrogate: str, width: float) -> Tensor:
-    gx = torch.empty_like(h)
-    if h.numel():
-        neurons, t, m, grid = _geometry(h)
-        _lif_bwd[grid](grad_s.contiguous(), h, gx, _consts(h.dtype, h.device, tau, threshold, surrogate, width),
-                       neurons, t, m, HARD=hard, DETACH=detach_reset, KIND=SURROGATE_IDS[surrogate],
-                       BLOCK=BLOCK)
+    """dL/dx from dL/ds and the input ``x``."""
+    x = x.contiguous()
+    gx = torch.empty_like(x)
+    if x.numel():
+        c = _consts(x.dtype, x.device, tau, threshold, surrogate, width)
+        _run_integrate(x, gx, c, hard, True)
+        neurons, t, m, grid = _geometry(x)
+        _lif_bwd[grid](grad_s.contiguous(), gx, c, neurons, t, m, HARD=hard, DETACH=detach_reset,
+                       KIND=SURROGATE_IDS[surrogate], BLOCK=BLOCK)
     return gx
