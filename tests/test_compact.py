@@ -74,6 +74,17 @@ def test_spike_linear_gradients_bit_identical(kernels, bias, shape):
     assert_identical(grads_of(spike, x, grad_out), grads_of(plain, x, grad_out))
 
 
+def test_autocast_gradients_bit_identical():
+    spike, plain = SpikeConv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+    plain.load_state_dict(spike.state_dict())
+    x = spikes(3, 4, 8, 8)
+    grad_out = torch.randn(3, 6, 8, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = grads_of(spike, x, grad_out), grads_of(plain, x, grad_out)
+    assert a[0].dtype == torch.bfloat16
+    assert_identical(a, b)
+
+
 def saved(fn, x):
     """Distinct storages autograd saves while ``fn(x)`` runs: data_ptr -> bytes."""
     storages = {}

@@ -136,6 +136,17 @@ class _SpikeLinearFn(torch.autograd.Function):
         return gx, gw, gb
 
 
+def _apply_autocast(fn, x, weight, bias, *args):
+    """Run ``fn.apply`` with autocast's casts made outside it, so its backward sees the same dtypes."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return fn.apply(x, weight, bias, *args)
+    dtype = torch.get_autocast_dtype(device)
+    x, weight, bias = (None if t is None else t.to(dtype) for t in (x, weight, bias))
+    with torch.autocast(device, enabled=False):
+        return fn.apply(x, weight, bias, *args)
+
+
 def _compact_applies(layer: nn.Module, x: Tensor) -> bool:
     return layer.compact and torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64, torch.float16,
                                                                         torch.bfloat16)
@@ -151,7 +162,8 @@ class SpikeConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if not _compact_applies(self, x) or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        return _SpikeConv2dFn.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return _apply_autocast(_SpikeConv2dFn, x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                               self.groups)
 
 
 class SpikeLinear(nn.Linear):
@@ -164,7 +176,7 @@ class SpikeLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if not _compact_applies(self, x):
             return super().forward(x)
-        return _SpikeLinearFn.apply(x, self.weight, self.bias)
+        return _apply_autocast(_SpikeLinearFn, x, self.weight, self.bias)
 
 
 def spike_conv2d(*args, spikes: bool, **kw) -> nn.Conv2d:
