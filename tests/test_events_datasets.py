@@ -253,6 +253,15 @@ def test_gesture_samples_windows_and_labels(tmp_path):
     assert test[1][0].shape == (2, 2, 48, 48)
 
 
+def test_gesture_cache_follows_the_trial_lists(tmp_path):
+    root = make_gesture_root(tmp_path / "DvsGesture")
+    assert len(DVSGesture(root, train=False, T=1, cache_dir=tmp_path / "cache")) == 2
+    (root / "trials_to_train.txt").write_text("user01_fluorescent.aedat\n")
+    (root / "trials_to_test.txt").write_text("user24_led.aedat\nuser02_lab.aedat\n")
+    test = DVSGesture(root, train=False, T=1, cache_dir=tmp_path / "cache")
+    assert len(test) == 3 and test.labels.tolist() == [2, 3, 4]
+
+
 def test_gesture_uses_the_overflow_field(tmp_path):
     root = make_gesture_root(tmp_path / "DvsGesture")
     events = gesture_events(0)

@@ -1,8 +1,8 @@
 """The frame cache: event counts at sensor resolution, one memory-mappable uint16 file per split.
 
 A cache lives in ``<cache_dir>/<dataset>-<key>/``, where ``key`` hashes every framing parameter,
-the root and the name, size and modification time of every source file, so any change builds a
-new cache. It holds ``train.u16`` and ``test.u16`` (raw C-order uint16, shape in the manifest) and
+the root, each recording's split and the name, size and modification time of every source file,
+so any change builds a new cache. It holds ``train.u16`` and ``test.u16`` (raw C-order uint16, shape in the manifest) and
 ``manifest.json`` (parameters, source files, per-sample origin and label, skipped files).
 
 It is built in ``.<dataset>-<key>.tmp-<pid>/`` next to it and renamed into place (os.replace)
@@ -55,8 +55,9 @@ def _fingerprint(root: Path, recordings) -> list:
     return out
 
 
-def _cache_key(dataset: str, root: Path, params: dict, sources: list) -> str:
-    blob = json.dumps([CACHE_VERSION, dataset, str(root), params, sources], sort_keys=True)
+def _cache_key(dataset: str, root: Path, params: dict, recordings, sources: list) -> str:
+    splits = [[r.file, r.split] for r in recordings]
+    blob = json.dumps([CACHE_VERSION, dataset, str(root), params, splits, sources], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -142,7 +143,7 @@ def ensure_cache(dataset: str, root, recordings, frame_fn, params: dict, cache_d
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     root = Path(root).resolve()
     sources = _fingerprint(root, recordings)
-    key = _cache_key(dataset, root, params, sources)
+    key = _cache_key(dataset, root, params, recordings, sources)
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     directory = base / f"{dataset}-{key}"
     manifest = _read_manifest(directory)
