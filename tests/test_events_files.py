@@ -104,6 +104,7 @@ def test_aedat31_polarity_packets_overflow_and_skipping(tmp_path):
     packets = [
         aedat31_packet([(polarity_data(3, 4, 1), 10), (polarity_data(5, 6, 0), 11)]),
         aedat31_packet(special, kind=0),
+        aedat31_packet([], capacity=3),                                  # an empty polarity packet
         aedat31_packet([(polarity_data(127, 0, 1), 2**31 - 1),
                         (polarity_data(9, 9, 1, valid=0), 12),           # valid bit clear: dropped
                         (polarity_data(0, 127, 0), 3)], overflow=2, capacity=5),  # 2 unused slots

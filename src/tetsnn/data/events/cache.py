@@ -116,7 +116,7 @@ def _build(directory: Path, dataset: str, recordings, frame_fn, on_error: str, w
                 continue
             frames, samples = result
             sample_shape = list(frames.shape[1:])
-            outputs[recording.split].write(np.ascontiguousarray(frames, dtype=np.uint16).tobytes())
+            outputs[recording.split].write(np.ascontiguousarray(frames, dtype=np.uint16).data)
             splits[recording.split]["labels"] += [s["label"] for s in samples]
             splits[recording.split]["samples"] += [{"file": recording.file, **s} for s in samples]
     finally:
