@@ -99,8 +99,8 @@ def write_section(res):
     rows = "\n".join(f"| {k} | {v:,} | {res['speedup_vs'].get(k, 1.0)}x |" for k, v in res["samples_per_s"].items())
     text = (f"<!-- begin {NAME} -->\n## Training loader (`benchmarks/bench_loader.py`)\n\n"
             f"CIFAR-shaped uint8 images, pad-4 crop + flip + normalise, batch {res['batch_size']}, "
-            f"{res['samples']:,} samples per pass, median of {res['rounds']} interleaved passes on {res['device']} "
-            f"({res['cpu_threads']} threads). The last column is tetsnn's on-device loader's throughput "
+            f"{res['samples']:,} samples per pass, median of {res['rounds']} interleaved passes on {res['device']}, "
+            f"torch threads: {res['cpu_threads']}. The last column is tetsnn's on-device loader's throughput "
             f"divided by that row's.\n\n| loader | samples/s | on-device speed-up |\n|---|---|---|\n{rows}\n"
             f"<!-- end {NAME} -->")
     doc = ROOT / "docs" / "performance.md"
