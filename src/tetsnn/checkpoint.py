@@ -13,7 +13,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_state_dict", "rng_state", "set_rng_state", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -32,19 +32,32 @@ def save_checkpoint(state: dict, path) -> None:
             os.remove(tmp)
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; a clear error names a missing or bad file."""
+def _load(path, map_location="cpu"):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated file, another format, or objects that need code to load
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load checkpoint {path}: {msg}") from None
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; a clear error names a missing or bad file."""
+    ckpt = _load(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a tetsnn checkpoint (expected a dict with 'model' and 'config')")
     return ckpt
+
+
+def load_state_dict(path, map_location="cpu") -> dict:
+    """The model weights in ``path``: a tetsnn checkpoint's "model", or a bare state_dict file."""
+    ckpt = _load(path, map_location)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no model weights (expected a tetsnn checkpoint or a state_dict)")
+    return state
 
 
 def rng_state() -> dict:

@@ -44,6 +44,9 @@ DEFAULTS = {
     "workers": 4,             # DataLoader workers (ImageNet only; the other loaders live on the device)
     "device": "auto",         # auto: cuda when available, else cpu
     "sync_bn": False,
+    "init_from": None,        # start from the weights of a ReLU twin (ANN-to-SNN transfer)
+    "freeze": None,           # comma-separated glob patterns of parameter names not to train
+    "T_schedule": None,       # "2:5,4:5,6": T=2 for 5 epochs, T=4 for 5, then T=6 (static data only)
     "limit_train": 0,         # use only the first N training samples (0: all); for quick checks
     "limit_test": 0,          # use only the first N test samples (0: all)
 }
@@ -126,7 +129,7 @@ def validate(cfg: dict) -> dict:
     _check(cfg, "means", _is_num, "a number")
     for key in ("download", "sync_bn"):
         _check(cfg, key, lambda v: isinstance(v, bool), "true or false")
-    for key in ("data_dir", "cache_dir", "out", "resume"):
+    for key in ("data_dir", "cache_dir", "out", "resume", "init_from", "freeze", "T_schedule"):
         _check(cfg, key, lambda v: v is None or isinstance(v, str), "a path")
     _check(cfg, "device", lambda v: isinstance(v, str) and v.split(":")[0] in ("auto", "cpu", "cuda"),
            "auto, cpu, cuda or cuda:N")
@@ -146,7 +149,17 @@ def resolve(overrides: dict) -> dict:
                 cfg[key] = float(cfg[key])
             except ValueError:
                 pass
-    return validate(cfg)
+    validate(cfg)
+    if cfg["T_schedule"] is not None:
+        from .transfer import parse_T_schedule
+
+        if DATASETS[cfg["dataset"]]["kind"] == "events":
+            raise ConfigError(f"T_schedule needs static images; {cfg['dataset']} frames have a fixed T")
+        try:
+            cfg["T"] = parse_T_schedule(cfg["T_schedule"])[-1][0]   # the model ends at the last T
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return cfg
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,7 +168,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 STRING_KEYS = {"model", "dataset", "data_dir", "split", "cache_dir", "optimizer", "loss", "amp", "out",
-               "resume", "device"}
+               "resume", "device", "init_from", "freeze", "T_schedule"}
 
 
 def _flag_value(key):

@@ -26,6 +26,7 @@ from .distributed import all_reduce_max, all_reduce_sum, cleanup, setup
 from .evaluate import autocast, evaluate
 from .loss import sdt_loss, tet_loss
 from .models import create_model
+from .transfer import T_at_epoch, freeze, load_ann_weights, parse_T_schedule
 from .utils import seed_all
 
 __all__ = ["build_model", "build_criterion", "build_optimizer", "resolve_run_config", "fit", "main",
@@ -49,10 +50,25 @@ def build_criterion(cfg: dict):
 
 
 def build_optimizer(cfg: dict, model: nn.Module):
+    params = [p for p in model.parameters() if p.requires_grad]   # frozen ones stay out
     if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                               weight_decay=cfg["weight_decay"])
-    return torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def prepare_model(cfg: dict, model: nn.Module, say=print) -> None:
+    """ANN-to-SNN transfer (``init_from``) and freezing (``freeze``), reported through ``say``."""
+    if cfg["init_from"] and not cfg["resume"]:     # a resumed run has its own weights
+        rep = load_ann_weights(model, cfg["init_from"])
+        say(f"init-from {cfg['init_from']}: loaded {len(rep['loaded'])} tensors; "
+            f"missing keys (left as initialised): {rep['missing'] or 'none'}; "
+            f"unexpected keys (not used): {rep['unexpected'] or 'none'}")
+    if cfg["freeze"]:
+        try:
+            names = freeze(model, cfg["freeze"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        say(f"freeze {cfg['freeze']}: {len(names)} parameter tensors frozen")
 
 
 # keys that say where things are, not what is trained: a resumed run may change them
@@ -63,6 +79,8 @@ def resolve_run_config(argv) -> dict:
     """Command line -> the run's config. With --resume, the saved config, where any explicitly given
     key must agree with it, except ``epochs`` (which may extend the run) and the LOCATION_KEYS."""
     config_file, flags = parse_train_args(argv)
+    if "T" in flags and ({**(load_config(config_file) if config_file else {}), **flags}).get("T_schedule"):
+        raise ConfigError("give either --T or a T schedule (--T-schedule), not both")
     if flags.get("resume") is None:
         return resolve({**load_config(config_file or "digits"), **flags})
     run_dir = flags["resume"]
@@ -175,7 +193,10 @@ class Trainer:
         self.main = rank == 0
         seed_all(cfg["seed"])                      # the same initial weights on every rank
         self.data = build_data(cfg, device, rank, world_size)
-        model = build_model(cfg).to(device)
+        model = build_model(cfg)
+        prepare_model(cfg, model, say=print if self.main else (lambda *a: None))
+        model = model.to(device)
+        self.schedule = parse_T_schedule(cfg["T_schedule"]) if cfg["T_schedule"] else None
         if cfg["sync_bn"] and world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
@@ -218,6 +239,8 @@ class Trainer:
         """Train from ``self.step`` to the end of epoch ``self.epoch + 1``; False if stopped early."""
         loader = self.data.train
         loader.set_epoch(self.epoch + 1, start=self.step)
+        if self.schedule:
+            self.model.T = T_at_epoch(self.schedule, self.epoch + 1)
         self.ddp.train()
         t0, seconds0 = time.perf_counter(), self.partial[3]
         for x, y in loader:
@@ -256,6 +279,8 @@ class Trainer:
         self.epoch += 1
         m = dict(epoch=self.epoch, train_loss=loss_sum / max(count, 1), train_acc=correct / max(count, 1),
                  test_loss=test["loss"], test_acc=test["top1"], lr=lr, seconds=self.partial[3])
+        if self.schedule:
+            m["T"] = self.model.T
         self.history.append(m)
         self.step, self.partial = 0, [0.0, 0.0, 0.0, 0.0]
         return m
