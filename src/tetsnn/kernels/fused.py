@@ -113,16 +113,16 @@ def _integrate_kernel(hard: bool):
     def integrate(x, n, m0, w, c, out, to_h):
         # the recurrence for neurons m0 .. m0+w of sample n: spikes into out[n, t, m0 + i], or
         # (to_h) pre-reset membranes into out[t, i]
+        tau, th, zero, one = c[0], c[1], c[2], c[3]  # locals, so the loop vectorises
         u = np.zeros(w, x.dtype)
         for t in range(x.shape[1]):
+            xt = x[n, t, m0:m0 + w]
+            ot = out[t] if to_h else out[n, t, m0:m0 + w]
             for i in range(w):
-                ht = c[0] * u[i] + x[n, t, m0 + i]
-                st = c[3] if ht - c[1] > c[2] else c[2]
-                if to_h:
-                    out[t, i] = ht
-                else:
-                    out[n, t, m0 + i] = st
-                u[i] = ht * (c[3] - st) if hard else ht - c[1] * st
+                ht = tau * u[i] + xt[i]
+                st = one if ht - th > zero else zero
+                ot[i] = ht if to_h else st
+                u[i] = ht * (one - st) if hard else ht - th * st
     return integrate
 
 
@@ -149,15 +149,15 @@ def _backward_kernel(hard: bool, detach: bool, surrogate: str):
     integrate = _kernel(("integrate", hard))
 
     @numba.njit(inline="always")
-    def grad(v, c):
+    def grad(v, zero, one, width, k):
         if kind == 0:
-            a = c[4] - abs(v)
-            return (a if a > c[2] else c[2]) * c[5]
+            a = width - abs(v)
+            return (a if a > zero else zero) * k
         if kind == 1:
-            sg = c[3] / (c[3] + np.exp(-(c[4] * v)))
-            return c[4] * sg * (c[3] - sg)
-        z = c[5] * v
-        return (c[4] / (c[3] + c[3])) / (c[3] + z * z)
+            sg = one / (one + np.exp(-(width * v)))
+            return width * sg * (one - sg)
+        z = k * v
+        return (width / (one + one)) / (one + z * z)
 
     @numba.njit(parallel=True)
     def bwd(gs, x, gx, c):
@@ -168,18 +168,20 @@ def _backward_kernel(hard: bool, detach: bool, surrogate: str):
             w = min(_BLOCK, m_ - m0)
             h = np.empty((t_, w), x.dtype)
             integrate(x, n, m0, w, c, h, True)
+            tau, th, zero, one, width, k = c[0], c[1], c[2], c[3], c[4], c[5]
             gu = np.zeros(w, x.dtype)
             for t in range(t_ - 1, -1, -1):
+                ht_, gs_, gx_ = h[t], gs[n, t, m0:m0 + w], gx[n, t, m0:m0 + w]
                 for i in range(w):
-                    ht = h[t, i]
-                    v = ht - c[1]
-                    g = gs[n, t, m0 + i]
+                    ht = ht_[i]
+                    v = ht - th
+                    g = gs_[i]
                     if not detach:
-                        g = g - gu[i] * ht if hard else g - gu[i] * c[1]
-                    gh = g * grad(v, c)
-                    gh = gh + gu[i] * (c[3] - (c[3] if v > c[2] else c[2])) if hard else gh + gu[i]
-                    gx[n, t, m0 + i] = gh
-                    gu[i] = c[0] * gh
+                        g = g - gu[i] * ht if hard else g - gu[i] * th
+                    gh = g * grad(v, zero, one, width, k)
+                    gh = gh + gu[i] * (one - (one if v > zero else zero)) if hard else gh + gu[i]
+                    gx_[i] = gh
+                    gu[i] = tau * gh
     return bwd
 
 
