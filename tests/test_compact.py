@@ -22,7 +22,7 @@ def kernels(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099, 12345])
 def test_pack_roundtrip(kernels, n):
     x = spikes(n, seed=n)
     p = pack_spikes(x)

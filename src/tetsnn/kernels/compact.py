@@ -21,6 +21,7 @@ from .fused import _numba
 __all__ = ["pack_spikes", "unpack_spikes", "SpikeConv2d", "SpikeLinear", "spike_conv2d", "spike_linear"]
 
 _PACK = {}  # numba pack / unpack kernels once built
+_PACK_BLOCK = 4096  # elements per numba work item (a multiple of 64)
 
 
 def _numba_pack_kernels():
@@ -28,20 +29,26 @@ def _numba_pack_kernels():
         numba = _numba()
         if not numba:
             return None
+        import numpy as np
 
         @numba.njit(parallel=True)
         def pack(x, out):  # x: flat float array; out[j] holds x[8j .. 8j+7], x[8j] in the lowest bit
-            full = x.shape[0] // 8
-            for j in numba.prange(full):
-                b = 0
-                for k in range(8):
-                    b |= (x[8 * j + k] != 0) << k
-                out[j] = b
-            if full < out.shape[0]:
-                b = 0
-                for k in range(x.shape[0] - 8 * full):
-                    b |= (x[8 * full + k] != 0) << k
-                out[full] = b
+            blocks = x.shape[0] // _PACK_BLOCK
+            for j in numba.prange(blocks):
+                flags = np.empty(_PACK_BLOCK, np.uint8)
+                xs = x[j * _PACK_BLOCK:(j + 1) * _PACK_BLOCK]
+                for i in range(_PACK_BLOCK):
+                    flags[i] = xs[i] != 0
+                # eight 0/1 bytes -> one byte: the multiply moves byte k to bit 56 + k
+                f64 = flags.view(np.uint64)
+                o = out[j * (_PACK_BLOCK // 8):(j + 1) * (_PACK_BLOCK // 8)]
+                for i in range(_PACK_BLOCK // 8):
+                    o[i] = (f64[i] * np.uint64(0x0102040810204080)) >> np.uint64(56)
+            for i in range(blocks * _PACK_BLOCK, x.shape[0]):  # the tail, bit by bit
+                if i % 8 == 0:
+                    out[i // 8] = 0
+                if x[i] != 0:
+                    out[i // 8] |= 1 << (i % 8)
 
         @numba.njit(parallel=True)
         def unpack(p, out):
