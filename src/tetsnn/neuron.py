@@ -12,6 +12,7 @@ The reset is not detached by default, so gradients flow through ``s[t]``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Union
 
@@ -223,6 +224,7 @@ class LIF(nn.Module):
         return "fused"
 
 
+@functools.lru_cache(maxsize=None)
 def _has_triton() -> bool:
     try:
         import triton  # noqa: F401

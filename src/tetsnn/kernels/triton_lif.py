@@ -12,6 +12,8 @@ float64 inputs use float64 constants exactly as the torch ops do. On the CPU the
 from __future__ import annotations
 
 import math
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -102,7 +104,7 @@ def _geometry(x: Tensor):
 
 
 def _check_device(x: Tensor) -> None:
-    if not x.is_cuda and not triton.knobs.runtime.interpret:
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"the 'triton' LIF backend needs a CUDA tensor (got one on {x.device}) or "
                          f"TRITON_INTERPRET=1 set before tetsnn.kernels.triton_lif is imported")
 
