@@ -156,6 +156,8 @@ def test_saves_one_membrane_per_step(backend):
     fast = saved_bytes(LIF(backend=backend), x)
     assert fast == x.numel() * 4
     assert fast * 3 <= saved_bytes(LIF(backend="loop"), x)
+    half = x.detach().bfloat16().requires_grad_()  # kept as it came, integrated in float32
+    assert saved_bytes(LIF(backend=backend), half) == x.numel() * 2
 
 
 def test_custom_op_registration():

@@ -16,11 +16,12 @@ Backward, with ``sg[t] = surrogate'(h[t] - threshold)``, ``gs[t] = dL/ds[t]`` fr
     soft, detached:  gh[t] = gs[t] * sg[t] + gu[t]
     dL/dx[t] = gh[t],   gu[t-1] = tau * gh[t]
 
-The only tensor kept for backward is the input ``x`` (as float32 for half inputs): the same bytes
-as one membrane per step, and it is already in memory, so the forward writes nothing but spikes.
-Backward re-runs the forward recurrence block by block (in cache) to get ``h``, then ``s[t]`` as
-``h[t] - threshold > 0``. Each operation is the one the per-step loop's autograd performs, in the same dtype and order, so
-the results agree bit for bit wherever no fused multiply-add intervenes.
+The only tensor kept for backward is the input ``x``: the same bytes as one membrane per step
+(half as many for float16 / bfloat16 inputs, which are integrated in float32), and it is in memory
+already, so the forward writes nothing but spikes. Backward re-runs the forward recurrence block by
+block (in cache) to get ``h``, then ``s[t]`` as ``h[t] - threshold > 0``. Each operation is the one
+the per-step loop's autograd performs, in the same dtype and order, so the results agree bit for
+bit wherever no fused multiply-add intervenes.
 
 Kernels: ``"fused"`` runs a numba kernel (one pass over memory per direction, threads over
 neurons) on CPU float32/float64 and the same loop in torch ops elsewhere; ``"triton"`` runs
@@ -224,11 +225,8 @@ def _call_numba(key, *args):
 
 # --------------------------------------------------------------------------- custom ops
 
-@torch.library.custom_op("tetsnn::lif_forward", mutates_args=())
-def lif_forward(x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
-                surrogate: str, width: float, kernel: str) -> Tensor:
-    """Spikes of a float32/float64 ``[N, T, ...]`` input."""
-    hard = reset == "hard"
+def _spikes(x: Tensor, tau: float, threshold: float, hard: bool, kernel: str) -> Tensor:
+    """Spikes of a float32/float64 input, by ``kernel``."""
     if kernel == "triton":
         from . import triton_lif
         return triton_lif.forward(x, tau, threshold, hard)
@@ -240,17 +238,9 @@ def lif_forward(x: Tensor, tau: float, threshold: float, reset: str, detach_rese
     return forward_torch(x, tau, threshold, hard)[0]
 
 
-@lif_forward.register_fake
-def _(x, tau, threshold, reset, detach_reset, surrogate, width, kernel):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("tetsnn::lif_backward", mutates_args=())
-def lif_backward(grad_s: Tensor, x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
-                 surrogate: str, width: float, kernel: str) -> Tensor:
-    """dL/dx from dL/ds and the saved input ``x``."""
-    hard = reset == "hard"
-    grad_s = grad_s.contiguous()
+def _input_grad(grad_s: Tensor, x: Tensor, tau: float, threshold: float, hard: bool, detach_reset: bool,
+                surrogate: str, width: float, kernel: str) -> Tensor:
+    """dL/dx of a float32/float64 input, by ``kernel``."""
     if kernel == "triton":
         from . import triton_lif
         return triton_lif.backward(grad_s, x, tau, threshold, hard, detach_reset, surrogate, width)
@@ -262,6 +252,28 @@ def lif_backward(grad_s: Tensor, x: Tensor, tau: float, threshold: float, reset:
             return gx
     grad = _TORCH_GRADS[surrogate]
     return backward_torch(grad_s, x, tau, threshold, hard, detach_reset, lambda v: grad(v, width))
+
+
+@torch.library.custom_op("tetsnn::lif_forward", mutates_args=())
+def lif_forward(x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
+                surrogate: str, width: float, kernel: str) -> Tensor:
+    """Spikes of an ``[N, T, ...]`` input, in its dtype (half inputs are integrated in float32)."""
+    return _spikes(half_to_float(x), tau, threshold, reset == "hard", kernel).to(x.dtype)
+
+
+@lif_forward.register_fake
+def _(x, tau, threshold, reset, detach_reset, surrogate, width, kernel):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("tetsnn::lif_backward", mutates_args=())
+def lif_backward(grad_s: Tensor, x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
+                 surrogate: str, width: float, kernel: str) -> Tensor:
+    """dL/dx from dL/ds and the saved input ``x``, in x's dtype (BPTT in float32 for half inputs)."""
+    xs = half_to_float(x)
+    gs = grad_s.to(xs.dtype).contiguous()
+    gx = _input_grad(gs, xs, tau, threshold, reset == "hard", detach_reset, surrogate, width, kernel)
+    return gx.to(x.dtype)
 
 
 @lif_backward.register_fake
@@ -288,15 +300,16 @@ class FusedLIFCustom(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, tau, threshold, hard, detach_reset, fn):
-        s, _ = forward_torch(x, tau, threshold, hard)
         ctx.save_for_backward(x)
         ctx.args = (tau, threshold, hard, detach_reset, fn)
-        return s
+        return forward_torch(half_to_float(x), tau, threshold, hard)[0].to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_s):
         (x,) = ctx.saved_tensors
-        return (backward_torch(grad_s.contiguous(), x, *ctx.args),) + (None,) * 5
+        xs = half_to_float(x)
+        gx = backward_torch(grad_s.to(xs.dtype).contiguous(), xs, *ctx.args)
+        return (gx.to(x.dtype),) + (None,) * 5
 
 
 def lif_fused(x: Tensor, tau: float, threshold: float, reset: str = "hard", detach_reset: bool = False,
@@ -304,15 +317,12 @@ def lif_fused(x: Tensor, tau: float, threshold: float, reset: str = "hard", deta
     """Spikes of ``[N, T, ...]`` input ``x`` by the fused kernels (``kernel`` "fused" or "triton").
 
     ``surrogate`` is a built-in name (with its ``width``) or a callable ``v -> ds/dv`` ("fused" only).
-    float16 / bfloat16 inputs are integrated in float32; spikes come back in the input's dtype.
+    float16 / bfloat16 inputs are integrated in float32 and kept for backward as they are; spikes
+    and gradients come back in the input's dtype.
     """
-    dtype = x.dtype
-    xs = half_to_float(x)
-    if callable(surrogate):
-        if kernel != "fused":
-            raise ValueError(f"the {kernel!r} LIF backend supports the surrogates {sorted(SURROGATE_IDS)}, "
-                             f"not a callable; use backend='fused' or 'loop'")
-        s = FusedLIFCustom.apply(xs, tau, threshold, reset == "hard", detach_reset, surrogate)
-    else:
-        s = lif_forward(xs, tau, threshold, reset, detach_reset, surrogate, width, kernel)
-    return s.to(dtype)
+    if not callable(surrogate):
+        return lif_forward(x, tau, threshold, reset, detach_reset, surrogate, width, kernel)
+    if kernel != "fused":
+        raise ValueError(f"the {kernel!r} LIF backend supports the surrogates {sorted(SURROGATE_IDS)}, "
+                         f"not a callable; use backend='fused' or 'loop'")
+    return FusedLIFCustom.apply(x, tau, threshold, reset == "hard", detach_reset, surrogate)
