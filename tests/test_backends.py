@@ -136,6 +136,17 @@ def test_torch_op_fallback_matches_loop(monkeypatch):
         compare("fused", random_input((3, 5, 4, 6), torch.float32), reset=reset, surrogate="sigmoid")
 
 
+def test_kernel_failure_warns_and_falls_back(monkeypatch):
+    def broken(key):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(fused, "_NUMBA", fused._NUMBA)  # restored after the test
+    monkeypatch.setattr(fused, "_kernel", broken)
+    with pytest.warns(RuntimeWarning, match="falling back to torch ops"):
+        compare("fused", random_input((2, 4, 9), torch.float32))
+    assert not fused.numba_available()
+
+
 def saved_bytes(fn, x):
     """Bytes of the distinct storages that autograd saves while ``fn(x)`` runs."""
     storages = {}
