@@ -12,6 +12,8 @@ back into its plain parent class. Parameters and state_dict keys are those of ``
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -103,13 +105,32 @@ def _(packed, shape, dtype):
     return packed.new_empty(shape, dtype=dtype)
 
 
+_LAST = {}  # the latest packing: weak references to the tensor owning its input's memory and to the bits
+
+
+def _pack_once(x: Tensor) -> Tensor:
+    """``pack_spikes(x)``, reusing the bits of the previous call when it packed the same, unmodified
+    tensor (a block's input feeds both conv1 and the downsample)."""
+    if torch.compiler.is_compiling():
+        return pack_spikes(x)
+    key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
+    if _LAST and _LAST["key"] == key and _LAST["owner"]() is not None:
+        bits = _LAST["bits"]()
+        if bits is not None:
+            return bits
+    bits = pack_spikes(x)
+    owner = x if x._base is None else x._base  # alive => its memory cannot hold another tensor
+    _LAST.update(key=key, owner=weakref.ref(owner), bits=weakref.ref(bits))
+    return bits
+
+
 class _SpikeConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.conv = (stride, padding, dilation, groups)
         ctx.x_meta = (list(x.shape), x.dtype)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(pack_spikes(x), weight)
+        ctx.save_for_backward(_pack_once(x), weight)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -128,7 +149,7 @@ class _SpikeLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.x_meta = (list(x.shape), x.dtype)
-        ctx.save_for_backward(pack_spikes(x), weight, bias)
+        ctx.save_for_backward(_pack_once(x), weight, bias)
         return F.linear(x, weight, bias)
 
     @staticmethod
