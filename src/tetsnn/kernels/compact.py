@@ -1,7 +1,7 @@
 """Spike-fed Conv2d / Linear that keep their input for backward as packed bits (1 bit per element).
 
 A conv or linear layer saves its input for the weight gradient. When that input is spikes (exactly
-0 or 1), 32 of every 32 bits it keeps are redundant: :class:`SpikeConv2d` and :class:`SpikeLinear`
+0 or 1), 31 of every 32 bits it keeps are redundant: :class:`SpikeConv2d` and :class:`SpikeLinear`
 save ``pack_spikes(x)`` instead and rebuild ``x`` bit for bit in backward, then call the same
 gradient kernels autograd would, so every gradient is bit-identical to the plain layer's.
 
@@ -41,7 +41,7 @@ def _numba_pack_kernels():
                 xs = x[j * _PACK_BLOCK:(j + 1) * _PACK_BLOCK]
                 for i in range(_PACK_BLOCK):
                     flags[i] = xs[i] != 0
-                # eight 0/1 bytes -> one byte: the multiply moves byte k to bit 56 + k
+                # eight 0/1 bytes -> one byte: the multiply moves byte k to bit 56 + k (little-endian)
                 f64 = flags.view(np.uint64)
                 o = out[j * (_PACK_BLOCK // 8):(j + 1) * (_PACK_BLOCK // 8)]
                 for i in range(_PACK_BLOCK // 8):
