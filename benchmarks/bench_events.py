@@ -19,7 +19,6 @@ Variants are interleaved in one run. Writes benchmarks/results/bench_events.json
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import struct
@@ -34,9 +33,9 @@ from torchvision.transforms import functional as TF
 from tetsnn.data.events import (batch_transform, build_cache, read_aedat2, read_aedat31, read_gesture_labels,
                                  to_frames)
 
+from report import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "bench_events.json"
-DOC = ROOT / "docs" / "performance.md"
 SECTION = "bench_events"
 
 
@@ -261,17 +260,6 @@ def markdown(r) -> str:
     ] if b["device"] == "cpu" else []))
 
 
-def write_section(text: str) -> None:
-    begin, end = f"<!-- begin {SECTION} -->", f"<!-- end {SECTION} -->"
-    doc = DOC.read_text()
-    block = f"{begin}\n{text}\n{end}"
-    if begin in doc:
-        doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-    DOC.write_text(doc)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=10_000_000)
@@ -294,9 +282,7 @@ def main():
         }
     print(markdown(results))
     if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        write_section(markdown(results))
+        write_results(SECTION, results, markdown(results))
 
 
 if __name__ == "__main__":

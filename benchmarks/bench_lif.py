@@ -21,7 +21,6 @@ import gc
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ import torch
 
 from tetsnn import LIF, create_model, tet_loss
 from tetsnn.kernels import compact, fused
+
+from report import write_results
 
 NAME = "bench_lif"  # a CUDA run writes bench_lif_cuda (JSON and section), next to the CPU one
 ROOT = Path(__file__).resolve().parents[1]
@@ -316,12 +317,7 @@ def main(argv=None) -> int:
         result["gpu"] = device_name(device)
         result["triton_bandwidth"] = bench_triton_bandwidth(device)
         result["resnet19_bf16"] = bench_resnet(device, [64], args.rounds, dtype=torch.bfloat16)
-    out = ROOT / "benchmarks" / "results" / f"{section_name(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out)
-    write_section(result)
+    write_results(section_name(device), result, markdown(result))
     return 0
 
 
@@ -338,10 +334,8 @@ def section_name(device) -> str:
     return NAME if device.type == "cpu" else f"{NAME}_{device.type}"
 
 
-def write_section(res: dict) -> None:
-    section = section_name(torch.device(res["device"]))
-    lines = [f"<!-- begin {section} -->",
-             f"## LIF backends and the ResNet19 step (`benchmarks/bench_lif.py`, {res['device']}, "
+def markdown(res: dict) -> str:
+    lines = [f"## LIF backends and the ResNet19 step (`benchmarks/bench_lif.py`, {res['device']}, "
              f"{res['cpu_count']} CPUs, {res['torch_threads']} torch threads, torch {res['torch']})", "",
              f"{res['rounds']} interleaved rounds: each ratio is taken within a round (the variants ran back to back) "
              "and the median over rounds is quoted; the bracket gives the lowest and highest round "
@@ -398,15 +392,7 @@ def write_section(res: dict) -> None:
     elif not (ROOT / "benchmarks" / "results" / f"{NAME}_cuda.json").exists():
         lines.append("| GPU goals (Triton bandwidth >= 70% of copy; bf16 ResNet19 batch 64 <= 1.10x ANN) | "
                      "| not measured yet: run this script on a CUDA machine | |")
-    lines.append(f"<!-- end {section} -->")
-    text = "\n".join(lines)
-    doc = ROOT / "docs" / "performance.md"
-    old = doc.read_text()
-    pattern = re.compile(rf"<!-- begin {section} -->.*?<!-- end {section} -->", re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    tmp = doc.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(doc)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from torchvision import transforms as T
 
 from tetsnn.data import BatchLoader
 from tetsnn.data.static import STATIC, StaticImages
+
+from report import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bench_loader"
@@ -88,29 +89,17 @@ def main():
                   batch_size=args.batch_size, rounds=args.rounds, machine=platform.machine(),
                   samples_per_s={k: round(v) for k, v in med.items()},
                   speedup_vs={k: round(base / v, 1) for k, v in med.items() if k != "tetsnn on-device"})
-    out = ROOT / "benchmarks" / "results" / f"{NAME}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    write_section(result)
+    write_results(NAME, result, markdown(result))
 
 
-def write_section(res):
+def markdown(res) -> str:
     rows = "\n".join(f"| {k} | {v:,} | {res['speedup_vs'].get(k, 1.0)}x |" for k, v in res["samples_per_s"].items())
-    text = (f"<!-- begin {NAME} -->\n## Training loader (`benchmarks/bench_loader.py`)\n\n"
+    return (f"## Training loader (`benchmarks/bench_loader.py`)\n\n"
             f"CIFAR-shaped uint8 images, pad-4 crop + flip + normalise, batch {res['batch_size']}, "
             f"{res['samples']:,} samples per pass, median of {res['rounds']} interleaved passes on {res['device']}, "
             f"torch threads: {res['cpu_threads']}. The last column is tetsnn's on-device loader's throughput "
-            f"divided by that row's.\n\n| loader | samples/s | on-device speed-up |\n|---|---|---|\n{rows}\n"
-            f"<!-- end {NAME} -->")
-    doc = ROOT / "docs" / "performance.md"
-    old = doc.read_text()
-    pattern = re.compile(rf"<!-- begin {NAME} -->.*?<!-- end {NAME} -->", re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    tmp = doc.with_suffix(".md.tmp")
-    tmp.write_text(new)
-    tmp.replace(doc)
-
+            f"divided by that row's.\n\n| loader | samples/s | on-device speed-up |\n|---|---|---|\n{rows}")
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@ from torch import nn
 
 import tetsnn
 from tetsnn import LIF, Layer, SeqToANNContainer, create_model
-from tetsnn.kernels import compact, fused
+from tetsnn.kernels import compact
 from tetsnn.kernels.compact import SpikeConv2d, SpikeLinear, pack_spikes, unpack_spikes
 
 

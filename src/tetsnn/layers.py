@@ -20,7 +20,7 @@ def add_time_dim(x: torch.Tensor, T: int) -> torch.Tensor:
     """Repeat a static batch ``[N, ...]`` T times along a new dim 1: ``[N, T, ...]`` (a new tensor)."""
     check_T(T)
     if x.dim() < 1:
-        raise ValueError(f"add_time_dim expects a batch [N, ...], got a scalar")
+        raise ValueError("add_time_dim expects a batch [N, ...], got a scalar")
     return x.unsqueeze(1).repeat(1, T, *([1] * (x.dim() - 1)))
 
 

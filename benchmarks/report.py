@@ -1,0 +1,31 @@
+"""Where benchmark results go: ``benchmarks/results/NAME.json`` and the ``NAME`` section of
+docs/performance.md (between ``<!-- begin NAME -->`` and ``<!-- end NAME -->``), both written to a
+temporary name and renamed, so an interrupted benchmark leaves the old files whole."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "performance.md"
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_results(name: str, result: dict, markdown: str) -> None:
+    """Save ``result`` as JSON and put ``markdown`` in its own section of docs/performance.md."""
+    out = ROOT / "benchmarks" / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _replace(out, json.dumps(result, indent=2) + "\n")
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    doc = DOC.read_text()
+    if begin in doc and end in doc:
+        doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    _replace(DOC, doc)
