@@ -11,7 +11,7 @@ PRESETS = {"digits", "cifar10_resnet19", "cifar100_resnet19", "cifar10dvs_vggsnn
 
 def test_every_preset_resolves():
     assert PRESETS <= set(list_presets())
-    table = {  # the spec's preset table: model, T, batch, optimizer, epochs, lambda
+    table = {  # the TET recipes' preset table: model, T, batch, optimizer, epochs, lambda
         "digits": ("digits_snn", 4, 64, "adam", 15, 1e-3),
         "cifar10_resnet19": ("resnet19", 4, 128, "adam", 200, 1e-3),
         "cifar100_resnet19": ("resnet19", 4, 128, "adam", 200, 1e-3),

@@ -1,6 +1,6 @@
 """Firing rates, synaptic operations (SOPs) and energy of a spiking model.
 
-The counting follows the spec's energy conventions:
+The counting follows tetsnn's energy conventions (those of SNN papers, made exact):
 
 - A Conv/Linear layer is *spike-driven* when its input carries spikes: the output of a LIF/IF
   layer, or what shape changes, pooling, and sums or products of spike tensors make from it
