@@ -13,6 +13,8 @@ import random
 import numpy as np
 import torch
 
+from .utils import atomic_path
+
 __all__ = ["save_checkpoint", "load_checkpoint", "load_state_dict", "rng_state", "set_rng_state", "CheckpointError"]
 
 
@@ -22,14 +24,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(state: dict, path) -> None:
     """Write ``state`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _load(path, map_location="cpu"):

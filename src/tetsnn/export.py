@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import itertools
 import operator
-import os
-import tempfile
 from typing import Dict, List, Sequence, Tuple
 
 import nir
@@ -37,6 +35,7 @@ from torch import nn
 
 from .layers import SeqToANNContainer
 from .neuron import LIF
+from .utils import atomic_path
 
 __all__ = ["export_nir", "to_nir"]
 
@@ -267,14 +266,6 @@ def export_nir(model: nn.Module, path, input_shape: Sequence[int]) -> nir.NIRGra
     ``input_shape`` is the shape of one sample at one time step, ``(C, H, W)``.
     """
     graph = to_nir(model, input_shape)
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".nir.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         nir.write(tmp, graph)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return graph

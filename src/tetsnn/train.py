@@ -27,7 +27,7 @@ from .evaluate import autocast, evaluate
 from .loss import sdt_loss, tet_loss
 from .models import create_model
 from .transfer import T_at_epoch, freeze, load_ann_weights, parse_T_schedule
-from .utils import seed_all
+from .utils import atomic_path, seed_all
 
 __all__ = ["build_model", "build_criterion", "build_optimizer", "resolve_run_config", "fit", "main",
            "NonFiniteLoss"]
@@ -120,10 +120,8 @@ class StopRequest:
 
 
 def _write_text(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _fresh_run_dir(cfg) -> str:
@@ -174,10 +172,9 @@ class RunFiles:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        tmp = self.path(f"curves.png.tmp{os.getpid()}")
-        fig.savefig(tmp, format="png", dpi=80)
+        with atomic_path(self.path("curves.png")) as tmp:
+            fig.savefig(tmp, format="png", dpi=80)
         plt.close(fig)
-        os.replace(tmp, self.path("curves.png"))
 
     def close(self):
         self.tb.close()

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
 import numpy as np
 import torch
 
-__all__ = ["seed_all"]
+__all__ = ["seed_all", "atomic_path"]
 
 
 def seed_all(seed: int) -> None:
@@ -16,3 +17,19 @@ def seed_all(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name next to ``path`` to write to; on success it is renamed to ``path``,
+    on failure removed, so ``path`` is never left half-written. The extension is kept (for writers
+    that choose a format by it)."""
+    path = os.fspath(path)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,9 +1,9 @@
 """Figures of a ``profile`` result: firing rate per layer, and a spike raster of one sample."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from ..utils import atomic_path
 
 __all__ = ["plot_profile"]
 
@@ -45,13 +45,8 @@ def plot_profile(result: dict, path, per_layer: int = 64) -> None:
     ax_raster.set_xlabel("time step")
     ax_raster.set_title(f"spike raster of one sample (up to {per_layer} neurons per layer)")
     fig.tight_layout()
-    path = os.fspath(path)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
