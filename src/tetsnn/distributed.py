@@ -4,12 +4,13 @@ NCCL on GPUs, gloo on the CPU. Without torchrun everything runs in one process (
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["setup", "cleanup", "is_distributed", "all_reduce_sum", "all_reduce_max"]
+__all__ = ["setup", "cleanup", "is_distributed", "main_process_first", "all_reduce_sum", "all_reduce_max"]
 
 
 def setup(device: str = "auto"):
@@ -31,6 +32,18 @@ def setup(device: str = "auto"):
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first (a download, an event-frame cache build); the other ranks wait
+    for it and then run the block themselves, finding the work done."""
+    first = not is_distributed() or dist.get_rank() == 0
+    if not first:
+        dist.barrier()
+    yield
+    if first and is_distributed():
+        dist.barrier()
 
 
 def cleanup():

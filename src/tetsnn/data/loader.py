@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import DATASETS
+from ..distributed import main_process_first
 from .static import DataError, StaticImages, imagenet_folders, load_cifar, load_digits
 
 __all__ = ["BatchLoader", "FolderLoader", "EventFrames", "Data", "build_data", "batch_seed"]
@@ -169,7 +170,8 @@ def build_data(cfg: dict, device="cpu", rank: int = 0, world_size: int = 1, trai
         train_loader = FolderLoader(train_set, bs, workers=cfg["workers"], train=True, **common) if train else None
         test = FolderLoader(test_set, bs, workers=cfg["workers"], train=False, **common)
         return Data(train_loader, test, cfg["num_classes"], info)
-    train_fetch, test_fetch, info = _splits(cfg, device, with_train=train)
+    with main_process_first():     # one rank downloads or builds the cache, the others reuse it
+        train_fetch, test_fetch, info = _splits(cfg, device, with_train=train)
     n_test = _limit(len(test_fetch), cfg["limit_test"])
     n_train = _limit(len(train_fetch), cfg["limit_train"]) if train else 0
     info.update(train_used=n_train, test_used=n_test)
