@@ -1,0 +1,26 @@
+"""The README's promises: a two-command quick start, and a library example that runs as written."""
+import re
+from pathlib import Path
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def fenced_blocks(text, lang):
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, re.S | re.M)
+
+
+def test_quick_start_has_exactly_two_commands():
+    section = README.split("## Quick start", 1)[1]
+    block = fenced_blocks(section, "")[0]
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert len(lines) == 2
+    assert lines[0].endswith("tetsnn train") and "pytest" in lines[1]
+
+
+def test_library_example_runs():
+    code = fenced_blocks(README, "python")[0]
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["out"].shape == (8, 4, 10)
+    assert scope["pred"].shape == (8,)
+    assert all(p.grad is not None for p in scope["model"].parameters())
