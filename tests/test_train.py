@@ -148,3 +148,14 @@ def test_torchrun_two_processes_and_sigterm_on_one_rank(tmp_path):
     res = run_cli("test", "--checkpoint", out / "best.pt", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["top1"] == pytest.approx(max(m["test_acc"] for m in metrics), abs=1e-12)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_runs(tmp_path, amp):
+    out = tmp_path / amp
+    assert main(QUICK + ["--epochs", "1", "--amp", amp, "--out", str(out)]) == 0
+    m = read_metrics(out)[0]
+    assert torch.isfinite(torch.tensor(m["train_loss"])) and 0 <= m["train_acc"] <= 1
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["config"]["amp"] == amp
+    assert ("scale" in ckpt["scaler"]) == (amp == "fp16")   # only fp16 uses a gradient scaler
