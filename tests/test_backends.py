@@ -9,6 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import tetsnn  # noqa: E402
 from tetsnn import IF, LIF  # noqa: E402
 from tetsnn.kernels import fused  # noqa: E402
 
@@ -178,3 +179,22 @@ def test_custom_op_registration():
     torch.library.opcheck(torch.ops.tetsnn.lif_forward.default,
                           (x, 0.5, 1.0, "hard", False, "zif", 1.0, "fused"),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_input(backend):
+    """A non-contiguous input (a permuted or channels_last tensor) gives the loop's results."""
+    x = random_input((3, 4, 5, 6), torch.float32, ties=False, seed=5).permute(0, 1, 3, 2)
+    assert not x.is_contiguous()
+    compare(backend, x)
+
+
+def test_channels_last_model_gradients_match_loop():
+    grads = {}
+    for backend in ("fused", "loop"):
+        torch.manual_seed(0)
+        m = tetsnn.create_model("digits_snn", backend=backend).to(memory_format=torch.channels_last)
+        x = torch.rand(4, 1, 8, 8) * 3
+        tetsnn.tet_loss(m(x), torch.tensor([0, 1, 2, 3])).backward()
+        grads[backend] = m.features[0].fwd.module[0].weight.grad
+    torch.testing.assert_close(grads["fused"], grads["loop"], rtol=1e-5, atol=1e-6)

@@ -245,7 +245,7 @@ def _input_grad(grad_s: Tensor, x: Tensor, tau: float, threshold: float, hard: b
         from . import triton_lif
         return triton_lif.backward(grad_s, x, tau, threshold, hard, detach_reset, surrogate, width)
     if _use_numba(x):
-        gx = torch.empty_like(x)
+        gx = torch.empty(x.shape, dtype=x.dtype)
         c = _consts(x.dtype, tau, threshold, surrogate, width)
         args = (_as3d(grad_s).numpy(), _as3d(x).numpy(), _as3d(gx).numpy(), c)
         if _call_numba(("bwd", hard, detach_reset, surrogate), *args):
@@ -258,19 +258,20 @@ def _input_grad(grad_s: Tensor, x: Tensor, tau: float, threshold: float, hard: b
 def lif_forward(x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
                 surrogate: str, width: float, kernel: str) -> Tensor:
     """Spikes of an ``[N, T, ...]`` input, in its dtype (half inputs are integrated in float32)."""
-    return _spikes(half_to_float(x), tau, threshold, reset == "hard", kernel).to(x.dtype)
+    # the kernels work on a contiguous copy of a strided input (channels_last, a time slice, ...)
+    return _spikes(half_to_float(x).contiguous(), tau, threshold, reset == "hard", kernel).to(x.dtype)
 
 
 @lif_forward.register_fake
 def _(x, tau, threshold, reset, detach_reset, surrogate, width, kernel):
-    return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)   # contiguous, as the kernels return
 
 
 @torch.library.custom_op("tetsnn::lif_backward", mutates_args=())
 def lif_backward(grad_s: Tensor, x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
                  surrogate: str, width: float, kernel: str) -> Tensor:
     """dL/dx from dL/ds and the saved input ``x``, in x's dtype (BPTT in float32 for half inputs)."""
-    xs = half_to_float(x)
+    xs = half_to_float(x).contiguous()
     gs = grad_s.to(xs.dtype).contiguous()
     gx = _input_grad(gs, xs, tau, threshold, reset == "hard", detach_reset, surrogate, width, kernel)
     return gx.to(x.dtype)
@@ -278,7 +279,7 @@ def lif_backward(grad_s: Tensor, x: Tensor, tau: float, threshold: float, reset:
 
 @lif_backward.register_fake
 def _(grad_s, x, tau, threshold, reset, detach_reset, surrogate, width, kernel):
-    return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)   # contiguous, as the kernels return
 
 
 def _setup_context(ctx, inputs, output):
