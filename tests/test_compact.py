@@ -201,3 +201,17 @@ def test_torch_compile_matches_eager():
     compiled = step(torch.compile(model, fullgraph=True))
     for u, v in zip(eager, compiled):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_conv_gradients_bit_identical():
+    torch.manual_seed(0)
+    compact_conv = SpikeConv2d(4, 5, 3, padding=1)
+    plain = nn.Conv2d(4, 5, 3, padding=1)
+    plain.load_state_dict(compact_conv.state_dict())
+    x = (torch.rand(6, 4, 7, 7) > 0.5).float().to(memory_format=torch.channels_last)
+    g = torch.randn(6, 5, 7, 7)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    compact_conv(xa).backward(g)
+    plain(xb).backward(g)
+    assert torch.equal(xa.grad, xb.grad)
+    assert torch.equal(compact_conv.weight.grad, plain.weight.grad)

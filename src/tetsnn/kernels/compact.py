@@ -129,6 +129,7 @@ class _SpikeConv2dFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         ctx.conv = (stride, padding, dilation, groups)
         ctx.x_meta = (list(x.shape), x.dtype)
+        ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(_pack_once(x), weight)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -137,6 +138,8 @@ class _SpikeConv2dFn(torch.autograd.Function):
     def backward(ctx, grad):
         packed, weight = ctx.saved_tensors
         x = unpack_spikes(packed, *ctx.x_meta)
+        if ctx.channels_last:   # the layout the plain convolution's backward would see
+            x = x.contiguous(memory_format=torch.channels_last)
         stride, padding, dilation, groups = ctx.conv
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(
