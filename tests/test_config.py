@@ -1,5 +1,6 @@
 """Configuration: presets, flag overrides and one-line errors that write nothing."""
 import pytest
+import torch
 import yaml
 
 from tetsnn.config import DEFAULTS, ConfigError, list_presets, load_config, resolve
@@ -44,6 +45,8 @@ def test_flags_override_keys_with_dashes():
     (["--no-such-flag", "1"], ["--no-such-flag"]),
     (["--config", "missing.yaml"], ["missing.yaml"]),
     (["--sync-bn", "--device", "cpu"], ["sync-bn", "CUDA"]),
+    (["--model-kw", "{taux: 1}"], ["model_kw", "taux"]),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], ["device"]),
 ])
 def test_bad_config_is_one_line_error_and_writes_nothing(tmp_path, capsys, argv, words):
     out = tmp_path / "run"

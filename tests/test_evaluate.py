@@ -74,3 +74,9 @@ def test_cli_test_json(tmp_path, capsys):
     assert cli_main(["test", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     err = capsys.readouterr().err
     assert "nope.pt" in err and len(err.strip().splitlines()) == 1
+    ckpt = torch.load(out / "last.pt", weights_only=True)      # weights of another shape: one line too
+    ckpt["config"]["num_classes"] = 5
+    torch.save(ckpt, tmp_path / "other.pt")
+    assert cli_main(["test", "--checkpoint", str(tmp_path / "other.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "other.pt" in err and "do not fit" in err and len(err.strip().splitlines()) == 1

@@ -1,6 +1,7 @@
 """The training engine end to end on the digits: run directory, resume exactness after a real
 SIGTERM, a non-finite loss, and DDP with two CPU processes under torchrun."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -89,7 +90,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch):
 
     monkeypatch.undo()
     assert main(["--resume", str(part), "--lr", "0.5"]) == 2     # contradicts the saved config
-    assert main(["--resume", str(part), "--seed", "7", "--device", "cpu"]) == 0   # agreeing or location flags
+    assert main(["--resume", str(part), "--seed", "7", "--lr", "1e-3", "--device", "cpu"]) == 0   # agreeing or location flags
     a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(part / "last.pt")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
@@ -99,7 +100,10 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch):
     assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(part))
 
     assert main(["--resume", str(part), "--epochs", "3"]) == 0   # --epochs may extend the run
-    assert [m["epoch"] for m in read_metrics(part)] == [1, 2, 3]
+    metrics = read_metrics(part)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    # the extension continues on the cosine of the longer run: lr(epoch 3) = lr0 (1 + cos(2 pi / 3)) / 2
+    assert metrics[2]["lr"] == pytest.approx(1e-3 * (1 + math.cos(2 * math.pi / 3)) / 2, rel=1e-9)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):

@@ -10,6 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 __all__ = ["setup", "cleanup", "is_distributed", "main_process_first", "all_reduce_sum", "all_reduce_max"]
 
 
@@ -21,7 +23,7 @@ def setup(device: str = "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available")
+            raise ConfigError(f"bad value for device: {device!r} (CUDA is not available on this machine)")
         if device == "cuda":
             device = f"cuda:{local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(device)

@@ -76,19 +76,14 @@ def _parser():
 
 def run_test(args) -> dict:
     """Evaluate ``args.checkpoint`` on the test set of its run's config."""
-    from .checkpoint import load_checkpoint
-    from .config import resolve
     from .data import build_data
     from .distributed import setup
-    from .train import build_model
+    from .train import load_trained_model
 
-    ckpt = load_checkpoint(args.checkpoint)
-    overrides = {k: v for k, v in dict(data_dir=args.data_dir, batch_size=args.batch_size,
-                                       device=args.device).items() if v is not None}
-    cfg = resolve({**ckpt["config"], **overrides, "download": False})
+    cfg, model, ckpt = load_trained_model(
+        args.checkpoint, dict(data_dir=args.data_dir, batch_size=args.batch_size, device=args.device))
     _, _, device = setup(cfg["device"])
-    model = build_model(cfg).to(device)
-    model.load_state_dict(ckpt["model"])
+    model = model.to(device)
     data = build_data(cfg, device, train=False)
     res = evaluate(model, data.test, amp=cfg["amp"])
     return dict(top1=res["top1"], top5=res["top5"], per_step_top1=res["per_step_top1"], count=res["count"],

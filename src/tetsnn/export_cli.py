@@ -44,14 +44,14 @@ def _args(argv):
 
 
 def main(argv=None) -> int:
-    from .analysis.cli import load_trained_model
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .export import export_nir
+    from .train import load_trained_model
 
     try:
         args = _args(list(sys.argv[1:] if argv is None else argv))
-        cfg, model = load_trained_model(args.checkpoint)
+        cfg, model, _ = load_trained_model(args.checkpoint)
         shape = _shape(args.input_shape) if args.input_shape else INPUT_SHAPES[cfg["dataset"]]
         graph = export_nir(model, args.out, shape)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:

@@ -10,6 +10,7 @@ with status 0; ``--resume DIR`` continues from exactly that step.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -39,7 +40,25 @@ class NonFiniteLoss(RuntimeError):
 
 def build_model(cfg: dict) -> nn.Module:
     """The model a config describes (its weights are freshly initialised)."""
-    return create_model(cfg["model"], num_classes=cfg["num_classes"], T=cfg["T"], **cfg["model_kw"])
+    try:
+        return create_model(cfg["model"], num_classes=cfg["num_classes"], T=cfg["T"], **cfg["model_kw"])
+    except (TypeError, ValueError) as e:   # e.g. a misspelt neuron argument in model_kw
+        raise ConfigError(f"bad model_kw {cfg['model_kw']!r} for model {cfg['model']!r}: {e}") from None
+
+
+def load_trained_model(checkpoint, overrides: dict = None, device="cpu"):
+    """``(config, model, checkpoint dict)`` of a ``tetsnn train`` checkpoint, the model in eval mode on
+    ``device``. ``overrides`` replace config keys (None values are ignored), e.g. ``data_dir``."""
+    ckpt = load_checkpoint(checkpoint)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg = resolve({**ckpt["config"], **given, "download": False})
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint}: weights do not fit model {cfg['model']!r}: "
+                              f"{str(e).splitlines()[0]}") from None
+    return cfg, model.to(device).eval(), ckpt
 
 
 def build_criterion(cfg: dict):
@@ -86,10 +105,14 @@ def resolve_run_config(argv) -> dict:
     run_dir = flags["resume"]
     saved = load_checkpoint(os.path.join(run_dir, "last.pt"))["config"]
     given = {**(load_config(config_file) if config_file else {}), **flags}
+    free = {k for k, v in given.items() if k in ("resume", "epochs") + LOCATION_KEYS
+            or (k == "out" and os.path.abspath(v) == os.path.abspath(run_dir))}
+    # compare values as the run reads them (a flag "1e-3" is the saved 0.001)
+    wanted = resolve({**saved, **{k: v for k, v in given.items() if k not in free}, "resume": None})
     for key, value in given.items():
-        if key in ("resume", "epochs") + LOCATION_KEYS or (key == "out" and os.path.abspath(value) == os.path.abspath(run_dir)):
+        if key in free:
             continue
-        if key not in saved or value != saved[key]:
+        if key not in saved or wanted[key] != saved[key]:
             flag = "--" + key.replace("_", "-")
             raise ConfigError(f"{flag} {value} contradicts the resumed run's {key}: {saved.get(key)!r}")
     moved = {k: given[k] for k in LOCATION_KEYS if k in given}
@@ -219,7 +242,10 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scheduler.T_max = self.cfg["epochs"]    # --epochs may extend the run
+        if self.scheduler.T_max != self.cfg["epochs"]:   # --epochs extends the run: the longer cosine
+            self.scheduler.T_max = self.cfg["epochs"]
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * (1 + math.cos(math.pi * ckpt["epoch"] / self.cfg["epochs"])) / 2
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step, self.history, self.best = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"]
         # the saved partial sums are already summed over ranks: rank 0 carries them
@@ -301,7 +327,7 @@ def fit(cfg: dict) -> dict:
     try:
         trainer = Trainer(cfg, rank, world, device)
         if cfg["resume"]:
-            trainer.load(load_checkpoint(os.path.join(cfg["resume"], "last.pt"), map_location=device))
+            trainer.load(load_checkpoint(os.path.join(cfg["resume"], "last.pt")))   # load_state_dict moves it
             out = cfg["resume"]
         else:
             out = cfg["out"] or _fresh_run_dir(cfg)

@@ -11,25 +11,7 @@ import sys
 
 import torch
 
-__all__ = ["load_trained_model", "make_parser", "main"]
-
-
-def load_trained_model(checkpoint, device="cpu", **overrides):
-    """The config and the trained model (in eval mode, on ``device``) of a ``tetsnn train`` checkpoint.
-    ``overrides`` replace config keys (e.g. ``data_dir``)."""
-    from ..checkpoint import CheckpointError, load_checkpoint
-    from ..config import resolve
-    from ..train import build_model
-
-    ckpt = load_checkpoint(checkpoint)
-    cfg = resolve({**ckpt["config"], **{k: v for k, v in overrides.items() if v is not None}, "download": False})
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint}: weights do not fit model {cfg['model']!r}: "
-                              f"{str(e).splitlines()[0]}") from None
-    return cfg, model.to(device).eval()
+__all__ = ["make_parser", "main"]
 
 
 def make_parser(prog, description):
@@ -62,10 +44,12 @@ def _args(argv):
 
 def run_profile(args) -> dict:
     from ..data import build_data
+    from ..train import load_trained_model
     from . import profile
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, model = load_trained_model(args.checkpoint, device, data_dir=args.data_dir, batch_size=args.batch_size)
+    cfg, model, _ = load_trained_model(args.checkpoint, dict(data_dir=args.data_dir, batch_size=args.batch_size),
+                                       device)
     data = build_data(cfg, device, train=False)
     batches = (x for x, _ in itertools.islice(iter(data.test), args.batches))
     return profile(model, batches, T=cfg["T"], mac_pj=args.mac_pj, ac_pj=args.ac_pj, raster=args.plot is not None)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import DATASETS
+from ..config import DATASETS, ConfigError
 from ..distributed import main_process_first
 from .static import DataError, StaticImages, imagenet_folders, load_cifar, load_digits
 
@@ -157,7 +157,7 @@ def build_data(cfg: dict, device="cpu", rank: int = 0, world_size: int = 1, trai
     ``batch_size`` is global: each of the ``world_size`` ranks gets ``batch_size // world_size``.
     With ``train=False`` only the test set is loaded (``Data.train`` is None)."""
     if cfg["batch_size"] % world_size:
-        raise ValueError(f"batch_size {cfg['batch_size']} is not divisible by the {world_size} processes")
+        raise ConfigError(f"bad value for batch_size: {cfg['batch_size']} (not divisible by the {world_size} processes)")
     bs = cfg["batch_size"] // world_size
     common = dict(seed=cfg["seed"], rank=rank, world_size=world_size, device=device)
     if DATASETS[cfg["dataset"]]["kind"] == "folder":
