@@ -37,14 +37,12 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-from ..neuron import atan_grad, sigmoid_grad, zif_grad
+from ..neuron import SURROGATES
 
 __all__ = ["lif_fused", "FusedLIFCustom", "forward_torch", "backward_torch", "SURROGATE_IDS",
            "numba_available"]
 
 SURROGATE_IDS = {"zif": 0, "sigmoid": 1, "atan": 2}
-_TORCH_GRADS = {"zif": zif_grad, "sigmoid": sigmoid_grad, "atan": atan_grad}
-
 
 def half_to_float(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -250,7 +248,7 @@ def _input_grad(grad_s: Tensor, x: Tensor, tau: float, threshold: float, hard: b
         args = (_as3d(grad_s).numpy(), _as3d(x).numpy(), _as3d(gx).numpy(), c)
         if _call_numba(("bwd", hard, detach_reset, surrogate), *args):
             return gx
-    grad = _TORCH_GRADS[surrogate]
+    grad = SURROGATES[surrogate][1]          # the built-in ds/dv of that name
     return backward_torch(grad_s, x, tau, threshold, hard, detach_reset, lambda v: grad(v, width))
 
 
