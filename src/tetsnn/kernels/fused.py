@@ -44,6 +44,7 @@ __all__ = ["lif_fused", "FusedLIFCustom", "forward_torch", "backward_torch", "SU
 
 SURROGATE_IDS = {"zif": 0, "sigmoid": 1, "atan": 2}
 
+
 def half_to_float(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
