@@ -11,7 +11,7 @@ import torch
 import tetsnn.data
 from tetsnn.data.events import CIFAR10DVS, DVSGesture, batch_transform, load_frames
 from tetsnn.data.events import datasets as events_datasets
-from tetsnn.data.events.cli import main as preprocess_main
+from tetsnn.engine.preprocess_cli import main as preprocess_main
 from test_events_files import aedat2_bytes, aedat31_bytes, aedat31_packet, polarity_data
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

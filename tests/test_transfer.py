@@ -8,7 +8,8 @@ import tetsnn
 import tetsnn.train as train_mod
 from tetsnn.checkpoint import CheckpointError, load_checkpoint
 from tetsnn.train import main
-from tetsnn.transfer import T_at_epoch, freeze, load_ann_weights, parse_T_schedule
+from tetsnn.engine.config import T_at_epoch, parse_T_schedule
+from tetsnn.engine.transfer import freeze, load_ann_weights
 
 from conftest import QUICK
 

@@ -1,4 +1,6 @@
 """tetsnn: spiking neural networks trained with Temporal Efficient Training (TET, ICLR 2022)."""
+import sys
+
 from .neuron import (IF, LIF, AtanSpike, CustomSpike, ReLUNeuron, SigmoidSpike, ZIF, atan_grad, atan_spike,
                      make_neuron, sigmoid_grad, sigmoid_spike, zif, zif_grad)
 from .layers import Layer, SeqToANNContainer, add_time_dim, to_batch_first, to_time_first
@@ -7,11 +9,19 @@ from .models import create_model, list_models, register_model
 from .utils import seed_all
 from .export import export_nir, to_nir
 from . import analysis  # tetsnn.analysis.profile
-from .checkpoint import load_checkpoint
-from .config import load_config
-from .data import build_data
-from .evaluate import evaluate
-from .train import build_model
+from . import data, engine
+from .engine import checkpoint, config, distributed, evaluate as _evaluate_module, train
+from .engine.checkpoint import build_model, load_checkpoint
+from .engine.config import load_config
+from .engine.data import build_data
+from .engine.evaluate import evaluate
+
+# The engine's modules keep their short names (``tetsnn.train``, ``import tetsnn.config``, ...):
+# each is the same module object as its ``tetsnn.engine`` counterpart.
+for _module in (checkpoint, config, distributed, _evaluate_module, train):
+    sys.modules[f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}"] = _module
+data.build_data = build_data
+del _module, _evaluate_module
 
 __version__ = "0.1.0"
 

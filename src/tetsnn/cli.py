@@ -10,11 +10,11 @@ import sys
 
 # name -> (module, one-line description)
 SUBCOMMANDS = {
-    "train": ("tetsnn.train", "train a spiking network (default: TET on the bundled digits)"),
-    "test": ("tetsnn.evaluate", "evaluate a checkpoint: top-1, top-5 and top-1 per number of steps"),
-    "preprocess": ("tetsnn.data.events.cli", "frame an event dataset's recordings into the training cache"),
-    "profile": ("tetsnn.analysis.cli", "firing rates, synaptic operations and energy of a checkpoint"),
-    "export": ("tetsnn.export_cli", "write a checkpoint's model as a NIR graph"),
+    "train": ("tetsnn.engine.train", "train a spiking network (default: TET on the bundled digits)"),
+    "test": ("tetsnn.engine.evaluate", "evaluate a checkpoint: top-1, top-5 and top-1 per number of steps"),
+    "preprocess": ("tetsnn.engine.preprocess_cli", "frame an event dataset's recordings into the training cache"),
+    "profile": ("tetsnn.engine.profile_cli", "firing rates, synaptic operations and energy of a checkpoint"),
+    "export": ("tetsnn.engine.export_cli", "write a checkpoint's model as a NIR graph"),
 }
 
 

@@ -1,9 +1,9 @@
-"""Datasets: static images (``static``) and event-camera recordings (``events``).
-
-``build_data(cfg, device, rank, world_size)`` gives the training and test batch iterators of a run.
+"""Datasets: static images (``static``) and event-camera recordings (``events``), and the batch
+iterators over them (``loader``). ``tetsnn.data.build_data`` (a run's loaders from its config) is the
+training engine's ``tetsnn.engine.data.build_data``.
 """
-from .loader import BatchLoader, Data, build_data
+from .loader import BatchLoader
 from .static import DataError
 from .events import CIFAR10DVS, DVSGesture
 
-__all__ = ["BatchLoader", "Data", "DataError", "build_data", "CIFAR10DVS", "DVSGesture"]
+__all__ = ["BatchLoader", "DataError", "CIFAR10DVS", "DVSGesture"]

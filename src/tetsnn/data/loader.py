@@ -9,18 +9,13 @@ so a run resumed at any step sees exactly the batches an uninterrupted run would
 from __future__ import annotations
 
 import math
-import os
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import DATASETS, ConfigError
-from ..distributed import main_process_first
-from .static import DataError, StaticImages, imagenet_folders, load_cifar, load_digits
-
-__all__ = ["BatchLoader", "FolderLoader", "EventFrames", "Data", "build_data", "batch_seed"]
+__all__ = ["BatchLoader", "FolderLoader", "EventFrames", "batch_seed"]
 
 # event datasets: input size after pooling and the training augmentation of tetsnn's presets
 EVENTS = {"cifar10-dvs": dict(size=48, flip=True, roll=5), "dvs-gesture": dict(size=48, flip=False, roll=5)}
@@ -103,78 +98,3 @@ class EventFrames:
         x = batch_transform(x, size=self.spec["size"], norm="max", flip=train and self.spec["flip"],
                             roll=self.spec["roll"] if train else 0, generator=generator)
         return x, self.labels[idx].to(self.device)
-
-
-class Data(NamedTuple):
-    train: BatchLoader
-    test: BatchLoader
-    num_classes: int
-    info: dict       # what the run records about its data (sizes, split)
-
-
-def _limit(n, limit):
-    return n if not limit else min(n, limit)
-
-
-def _data_dir(cfg):
-    if cfg["data_dir"] is not None:
-        return os.path.expanduser(cfg["data_dir"])
-    if cfg["dataset"] in ("cifar10", "cifar100"):
-        return os.path.join("data", cfg["dataset"])
-    raise DataError(f"{cfg['dataset']} needs --data-dir (the folder holding its files)")
-
-
-def _splits(cfg, device, with_train=True):
-    """(train fetch or None, test fetch, info) for the config's dataset."""
-    name = cfg["dataset"]
-    kind = DATASETS[name]["kind"]
-    if name == "digits":
-        xtr, ytr, xte, yte, info = load_digits()
-    elif kind == "static":  # CIFAR10/100
-        root = _data_dir(cfg)
-        xte, yte = load_cifar(name, root, train=False, download=cfg["download"])
-        xtr, ytr = load_cifar(name, root, train=True, download=False) if with_train else ([], [])
-        info = dict(root=root, train_size=len(ytr), test_size=len(yte))
-    elif kind == "events":
-        from .events import load_frames
-
-        root = _data_dir(cfg)
-        if not os.path.isdir(root):
-            raise DataError(f"{name}: data directory not found: {root}")
-        kw = dict(T=cfg["T"], split=cfg["split"], cache_dir=cfg["cache_dir"])
-        fte, yte = load_frames(name, root, train=False, **kw)
-        ftr, ytr = load_frames(name, root, train=True, **kw) if with_train else (None, [])
-        info = dict(root=root, split=cfg["split"], train_size=len(ytr), test_size=len(yte))
-        train = EventFrames(ftr, ytr, name, device) if with_train else None
-        return train, EventFrames(fte, yte, name, device), info
-    train = StaticImages(xtr, ytr, name, device) if with_train else None
-    return train, StaticImages(xte, yte, name, device), info
-
-
-def build_data(cfg: dict, device="cpu", rank: int = 0, world_size: int = 1, train: bool = True) -> Data:
-    """Training and test loaders for ``cfg`` (its dataset, data_dir, T, batch_size, seed, limits).
-
-    ``batch_size`` is global: each of the ``world_size`` ranks gets ``batch_size // world_size``.
-    With ``train=False`` only the test set is loaded (``Data.train`` is None)."""
-    if cfg["batch_size"] % world_size:
-        raise ConfigError(f"bad value for batch_size: {cfg['batch_size']} (not divisible by the {world_size} processes)")
-    bs = cfg["batch_size"] // world_size
-    common = dict(seed=cfg["seed"], rank=rank, world_size=world_size, device=device)
-    if DATASETS[cfg["dataset"]]["kind"] == "folder":
-        train_set, test_set = imagenet_folders(_data_dir(cfg), with_train=train)
-        if train and cfg["limit_train"]:
-            train_set = torch.utils.data.Subset(train_set, range(_limit(len(train_set), cfg["limit_train"])))
-        if cfg["limit_test"]:
-            test_set = torch.utils.data.Subset(test_set, range(_limit(len(test_set), cfg["limit_test"])))
-        info = dict(root=_data_dir(cfg), train_used=len(train_set or []), test_used=len(test_set))
-        train_loader = FolderLoader(train_set, bs, workers=cfg["workers"], train=True, **common) if train else None
-        test = FolderLoader(test_set, bs, workers=cfg["workers"], train=False, **common)
-        return Data(train_loader, test, cfg["num_classes"], info)
-    with main_process_first():     # one rank downloads or builds the cache, the others reuse it
-        train_fetch, test_fetch, info = _splits(cfg, device, with_train=train)
-    n_test = _limit(len(test_fetch), cfg["limit_test"])
-    n_train = _limit(len(train_fetch), cfg["limit_train"]) if train else 0
-    info.update(train_used=n_train, test_used=n_test)
-    train_loader = BatchLoader(n_train, bs, train_fetch, train=True, **common) if train else None
-    test = BatchLoader(n_test, bs, test_fetch, train=False, **common)
-    return Data(train_loader, test, cfg["num_classes"], info)

@@ -32,7 +32,7 @@ def _shape(text: str):
 
 
 def _args(argv):
-    from .analysis.cli import make_parser
+    from .profile_cli import make_parser
 
     p = make_parser("tetsnn export", "Export a trained model to another format (NIR).")
     p.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by tetsnn train")
@@ -46,8 +46,8 @@ def _args(argv):
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .export import export_nir
-    from .train import load_trained_model
+    from ..export import export_nir
+    from .checkpoint import load_trained_model
 
     try:
         args = _args(list(sys.argv[1:] if argv is None else argv))

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["ConfigError", "DEFAULTS", "DATASETS", "PRESET_DIR", "list_presets", "load_config",
+__all__ = ["parse_T_schedule", "T_at_epoch", "ConfigError", "DEFAULTS", "DATASETS", "PRESET_DIR", "list_presets", "load_config",
            "resolve", "validate", "parse_train_args"]
 
-PRESET_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = Path(__file__).parent.parent / "configs"
 
 # Every key a run knows, with its default (the digits preset fills in the real values).
 DEFAULTS = {
@@ -109,7 +109,7 @@ def _check(cfg, key, ok, what):
 
 def validate(cfg: dict) -> dict:
     """Check every key of a resolved config; raise ConfigError naming the first bad one."""
-    from .models import list_models
+    from ..models import list_models
 
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
@@ -151,8 +151,6 @@ def resolve(overrides: dict) -> dict:
                 pass
     validate(cfg)
     if cfg["T_schedule"] is not None:
-        from .transfer import parse_T_schedule
-
         if DATASETS[cfg["dataset"]]["kind"] == "events":
             raise ConfigError(f"T_schedule needs static images; {cfg['dataset']} frames have a fixed T")
         try:
@@ -203,3 +201,34 @@ def parse_train_args(argv):
     """Command line -> (config file/preset or None, dict of the flags given)."""
     args = vars(build_parser().parse_args(argv))
     return args.pop("config"), args
+
+
+def parse_T_schedule(text: str) -> list:
+    """``"2:5,4:5,6"`` -> ``[(2, 5), (4, 5), (6, None)]``: (T, epochs) stages; only the last stage
+    may omit its epoch count, and the last T continues to the end of the run."""
+    stages = []
+    parts = [p.strip() for p in str(text).split(",")]
+    for i, part in enumerate(parts):
+        t, sep, n = part.partition(":")
+        try:
+            stage = (int(t), int(n) if sep else None)
+        except ValueError:
+            raise ValueError(f"bad T schedule {text!r}: stage {part!r} is not T:EPOCHS") from None
+        if stage[0] < 1 or (stage[1] is not None and stage[1] < 1):
+            raise ValueError(f"bad T schedule {text!r}: T and epochs must be >= 1 in stage {part!r}")
+        if stage[1] is None and i != len(parts) - 1:
+            raise ValueError(f"bad T schedule {text!r}: only the last stage may omit its epochs")
+        stages.append(stage)
+    return stages
+
+
+def T_at_epoch(stages: list, epoch: int) -> int:
+    """The T of 1-based ``epoch`` under a parsed schedule."""
+    end = 0
+    for T, n in stages:
+        if n is None:
+            return T
+        end += n
+        if epoch <= end:
+            return T
+    return stages[-1][0]

@@ -21,14 +21,14 @@ import torch
 import yaml
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import ConfigError, load_config, parse_train_args, resolve
+from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_trained_model, rng_state,
+                         save_checkpoint, set_rng_state)
+from .config import ConfigError, T_at_epoch, load_config, parse_T_schedule, parse_train_args, resolve
 from .distributed import all_reduce_max, all_reduce_sum, cleanup, setup
 from .evaluate import autocast, evaluate
-from .loss import sdt_loss, tet_loss
-from .models import create_model
-from .transfer import T_at_epoch, freeze, load_ann_weights, parse_T_schedule
-from .utils import atomic_path, seed_all
+from ..loss import sdt_loss, tet_loss
+from .transfer import freeze, load_ann_weights
+from ..utils import atomic_path, seed_all
 
 __all__ = ["build_model", "build_criterion", "build_optimizer", "resolve_run_config", "fit", "main",
            "NonFiniteLoss"]
@@ -36,29 +36,6 @@ __all__ = ["build_model", "build_criterion", "build_optimizer", "resolve_run_con
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def build_model(cfg: dict) -> nn.Module:
-    """The model a config describes (its weights are freshly initialised)."""
-    try:
-        return create_model(cfg["model"], num_classes=cfg["num_classes"], T=cfg["T"], **cfg["model_kw"])
-    except (TypeError, ValueError) as e:   # e.g. a misspelt neuron argument in model_kw
-        raise ConfigError(f"bad model_kw {cfg['model_kw']!r} for model {cfg['model']!r}: {e}") from None
-
-
-def load_trained_model(checkpoint, overrides: dict = None, device="cpu"):
-    """``(config, model, checkpoint dict)`` of a ``tetsnn train`` checkpoint, the model in eval mode on
-    ``device``. ``overrides`` replace config keys (None values are ignored), e.g. ``data_dir``."""
-    ckpt = load_checkpoint(checkpoint)
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    cfg = resolve({**ckpt["config"], **given, "download": False})
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{checkpoint}: weights do not fit model {cfg['model']!r}: "
-                              f"{str(e).splitlines()[0]}") from None
-    return cfg, model.to(device).eval(), ckpt
 
 
 def build_criterion(cfg: dict):
@@ -399,7 +376,7 @@ def _loop(trainer, files, cfg, world) -> dict:
 
 
 def main(argv=None) -> int:
-    from .data import DataError
+    from ..data import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

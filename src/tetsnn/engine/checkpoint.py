@@ -12,10 +12,13 @@ import random
 
 import numpy as np
 import torch
+from torch import nn
 
-from .utils import atomic_path
+from ..models import create_model
+from ..utils import atomic_path
+from .config import ConfigError, resolve
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_state_dict", "rng_state", "set_rng_state", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "build_model", "load_trained_model", "load_state_dict", "rng_state", "set_rng_state", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -76,3 +79,26 @@ def set_rng_state(rng: dict) -> None:
     torch.set_rng_state(rng["torch"].cpu())      # RNG states are CPU byte tensors, wherever loaded
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+
+
+def build_model(cfg: dict) -> nn.Module:
+    """The model a config describes (its weights are freshly initialised)."""
+    try:
+        return create_model(cfg["model"], num_classes=cfg["num_classes"], T=cfg["T"], **cfg["model_kw"])
+    except (TypeError, ValueError) as e:   # e.g. a misspelt neuron argument in model_kw
+        raise ConfigError(f"bad model_kw {cfg['model_kw']!r} for model {cfg['model']!r}: {e}") from None
+
+
+def load_trained_model(checkpoint, overrides: dict = None, device="cpu"):
+    """``(config, model, checkpoint dict)`` of a ``tetsnn train`` checkpoint, the model in eval mode on
+    ``device``. ``overrides`` replace config keys (None values are ignored), e.g. ``data_dir``."""
+    ckpt = load_checkpoint(checkpoint)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg = resolve({**ckpt["config"], **given, "download": False})
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint}: weights do not fit model {cfg['model']!r}: "
+                              f"{str(e).splitlines()[0]}") from None
+    return cfg, model.to(device).eval(), ckpt

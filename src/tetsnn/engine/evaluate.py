@@ -78,7 +78,7 @@ def run_test(args) -> dict:
     """Evaluate ``args.checkpoint`` on the test set of its run's config."""
     from .data import build_data
     from .distributed import setup
-    from .train import load_trained_model
+    from .checkpoint import load_trained_model
 
     cfg, model, ckpt = load_trained_model(
         args.checkpoint, dict(data_dir=args.data_dir, batch_size=args.batch_size, device=args.device))
@@ -93,7 +93,7 @@ def run_test(args) -> dict:
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .data import DataError
+    from ..data import DataError
 
     try:
         args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))

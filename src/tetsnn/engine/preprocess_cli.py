@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .datasets import DEFAULT_T, build_cache
+from ..data.events.datasets import DEFAULT_T, build_cache
 
 
 def parse_args(argv):

@@ -15,7 +15,7 @@ __all__ = ["make_parser", "main"]
 
 
 def make_parser(prog, description):
-    from ..config import ConfigError
+    from .config import ConfigError
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
@@ -36,16 +36,16 @@ def _args(argv):
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--plot", default=None, metavar="PNG", help="write firing rates and a spike raster to this file")
     args = p.parse_args(argv)
-    from ..config import ConfigError
+    from .config import ConfigError
     if args.batches < 1:
         raise ConfigError(f"--batches must be >= 1, got {args.batches}")
     return args
 
 
 def run_profile(args) -> dict:
-    from ..data import build_data
-    from ..train import load_trained_model
-    from . import profile
+    from .data import build_data
+    from .checkpoint import load_trained_model
+    from ..analysis import profile
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model, _ = load_trained_model(args.checkpoint, dict(data_dir=args.data_dir, batch_size=args.batch_size),
@@ -56,11 +56,11 @@ def run_profile(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
     from ..data import DataError
-    from . import format_table
-    from .plots import plot_profile
+    from ..analysis import format_table
+    from ..analysis.plots import plot_profile
 
     try:
         args = _args(list(sys.argv[1:] if argv is None else argv))

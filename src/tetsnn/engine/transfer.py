@@ -1,10 +1,9 @@
-"""ANN-to-SNN transfer and time-step schedules for ``tetsnn train``.
+"""ANN-to-SNN transfer and freezing for ``tetsnn train``.
 
 - ``load_ann_weights(model, path)``: start a spiking model from the weights of a ReLU network of
   the same architecture (``create_model(name, neuron="relu")``), reporting missing and unexpected
   keys and refusing any shape mismatch.
 - ``freeze(model, patterns)``: stop training the parameters whose names match glob patterns.
-- ``parse_T_schedule("2:5,4:5,6")``: train with T=2 for 5 epochs, T=4 for 5, then T=6.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict
 
-__all__ = ["load_ann_weights", "freeze", "parse_T_schedule", "T_at_epoch"]
+__all__ = ["load_ann_weights", "freeze"]
 
 
 def load_ann_weights(model: nn.Module, path) -> dict:
@@ -58,34 +57,3 @@ def freeze(model: nn.Module, patterns) -> list:
         if n in frozen:
             p.requires_grad_(False)
     return sorted(frozen)
-
-
-def parse_T_schedule(text: str) -> list:
-    """``"2:5,4:5,6"`` -> ``[(2, 5), (4, 5), (6, None)]``: (T, epochs) stages; only the last stage
-    may omit its epoch count, and the last T continues to the end of the run."""
-    stages = []
-    parts = [p.strip() for p in str(text).split(",")]
-    for i, part in enumerate(parts):
-        t, sep, n = part.partition(":")
-        try:
-            stage = (int(t), int(n) if sep else None)
-        except ValueError:
-            raise ValueError(f"bad T schedule {text!r}: stage {part!r} is not T:EPOCHS") from None
-        if stage[0] < 1 or (stage[1] is not None and stage[1] < 1):
-            raise ValueError(f"bad T schedule {text!r}: T and epochs must be >= 1 in stage {part!r}")
-        if stage[1] is None and i != len(parts) - 1:
-            raise ValueError(f"bad T schedule {text!r}: only the last stage may omit its epochs")
-        stages.append(stage)
-    return stages
-
-
-def T_at_epoch(stages: list, epoch: int) -> int:
-    """The T of 1-based ``epoch`` under a parsed schedule."""
-    end = 0
-    for T, n in stages:
-        if n is None:
-            return T
-        end += n
-        if epoch <= end:
-            return T
-    return stages[-1][0]
