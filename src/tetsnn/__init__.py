@@ -6,6 +6,7 @@ from .loss import sdt_loss, tet_loss
 from .models import create_model, list_models, register_model
 from .utils import seed_all
 from .export import export_nir, to_nir
+from .nir_import import from_nir
 from . import analysis  # tetsnn.analysis.profile
 from .checkpoint import load_checkpoint
 from .config import load_config
@@ -21,6 +22,6 @@ __all__ = [
     "zif_grad", "sigmoid_grad", "atan_grad",
     "SeqToANNContainer", "Layer", "add_time_dim", "to_time_first", "to_batch_first",
     "tet_loss", "sdt_loss", "create_model", "list_models", "register_model", "seed_all",
-    "export_nir", "to_nir",
+    "export_nir", "to_nir", "from_nir",
     "load_checkpoint", "load_config", "build_data", "build_model", "evaluate",
 ]
