@@ -1,7 +1,7 @@
 """tetsnn: spiking neural networks trained with Temporal Efficient Training (TET, ICLR 2022)."""
 from .neuron import (IF, LIF, AtanSpike, CustomSpike, ReLUNeuron, SigmoidSpike, ZIF, atan_grad, atan_spike,
                      make_neuron, sigmoid_grad, sigmoid_spike, zif, zif_grad)
-from .layers import Layer, SeqToANNContainer, add_time_dim, to_batch_first, to_time_first
+from .layers import Layer, SeqToANNContainer, Threshold, add_time_dim, to_batch_first, to_time_first
 from .loss import sdt_loss, tet_loss
 from .models import create_model, list_models, register_model
 from .utils import seed_all
@@ -20,7 +20,7 @@ __all__ = [
     "LIF", "IF", "ReLUNeuron", "make_neuron",
     "ZIF", "SigmoidSpike", "AtanSpike", "CustomSpike", "zif", "sigmoid_spike", "atan_spike",
     "zif_grad", "sigmoid_grad", "atan_grad",
-    "SeqToANNContainer", "Layer", "add_time_dim", "to_time_first", "to_batch_first",
+    "SeqToANNContainer", "Layer", "Threshold", "add_time_dim", "to_time_first", "to_batch_first",
     "tet_loss", "sdt_loss", "create_model", "list_models", "register_model", "seed_all",
     "export_nir", "to_nir", "from_nir",
     "load_checkpoint", "load_config", "build_data", "build_model", "evaluate",

@@ -19,6 +19,8 @@ written so that one Euler step computes tetsnn's step with the membrane scaled b
   average pooling). Flatten: ``nir.Flatten`` (NIR shapes have no batch dimension). MaxPool2d of
   spikes: ``nir.SumPool2d`` then ``nir.Threshold(0)`` (the max of 0/1 values is 1 exactly when their
   sum is above 0).
+- ``tetsnn.Threshold`` (stateless spike): ``nir.Threshold``; AvgPool2d with ``divisor_override=1``:
+  ``nir.SumPool2d``. These two are how graphs imported by :func:`tetsnn.from_nir` export again.
 - A sum of two tensors (a residual connection, SEW-ResNet's ADD): edges from both into the consumer,
   since NIR sums a node's incoming edges.
 
@@ -45,7 +47,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .layers import SeqToANNContainer
+from .layers import SeqToANNContainer, Threshold
 from .neuron import LIF
 from .utils import atomic_path
 
@@ -90,7 +92,7 @@ class _Tracer(fx.Tracer):
     """Keeps neurons and per-step containers whole: they become graph nodes of their own."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (LIF, SeqToANNContainer)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (LIF, SeqToANNContainer, Threshold)) or super().is_leaf_module(m, qualname)
 
 
 class _Steps(nn.Module):
@@ -203,8 +205,10 @@ def _layer_nodes(b: _Builder, name: str, m: nn.Module, bn, shape, value: _Value)
     if isinstance(m, nn.AvgPool2d):
         k = _pair(m.kernel_size)
         s = k if m.stride is None else _pair(m.stride)
+        if m.divisor_override == 1 and not m.ceil_mode:         # a sum pooling
+            return [(name, nir.SumPool2d(k, s, _pair(m.padding)))], 1.0
         if m.ceil_mode or m.divisor_override or (not m.count_include_pad and np.any(_pair(m.padding))):
-            raise ValueError(f"layer {name!r}: ceil_mode, divisor_override and count_include_pad=False "
+            raise ValueError(f"layer {name!r}: ceil_mode, divisor_override other than 1 and count_include_pad=False "
                              f"cannot be expressed in NIR")
         return _pool_nodes(b, name, k, s, _pair(m.padding))
     if isinstance(m, nn.AdaptiveAvgPool2d):
@@ -301,6 +305,10 @@ def to_nir(model: nn.Module, input_shape: Sequence[int], dt: float = DEFAULT_DT,
                 if isinstance(m, LIF):
                     _unscaled(arg, f"layer {name!r}")
                     env[node] = _Value(b.add(name, neuron_node(name, m, arg.shape, dt), arg.sources), arg.shape, True)
+                elif isinstance(m, Threshold):
+                    _unscaled(arg, f"layer {name!r}")
+                    thr = nir.Threshold(np.full(arg.shape, m.threshold, dtype=np.float32))
+                    env[node] = _Value(b.add(name, thr, arg.sources), arg.shape, True)
                 elif isinstance(m, SeqToANNContainer):
                     env[node] = _add_layers(b, _container_layers(name, m), arg)
                 else:

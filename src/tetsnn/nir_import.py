@@ -34,26 +34,11 @@ import torch
 from torch import nn
 
 from .export import DEFAULT_DT, check_dt, nir_module, node_name
-from .layers import SeqToANNContainer
+from .layers import SeqToANNContainer, Threshold, add_time_dim
 from .models.base import SpikingModel
-from .neuron import LIF, resolve_surrogate
+from .neuron import LIF
 
-__all__ = ["from_nir", "NIRModel", "Threshold"]
-
-
-class Threshold(nn.Module):
-    """NIR's ``Threshold``: a stateless spike ``x > threshold`` (surrogate gradient ``spike_fn``)."""
-
-    def __init__(self, threshold: float, surrogate="zif", gamma: float = 1.0, alpha=None):
-        super().__init__()
-        self.threshold = float(threshold)
-        self.spike_fn = resolve_surrogate(surrogate, gamma, alpha)[2]
-
-    def forward(self, x):
-        return self.spike_fn(x - self.threshold)
-
-    def extra_repr(self):
-        return f"threshold={self.threshold}"
+__all__ = ["from_nir", "NIRModel"]
 
 
 def _read(graph_or_path):
@@ -159,7 +144,8 @@ def _topological(graph):
         ready = [n for n in preds if n not in done and all(p in done for p in preds[n])]
         if not ready:
             stuck = sorted(n for n in preds if n not in done)
-            raise ValueError(f"nodes {stuck} form a cycle (recurrent connections); tetsnn models are feed-forward")
+            raise ValueError(f"nodes {stuck} lie on or after a cycle (recurrent connections); tetsnn models "
+                             f"are feed-forward")
         order += ready
         done |= set(ready)
     return order, preds
@@ -199,6 +185,16 @@ class NIRModel(SpikingModel):
         self.input_shape = tuple(int(v) for v in np.asarray(graph.nodes[inputs[0]].input_type["input"]).reshape(-1))
         out_type = graph.nodes[outputs[0]].output_type.get("output")
         self.output_shape = None if out_type is None else tuple(int(v) for v in np.asarray(out_type).reshape(-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A static batch ``[N, *input_shape]`` (repeated T times) or a sequence ``[N, T, *input_shape]``."""
+        d = len(self.input_shape)
+        if x.dim() == d + 1:
+            x = add_time_dim(x, self.T)
+        elif x.dim() != d + 2:
+            raise ValueError(f"the NIR graph's input is {self.input_shape}: expected a static batch of "
+                             f"{d + 1} dims or a sequence of {d + 2}, got shape {tuple(x.shape)}")
+        return self.forward_seq(x)
 
     def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
         values, uses = {}, {}
