@@ -32,8 +32,8 @@ def assert_same_spikes(ref, got, exact=True):
 
 # every registry model that exports (not SEW AND/IAND), on a small input: (name, shape, exact)
 REGISTRY = [("digits_snn", (1, 8, 8), True), ("vggsnn", (2, 16, 16), False), ("resnet19", (3, 8, 8), False),
-            ("resnet18", (3, 32, 32), False), ("resnet34", (3, 32, 32), False),
-            ("sew_resnet18", (3, 32, 32), False), ("sew_resnet34", (3, 32, 32), False),
+            ("resnet18", (3, 16, 16), False), ("resnet34", (3, 16, 16), False),
+            ("sew_resnet18", (3, 16, 16), False), ("sew_resnet34", (3, 16, 16), False),
             ("sew_resnet19", (3, 16, 16), False)]
 
 
