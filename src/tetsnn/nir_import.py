@@ -103,8 +103,9 @@ def _layer(name: str, node, dt: float, neuron_kw) -> Optional[nn.Module]:
     if isinstance(node, nir.Conv2d):
         w = t(node.weight)
         padding = node.padding if isinstance(node.padding, str) else _ints(node.padding)
-        conv = nn.Conv2d(w.shape[1] * int(node.groups), w.shape[0], tuple(w.shape[2:]), _ints(node.stride),
-                         padding, _ints(node.dilation), int(node.groups), bias=node.bias is not None)
+        conv = nn.utils.skip_init(nn.Conv2d, w.shape[1] * int(node.groups), w.shape[0], tuple(w.shape[2:]),
+                                  _ints(node.stride), padding, _ints(node.dilation), int(node.groups),
+                                  bias=node.bias is not None)       # no random init: the weights are copied in
         with torch.no_grad():
             conv.weight.copy_(w)
             if node.bias is not None:
@@ -113,7 +114,7 @@ def _layer(name: str, node, dt: float, neuron_kw) -> Optional[nn.Module]:
     if isinstance(node, (nir.Linear, nir.Affine)):
         w = t(node.weight)
         bias = getattr(node, "bias", None)
-        fc = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+        fc = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=bias is not None)
         with torch.no_grad():
             fc.weight.copy_(w)
             if bias is not None:
