@@ -2,6 +2,9 @@
 evaluator against tetsnn's own spikes. The real simulators are in tests/test_nir_simulators.py,
 import (tetsnn.from_nir) in tests/test_nir_import.py."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nir
 import numpy as np
@@ -259,3 +262,18 @@ def test_untraceable_model_gives_a_clear_error():
 
     with pytest.raises(ValueError, match="Branchy cannot be traced for export"):
         tetsnn.to_nir(Branchy(), (3,))
+
+
+def test_tetsnn_imports_without_nir():
+    """nir is read only when a graph is built or imported."""
+    code = ("import sys; sys.modules['nir'] = None\n"
+            "import tetsnn\n"
+            "tetsnn.create_model('digits_snn')\n"
+            "try:\n"
+            "    tetsnn.to_nir(tetsnn.create_model('digits_snn'), (1, 8, 8))\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(tetsnn.__file__).parents[1])})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "NIR export and import need the nir package: pip install nir"
