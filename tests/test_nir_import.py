@@ -229,6 +229,9 @@ def test_registry_model_errors(tmp_path):
         tetsnn.create_model("nir", num_classes=7, path=tmp_path / "d.nir")
     with pytest.raises(ValueError, match="model 'nir' needs the graph's file"):
         tetsnn.create_model("nir")
+    g = _graph(lif())
+    g.nodes["output"].output_type = {"output": None}           # not stated: one step of one sample tells
+    assert tetsnn.from_nir(g).output_shape == (3,)
 
 
 def test_train_a_graph_from_the_command_line(tmp_path, capsys):

@@ -53,9 +53,9 @@ def _read(graph_or_path):
     return graph_or_path
 
 
-def _uniform(name: str, node, field: str, value=None) -> np.float32:
+def _uniform(name: str, node, field: str) -> np.float32:
     """The one value of the per-neuron parameter ``field`` (an error unless all neurons share it)."""
-    a = np.asarray(getattr(node, field) if value is None else value, dtype=np.float32)
+    a = np.asarray(getattr(node, field), dtype=np.float32)
     if a.size == 0 or np.any(a != a.flat[0]):
         raise ValueError(f"node {name!r}: {field} differs between neurons; tetsnn neurons share one value per layer")
     return a.flat[0]
@@ -184,8 +184,12 @@ class NIRModel(SpikingModel):
             self.steps.append((key, [keys[p] for p in preds[name]]))
         self.input_key, self.output_key = keys[inputs[0]], keys[outputs[0]]
         self.input_shape = tuple(int(v) for v in np.asarray(graph.nodes[inputs[0]].input_type["input"]).reshape(-1))
-        out_type = graph.nodes[outputs[0]].output_type.get("output")
-        self.output_shape = None if out_type is None else tuple(int(v) for v in np.asarray(out_type).reshape(-1))
+        out_type = np.asarray(graph.nodes[outputs[0]].output_type.get("output", []), dtype=object).reshape(-1)
+        if out_type.size and all(v is not None for v in out_type):
+            self.output_shape = tuple(int(v) for v in out_type)
+        else:                   # the graph does not say: one step of one sample tells
+            with torch.no_grad():
+                self.output_shape = tuple(self.forward_seq(torch.zeros(1, 1, *self.input_shape)).shape[2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """A static batch ``[N, *input_shape]`` (repeated T times) or a sequence ``[N, T, *input_shape]``."""
