@@ -73,6 +73,10 @@ def test_import_matches_an_independent_euler_evaluation(case, tmp_path):
     for name, s in got.items():
         assert torch.equal(sim[name].reshape(s.shape), s), name
     torch.testing.assert_close(out, sim["output"], rtol=1e-12, atol=1e-12)
+    again = tetsnn.to_nir(back, shape, dt=1.0)       # Threshold and SumPool2d export back as themselves
+    assert sorted(type(n).__name__ for n in again.nodes.values()) == \
+        sorted(type(n).__name__ for n in graph.nodes.values())
+    torch.testing.assert_close(simulate(again, x)["output"], sim["output"], rtol=1e-12, atol=1e-12)
 
 
 def _graph(neuron, n=3):
