@@ -61,7 +61,7 @@ def test_imagenet_style_parameter_counts(name, layers, widths):
 SHAPES = {"vggsnn": (2, 48, 48), "digits_snn": (1, 8, 8)}
 
 
-@pytest.mark.parametrize("name", tetsnn.list_models())
+@pytest.mark.parametrize("name", [m for m in tetsnn.list_models() if m != "nir"])  # nir: test_nir_import.py
 def test_every_model_forward_backward(name):
     torch.manual_seed(0)
     c, h, w = SHAPES.get(name, (3, 32, 32))

@@ -1,6 +1,10 @@
 """NIR export: the graph read back with nir.read, simulated by an independent forward-Euler
-evaluator (and by Norse where it can) against tetsnn's own spikes."""
+evaluator against tetsnn's own spikes. The real simulators are in tests/test_nir_simulators.py,
+import (tetsnn.from_nir) in tests/test_nir_import.py."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nir
 import numpy as np
@@ -29,13 +33,15 @@ def topological(graph):
     return order, preds
 
 
-def euler_step(node, x, v):
-    """One forward-Euler step (dt = 1) of NIR's neuron equations; returns (spikes, new membrane)."""
+def euler_step(node, x, v, dt):
+    """One forward-Euler step of NIR's neuron equations; returns (spikes, new membrane). The step
+    factors dt/tau and r*dt are formed in float32 from the float32 parameters, as simulators do."""
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float64)  # noqa: E731
+    dt = np.float32(dt)
     if isinstance(node, nir.LIF):
-        v = v + (t(node.v_leak) - v + t(node.r) * x) / t(node.tau)
+        v = v + t(dt / node.tau) * (t(node.v_leak) - v + t(node.r) * x)
     else:
-        v = v + t(node.r) * x
+        v = v + t(node.r * dt) * x
     z = (v > t(node.v_threshold)).double()
     return z, torch.where(z > 0, t(node.v_reset), v)
 
@@ -65,6 +71,7 @@ def apply(node, x):
 def simulate(graph, frames):
     """Run a NIR graph on ``frames [N, T, ...]``; returns every node's outputs stacked over time."""
     order, preds = topological(graph)
+    dt = float(graph.metadata["dt"])
     membranes, record = {}, {n: [] for n in order}
     for step in range(frames.shape[1]):
         out = {}
@@ -75,7 +82,7 @@ def simulate(graph, frames):
                 continue
             x = sum(out[p] for p in preds[name])
             if isinstance(node, (nir.LIF, nir.IF)):
-                out[name], membranes[name] = euler_step(node, x, membranes.get(name, torch.zeros_like(x)))
+                out[name], membranes[name] = euler_step(node, x, membranes.get(name, torch.zeros_like(x)), dt)
             else:
                 out[name] = apply(node, x)
         for name in order:
@@ -84,11 +91,12 @@ def simulate(graph, frames):
 
 
 def spikes_of(model, x):
-    """tetsnn's spikes per LIF/IF layer and its logits."""
+    """tetsnn's spikes per LIF/IF layer (by NIR node name) and its logits."""
     spikes, hooks = {}, []
     for name, m in model.named_modules():
         if isinstance(m, tetsnn.LIF):
-            hooks.append(m.register_forward_hook(lambda m, i, o, name=name: spikes.__setitem__(name, o)))
+            hooks.append(m.register_forward_hook(
+                lambda m, i, o, name=name.replace(".", "_"): spikes.__setitem__(name, o)))
     with torch.no_grad():
         logits = model(x)
     for h in hooks:
@@ -140,14 +148,21 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_nir_round_trip_reproduces_tetsnn_spikes(case, tmp_path):
+@pytest.mark.parametrize("dt,avgpool", [(1e-4, "avg"), (1.0, "sum")])
+def test_nir_round_trip_reproduces_tetsnn_spikes(case, dt, avgpool, tmp_path):
     torch.manual_seed(0)
     build, shape = CASES[case]
     model = randomize_batchnorm(build()).eval().double()       # float64 model, float32 NIR weights
     path = tmp_path / "model.nir"
-    tetsnn.export_nir(model, path, shape)
+    written = tetsnn.export_nir(model, path, shape, dt=dt, avgpool=avgpool)
     assert os.listdir(tmp_path) == ["model.nir"]             # no temporary file left behind
+    pos = {n: i for i, n in enumerate(written.nodes)}       # in memory: in topological order
+    assert all(pos[a] < pos[b] for a, b in written.edges)
     graph = nir.read(str(path))
+    assert graph.metadata["dt"] == dt and graph.metadata["encoding"] == "scaled-membrane"
+    assert not any("." in n for n in graph.nodes)
+    if avgpool == "sum":
+        assert not any(isinstance(n, nir.AvgPool2d) for n in graph.nodes.values())
 
     x = torch.rand(2, model.T, *shape, dtype=torch.float64) * 2
     spikes, logits = spikes_of(model, x)
@@ -159,34 +174,20 @@ def test_nir_round_trip_reproduces_tetsnn_spikes(case, tmp_path):
     torch.testing.assert_close(sim["output"], logits, rtol=1e-5, atol=1e-5)
 
 
-def test_norse_simulates_an_exported_if_network(tmp_path):
-    norse = pytest.importorskip("norse.torch")
-
-    class Net(tetsnn.models.SpikingModel):
-        def __init__(self):
-            super().__init__(T=5)
-            self.conv = S(nn.Conv2d(2, 4, 3, 1, 1), nn.BatchNorm2d(4))
-            self.sn1 = tetsnn.IF()
-            self.fc1 = S(nn.Flatten(), nn.Linear(4 * 6 * 6, 8))
-            self.sn2 = tetsnn.IF(threshold=0.5)
-            self.fc2 = S(nn.Linear(8, 3))
-
-        def forward_seq(self, x):
-            return self.fc2(self.sn2(self.fc1(self.sn1(self.conv(x)))))
-
-    torch.manual_seed(1)
-    model = randomize_batchnorm(Net()).eval()
-    tetsnn.export_nir(model, tmp_path / "if.nir", (2, 6, 6))
-    net = norse.from_nir(nir.read(str(tmp_path / "if.nir")), dt=1.0)
-    x = torch.rand(1, 5, 2, 6, 6) * 2          # batch of one: Norse's Flatten(0, -1) also flattens a batch
-    state, outs = None, []
-    with torch.no_grad():
-        for t in range(5):
-            out, state = net(x[:, t], state)
-            outs.append(out.reshape(1, -1))
-        spikes, logits = spikes_of(model, x)
-    assert 0 < spikes["sn1"].mean() < 1 and 0 < spikes["sn2"].mean() < 1
-    torch.testing.assert_close(torch.stack(outs, 1), logits, rtol=1e-5, atol=1e-5)
+def test_neuron_encoding():
+    """LIF at dt: tau = dt / (1 - decay), r = 1, v_threshold = threshold * (1 - decay); IF: r = 1 / dt."""
+    lif = tetsnn.export.neuron_node("sn", tetsnn.LIF(tau=0.5, threshold=1.0), (3,), dt=1e-4)
+    assert isinstance(lif, nir.LIF)
+    np.testing.assert_array_equal(lif.tau, np.float32(2e-4))
+    assert np.all(lif.r == 1) and np.all(lif.v_threshold == 0.5) and np.all(lif.v_leak == 0)
+    assert np.all(lif.v_reset == 0)
+    lif = tetsnn.export.neuron_node("sn", tetsnn.LIF(tau=0.5, threshold=1.0), (3,), dt=1.0)
+    assert np.all(lif.tau == 2) and np.all(lif.r == 1) and np.all(lif.v_threshold == 0.5)
+    if_ = tetsnn.export.neuron_node("sn", tetsnn.IF(threshold=0.7), (3,), dt=1e-4)
+    assert isinstance(if_, nir.IF) and np.all(if_.r == np.float32(1e4)) and np.all(if_.v_threshold == np.float32(0.7))
+    for dt in (0, -1.0, float("nan"), "1e-4"):
+        with pytest.raises(ValueError, match="dt must be a positive number"):
+            tetsnn.to_nir(tetsnn.create_model("digits_snn"), (1, 8, 8), dt=dt)
 
 
 @pytest.mark.parametrize("name,shape", [("digits_snn", (1, 8, 8)), ("vggsnn", (2, 48, 48)),
@@ -202,9 +203,9 @@ def test_registry_models_export(name, shape, tmp_path):
     assert kinds.count("Conv2d") == sum(isinstance(m, nn.Conv2d) for _, m in mods)
     assert "BatchNorm" not in "".join(kinds) and kinds.count("Input") == kinds.count("Output") == 1
     for n in graph.nodes.values():
-        if isinstance(n, nir.LIF):       # u = 0.5 u + x  <->  tau = 2, r = 2, v_leak = 0
-            assert np.all(n.tau == 2) and np.all(n.r == 2) and np.all(n.v_leak == 0)
-            assert np.all(n.v_threshold == 1) and np.all(n.v_reset == 0)
+        if isinstance(n, nir.LIF):       # u = 0.5 u + x at dt = 1e-4: tau = 2e-4, r = 1, v_threshold = 0.5
+            assert np.all(n.tau == np.float32(2e-4)) and np.all(n.r == 1) and np.all(n.v_leak == 0)
+            assert np.all(n.v_threshold == 0.5) and np.all(n.v_reset == 0)
     # BatchNorm folded into the convolution before it
     conv_name = next(n for n, m in mods if isinstance(m, nn.Conv2d))
     conv = model.get_submodule(conv_name)
@@ -213,6 +214,7 @@ def test_registry_models_export(name, shape, tmp_path):
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         weight = conv.weight * scale[:, None, None, None]
         bias = ((0 if conv.bias is None else conv.bias) - bn.running_mean) * scale + bn.bias
+    conv_name = conv_name.replace(".", "_")
     np.testing.assert_allclose(graph.nodes[conv_name].weight, weight.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(graph.nodes[conv_name].bias, bias.numpy(), rtol=1e-5, atol=1e-6)
     into = {}
@@ -220,10 +222,11 @@ def test_registry_models_export(name, shape, tmp_path):
         into[dst] = into.get(dst, 0) + 1
     if name == "resnet19":      # each block's residual sum: two edges into its second LIF
         blocks = [n for n, m in mods if type(m).__name__ == "BasicBlock"]
-        assert {d for d, c in into.items() if c == 2} == {f"{n}.sn2" for n in blocks} and len(blocks) == 8
+        assert {d for d, c in into.items() if c == 2} == {f"{n}_sn2".replace(".", "_") for n in blocks}
+        assert len(blocks) == 8
     elif name == "sew_resnet19":  # ADD of spikes: the pool receives the spikes of the last stage's sum
-        assert {s for s, d in graph.edges if d == "pool.module.0"} == {
-            "stages.2.0.downsample.1", "stages.2.0.sn2", "stages.2.1.sn2"}
+        assert {s for s, d in graph.edges if d == "pool_module_0"} == {
+            "stages_2_0_downsample_1", "stages_2_0_sn2", "stages_2_1_sn2"}
         assert kinds.count("SumPool2d") == kinds.count("Threshold") == 1    # max pooling of spikes
     else:
         assert max(into.values()) == 1
@@ -240,6 +243,11 @@ def test_what_nir_cannot_express(tmp_path):
     maxpool_on_currents = nn.Sequential(S(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2)), tetsnn.LIF())
     with pytest.raises(ValueError, match="max pooling"):
         tetsnn.to_nir(maxpool_on_currents, (1, 8, 8))
+    pool_into_neuron = nn.Sequential(S(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2)), tetsnn.LIF())
+    with pytest.raises(ValueError, match="layer '1'.*followed by a Conv2d or Linear"):
+        tetsnn.to_nir(pool_into_neuron, (1, 8, 8), avgpool="sum")
+    with pytest.raises(ValueError, match="avgpool must be"):
+        tetsnn.to_nir(pool_into_neuron, (1, 8, 8), avgpool="max")
     assert os.listdir(tmp_path) == []
 
 
@@ -254,3 +262,18 @@ def test_untraceable_model_gives_a_clear_error():
 
     with pytest.raises(ValueError, match="Branchy cannot be traced for export"):
         tetsnn.to_nir(Branchy(), (3,))
+
+
+def test_tetsnn_imports_without_nir():
+    """nir is read only when a graph is built or imported."""
+    code = ("import sys; sys.modules['nir'] = None\n"
+            "import tetsnn\n"
+            "tetsnn.create_model('digits_snn')\n"
+            "try:\n"
+            "    tetsnn.to_nir(tetsnn.create_model('digits_snn'), (1, 8, 8))\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(tetsnn.__file__).parents[1])})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "NIR export and import need the nir package: pip install nir"

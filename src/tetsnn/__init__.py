@@ -3,11 +3,12 @@ import sys
 
 from .neuron import (IF, LIF, AtanSpike, CustomSpike, ReLUNeuron, SigmoidSpike, ZIF, atan_grad, atan_spike,
                      make_neuron, sigmoid_grad, sigmoid_spike, zif, zif_grad)
-from .layers import Layer, SeqToANNContainer, add_time_dim, to_batch_first, to_time_first
+from .layers import Layer, SeqToANNContainer, Threshold, add_time_dim, to_batch_first, to_time_first
 from .loss import sdt_loss, tet_loss
 from .models import create_model, list_models, register_model
 from .utils import seed_all
 from .export import export_nir, to_nir
+from .nir_import import from_nir
 from . import analysis  # tetsnn.analysis.profile
 from . import data, engine
 from .engine import checkpoint, config, distributed, evaluate as _evaluate_module, train
@@ -29,8 +30,8 @@ __all__ = [
     "LIF", "IF", "ReLUNeuron", "make_neuron",
     "ZIF", "SigmoidSpike", "AtanSpike", "CustomSpike", "zif", "sigmoid_spike", "atan_spike",
     "zif_grad", "sigmoid_grad", "atan_grad",
-    "SeqToANNContainer", "Layer", "add_time_dim", "to_time_first", "to_batch_first",
+    "SeqToANNContainer", "Layer", "Threshold", "add_time_dim", "to_time_first", "to_batch_first",
     "tet_loss", "sdt_loss", "create_model", "list_models", "register_model", "seed_all",
-    "export_nir", "to_nir",
+    "export_nir", "to_nir", "from_nir",
     "load_checkpoint", "load_config", "build_data", "build_model", "evaluate",
 ]

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from .kernels.compact import spike_conv2d
-from .neuron import make_neuron
+from .neuron import make_neuron, resolve_surrogate
 
-__all__ = ["SeqToANNContainer", "Layer", "add_time_dim", "to_time_first", "to_batch_first", "check_T"]
+__all__ = ["SeqToANNContainer", "Layer", "Threshold", "add_time_dim", "to_time_first", "to_batch_first", "check_T"]
 
 
 def check_T(T) -> int:
@@ -54,6 +54,22 @@ class SeqToANNContainer(nn.Module):
         n, t = x.shape[:2]
         y = self.module(x.flatten(0, 1))
         return y.view(n, t, *y.shape[1:])
+
+
+class Threshold(nn.Module):
+    """A stateless spike ``s = H(x - threshold)`` (NIR's Threshold node), with a surrogate gradient
+    as the neurons have (``surrogate``, ``gamma``, ``alpha`` as in :class:`tetsnn.LIF`)."""
+
+    def __init__(self, threshold: float = 0.0, surrogate="zif", gamma: float = 1.0, alpha=None):
+        super().__init__()
+        self.threshold = float(threshold)
+        self.spike_fn = resolve_surrogate(surrogate, gamma, alpha)[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spike_fn(x - self.threshold)
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold}"
 
 
 class Layer(nn.Module):

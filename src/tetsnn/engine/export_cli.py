@@ -1,6 +1,6 @@
 """``tetsnn export``: write a trained model in a format other SNN tools read.
 
-    tetsnn export --checkpoint FILE --format nir --out PATH [--input-shape C,H,W]
+    tetsnn export --checkpoint FILE --format nir --out PATH [--input-shape C,H,W] [--dt 1e-4] [--avgpool sum]
 """
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ def _args(argv):
     p.add_argument("--out", required=True, help="file to write (e.g. model.nir)")
     p.add_argument("--input-shape", type=str, default=None,
                    help="C,H,W of one input frame (default: the checkpoint's dataset)")
+    p.add_argument("--dt", type=float, default=1e-4,
+                   help="the simulator's Euler step the neurons are written for (default 1e-4, snnTorch's and "
+                        "SpikingJelly's; Norse's from_nir takes dt=)")
+    p.add_argument("--avgpool", choices=["avg", "sum"], default="avg",
+                   help="write average pooling as AvgPool2d, or as SumPool2d with 1/k^2 in the next layer (Norse)")
     return p.parse_args(argv)
 
 
@@ -53,10 +58,10 @@ def main(argv=None) -> int:
         args = _args(list(sys.argv[1:] if argv is None else argv))
         cfg, model, _ = load_trained_model(args.checkpoint)
         shape = _shape(args.input_shape) if args.input_shape else INPUT_SHAPES[cfg["dataset"]]
-        graph = export_nir(model, args.out, shape)
+        graph = export_nir(model, args.out, shape, dt=args.dt, avgpool=args.avgpool)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
         print(f"tetsnn export: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: NIR graph of {cfg['model']} ({len(graph.nodes)} nodes, {len(graph.edges)} edges), "
-          f"input {'x'.join(map(str, shape))} per time step, T = {cfg['T']}")
+          f"input {'x'.join(map(str, shape))} per time step, T = {cfg['T']}, dt = {args.dt:g}")
     return 0
