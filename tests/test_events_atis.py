@@ -228,10 +228,10 @@ def test_ncaltech101_split_labels_and_reduced_items(caltech_root, tmp_path):
     test = NCaltech101(caltech_root, train=False, T=2, cache_dir=tmp_path)
     assert train.classes == ("BACKGROUND_Google", "Faces_easy", "accordion", "water lilly", "ü-class")
     assert (len(train), len(test)) == (21, 2)             # n = 3, 2, 11, 6, 1: train floor(0.9 n + 0.5)
-    files = [s["file"] for s in json.loads((train.directory / "manifest.json").read_text())["splits"]["test"]["samples"]]
+    manifest = json.loads((train.directory / "manifest.json").read_text())
+    files = [s["file"] for s in manifest["splits"]["test"]["samples"]]
     assert files == ["accordion/image_0011.bin", "water lilly/image_0006.bin"]          # natural order: 11 is last
     assert train.labels.tolist() == [0] * 3 + [1] * 2 + [2] * 10 + [3] * 5 + [4] and test.labels.tolist() == [2, 3]
-    manifest = json.loads((train.directory / "manifest.json").read_text())
     assert manifest["ignored"] == ["accordion/image_0003.txt"] and manifest["params"]["reduced_to"] == 48
     info = manifest["splits"]["train"]
     assert info["dtype"] == "uint32" and info["shape"] == [21, 2, 2, 48, 48]
@@ -287,7 +287,8 @@ def test_reduced_cache_key_follows_size_and_source_files(caltech_root, tmp_path,
     assert a.directory != b.directory and b[0][0].shape == (2, 2, 32, 32)
     assert NCaltech101(caltech_root / "Caltech101", T=2, cache_dir=tmp_path).directory == a.directory
     # an unreduced cache does not depend on the size
-    assert NMNIST(nmnist_root, T=2, size=20, cache_dir=tmp_path).directory == NMNIST(nmnist_root, T=2, cache_dir=tmp_path).directory
+    same = NMNIST(nmnist_root, T=2, cache_dir=tmp_path).directory
+    assert NMNIST(nmnist_root, T=2, size=20, cache_dir=tmp_path).directory == same
 
 
 # --- any folder of recordings, the config and the command line ------------------------------------
@@ -334,7 +335,8 @@ def test_event_folder_from_a_config(nmnist_root, tmp_path):
     with pytest.raises(ConfigError, match="event-folder needs reader, sensor_size"):
         resolve({"dataset": "event-folder", "data_dir": str(nmnist_root)})
     with pytest.raises(ConfigError, match="bad value for sensor_size"):
-        resolve({"dataset": "event-folder", "data_dir": str(nmnist_root / "Train"), "reader": "atis", "sensor_size": [34]})
+        resolve({"dataset": "event-folder", "data_dir": str(nmnist_root / "Train"), "reader": "atis",
+                 "sensor_size": [34]})
 
 
 def test_presets_and_preprocess_command(nmnist_root, caltech_root, tmp_path, capsys):
@@ -353,3 +355,17 @@ def test_presets_and_preprocess_command(nmnist_root, caltech_root, tmp_path, cap
     assert preprocess_main(["n-mnist", "--root", str(caltech_root), "--cache", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("tetsnn preprocess: error:") and "missing Train and Test" in err and "\n" not in err
+
+
+def test_event_folder_aedat2_matches_cifar10dvs(tmp_path):
+    from test_events_datasets import make_cifar_root
+
+    root = make_cifar_root(tmp_path / "cifar", indices=[1, 2, 3])
+    folder = EventFolder(root, train=True, reader="aedat2", sensor_size=(128, 128), T=2, cache_dir=tmp_path / "c")
+    cifar = tetsnn.data.CIFAR10DVS(root, train=True, T=2, cache_dir=tmp_path / "c")
+    assert folder.labels.tolist() == cifar.labels.tolist() and len(folder) == 30
+    assert folder.frames.dtype == np.uint32 and cifar.frames.dtype == np.uint16     # reduced / not reduced
+    assert all(torch.equal(folder[i][0], cifar[i][0]) for i in range(len(folder)))
+    assert len(folder.ignored) == 10 and folder.ignored[0] == "airplane/notes.txt"
+    with pytest.raises(ValueError, match=r"sensor_size is fixed at \(128, 128\)"):
+        tetsnn.data.events.build_cache("cifar10-dvs", root, 2, cache_dir=tmp_path / "c", sensor_size=(64, 64))

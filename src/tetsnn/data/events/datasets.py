@@ -98,10 +98,15 @@ def class_folders(root) -> list[str]:
     return classes
 
 
-def _n_test(n: int, split: str) -> int:
-    """Test recordings of a class of ``n``: "tet" trains on the first floor(0.9 n + 0.5), "tebn"
-    tests on the first floor(0.1 n + 0.5) (integer forms of floor(x + 0.5))."""
-    return (n + 5) // 10 if split == "tebn" else n - (9 * n + 5) // 10
+def _split_names(n: int, split: str) -> list[str]:
+    """The split of each of a class's ``n`` recordings, in order: "tet" trains on the first
+    floor(0.9 n + 0.5), "tebn" tests on the first floor(0.1 n + 0.5) (integer forms of
+    floor(x + 0.5)); "train" / "test" put them all in that split."""
+    if split in ("train", "test"):
+        return [split] * n
+    if split == "tebn":
+        return ["test"] * ((n + 5) // 10) + ["train"] * (n - (n + 5) // 10)
+    return ["train"] * ((9 * n + 5) // 10) + ["test"] * (n - (9 * n + 5) // 10)
 
 
 def folder_recordings(root, suffix: str, split: str = "tet", classes=None, pattern: str | None = None,
@@ -111,9 +116,10 @@ def folder_recordings(root, suffix: str, split: str = "tet", classes=None, patte
     Classes are ``classes`` (each folder must exist) or every visible subfolder, sorted
     case-sensitively; a class's recordings are its files whose names end with ``suffix`` (and
     fully match the regular expression ``pattern`` if given, ``{cls}`` standing for the class), in
-    natural order; a class without any is an error (``named`` describes the names expected). ``split``: "tet" puts the first floor(0.9 n + 0.5) of each class in train and
-    the rest in test, "tebn" the first floor(0.1 n + 0.5) in test, "train" / "test" all of them
-    in one split. Returns ``(recordings, classes, ignored)``: paths are relative to ``base``
+    natural order; a class without any is an error (``named`` describes the names expected).
+    ``split``: "tet" puts the first floor(0.9 n + 0.5) of each class in train and the rest in
+    test, "tebn" the first floor(0.1 n + 0.5) in test, "train" / "test" all of them in one split.
+    Returns ``(recordings, classes, ignored)``: paths are relative to ``base``
     (default ``root``); ``ignored`` lists the visible entries that are not recordings.
     """
     if split not in ("tet", "tebn", "train", "test"):
@@ -141,12 +147,7 @@ def folder_recordings(root, suffix: str, split: str = "tet", classes=None, patte
         if not files:
             raise ValueError(f"{root / name}: no recordings named {(named or '*' + suffix).format(cls=name)}")
         files.sort(key=natural_key)
-        n_test = _n_test(len(files), split) if split in ("tet", "tebn") else 0
-        for i, file in enumerate(files):
-            if split in ("train", "test"):
-                where = split
-            else:
-                where = "test" if (i < n_test if split == "tebn" else i >= len(files) - n_test) else "train"
+        for file, where in zip(files, _split_names(len(files), split)):
             recordings.append(Recording((root / name / file).relative_to(base).as_posix(), where, label))
     ignored = sorted(entry.relative_to(base).as_posix() + ("/" if entry.is_dir() else "") for entry in ignored)
     return recordings, list(classes), ignored
