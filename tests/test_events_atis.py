@@ -355,6 +355,13 @@ def test_presets_and_preprocess_command(nmnist_root, caltech_root, tmp_path, cap
     assert preprocess_main(["n-mnist", "--root", str(caltech_root), "--cache", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("tetsnn preprocess: error:") and "missing Train and Test" in err and "\n" not in err
+    mine = make_npy_folder(tmp_path / "mine")
+    assert preprocess_main(["event-folder", "--root", str(mine), "--cache", str(tmp_path), "--T", "2", "--size", "16",
+                            "--reader", "npy", "--sensor-size", "40,60"]) == 0
+    assert "10 train / 0 test samples" in capsys.readouterr().out
+    frames, _ = load_frames("event-folder", mine, train=True, T=2, cache_dir=tmp_path, size=16, reader="npy",
+                            sensor_size=(40, 60))
+    assert frames.shape == (10, 2, 2, 16, 16) and frames.dtype == np.uint32
 
 
 def test_event_folder_aedat2_matches_cifar10dvs(tmp_path):
