@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import struct
@@ -396,7 +397,9 @@ def main():
     parts = set(args.parts.split(","))
     previous = ROOT / "benchmarks" / "results" / f"{SECTION}.json"
     results = json.loads(previous.read_text()) if previous.is_file() and not args.quick else {}
-    results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, {args.device}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    results["machine"] = (f"{platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} at the start, "
+                          f"{torch.get_num_threads()} torch threads, {args.device}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         benches = {
