@@ -4,6 +4,6 @@ training engine's ``tetsnn.engine.data.build_data``.
 """
 from .loader import BatchLoader
 from .static import DataError
-from .events import CIFAR10DVS, DVSGesture
+from .events import CIFAR10DVS, DVSGesture, EventFolder, NCaltech101, NMNIST
 
-__all__ = ["BatchLoader", "DataError", "CIFAR10DVS", "DVSGesture"]
+__all__ = ["BatchLoader", "DataError", "CIFAR10DVS", "DVSGesture", "NMNIST", "NCaltech101", "EventFolder"]

@@ -17,9 +17,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 __all__ = ["BatchLoader", "FolderLoader", "EventFrames", "batch_seed"]
 
-# event datasets: input size after pooling and the training augmentation of tetsnn's presets
-EVENTS = {"cifar10-dvs": dict(size=48, flip=True, roll=5), "dvs-gesture": dict(size=48, flip=False, roll=5)}
-
 
 def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, np.uint64)[0] >> 1)
@@ -80,12 +77,16 @@ class FolderLoader(BatchLoader):
 
 
 class EventFrames:
-    """``fetch`` for event frames ``[N, T, 2, 128, 128]`` (uint16 counts, memory-mapped): index on the
-    CPU, move the batch to the device, resize, scale and (training only) flip and roll there."""
+    """``fetch`` for cached event frames ``[N, T, 2, H, W]`` (memory-mapped counts, or the cell sums of
+    a reduced cache of a ``sensor_size`` sensor): index on the CPU, move the batch to the device,
+    resize, scale and (training only) flip and roll there, as the dataset's spec says."""
 
-    def __init__(self, frames, labels, dataset: str, device):
+    def __init__(self, frames, labels, dataset: str, device, sensor_size=None):
+        from .events import SPECS
+
         self.frames, self.labels, self.device = frames, torch.as_tensor(labels, dtype=torch.int64), device
-        self.spec = EVENTS[dataset]
+        self.spec = SPECS[dataset]
+        self.sensor_size = sensor_size or self.spec.sensor_size
 
     def __len__(self):
         return len(self.labels)
@@ -95,6 +96,6 @@ class EventFrames:
 
         x = torch.from_numpy(np.asarray(self.frames[idx.numpy()])).to(self.device)
         train = generator is not None
-        x = batch_transform(x, size=self.spec["size"], norm="max", flip=train and self.spec["flip"],
-                            roll=self.spec["roll"] if train else 0, generator=generator)
+        x = batch_transform(x, size=self.spec.size, norm="max", flip=train and self.spec.flip,
+                            roll=self.spec.roll if train else 0, generator=generator, sensor_size=self.sensor_size)
         return x, self.labels[idx].to(self.device)

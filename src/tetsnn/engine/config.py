@@ -27,6 +27,8 @@ DEFAULTS = {
     "download": False,
     "split": "tet",           # CIFAR10-DVS train/test split ("tet" or "tebn")
     "cache_dir": None,        # event-frame cache; None: the event loader's default
+    "reader": None,           # event-folder: aedat2, aedat31, atis or npy
+    "sensor_size": None,      # event-folder: [H, W] of the sensor
     "T": 4,
     "epochs": 15,
     "batch_size": 64,         # global: split evenly across the DDP ranks
@@ -59,6 +61,9 @@ DATASETS = {
     "imagenet": dict(num_classes=1000, kind="folder"),
     "cifar10-dvs": dict(num_classes=10, kind="events"),
     "dvs-gesture": dict(num_classes=11, kind="events"),
+    "n-mnist": dict(num_classes=10, kind="events"),
+    "n-caltech101": dict(num_classes=101, kind="events"),
+    "event-folder": dict(num_classes=None, kind="events"),   # classes: the data_dir's folders
 }
 
 CHOICES = {"optimizer": ("adam", "sgd"), "loss": ("tet", "sdt"), "amp": ("bf16", "fp16", "none"),
@@ -135,12 +140,33 @@ def validate(cfg: dict) -> dict:
            "auto, cpu, cuda or cuda:N")
     _check(cfg, "model_kw", lambda v: isinstance(v, dict), "a mapping of model keyword arguments")
     _check(cfg, "num_classes", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+    _check(cfg, "reader", lambda v: v in (None, "aedat2", "aedat31", "atis", "npy"), "aedat2, aedat31, atis or npy")
+    _check(cfg, "sensor_size", lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2
+                                                        and all(_is_int(s) and s >= 1 for s in v)),
+           "[H, W]: two integers >= 1")
     return cfg
+
+
+def _event_folder(cfg: dict) -> None:
+    """``dataset: event-folder`` needs data_dir, reader and sensor_size; its class count is the
+    number of class folders in data_dir."""
+    missing = [key for key in ("data_dir", "reader", "sensor_size") if cfg.get(key) is None]
+    if missing:
+        raise ConfigError(f"dataset event-folder needs {', '.join(missing)}")
+    if cfg.get("num_classes") is None:
+        from ..data.events import class_folders
+
+        try:
+            cfg["num_classes"] = len(class_folders(Path(str(cfg["data_dir"])).expanduser()))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def resolve(overrides: dict) -> dict:
     """Defaults <- the config's own keys; fills in num_classes from the dataset; validates."""
     cfg = {**DEFAULTS, **overrides}
+    if cfg.get("dataset") == "event-folder":
+        _event_folder(cfg)
     if cfg.get("dataset") in DATASETS and cfg.get("num_classes") is None:
         cfg["num_classes"] = DATASETS[cfg["dataset"]]["num_classes"]
     for key in ("lr", "weight_decay", "momentum", "lamb", "means"):   # YAML reads 1e-3 as a string
@@ -165,7 +191,7 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-STRING_KEYS = {"model", "dataset", "data_dir", "split", "cache_dir", "optimizer", "loss", "amp", "out",
+STRING_KEYS = {"model", "dataset", "data_dir", "split", "cache_dir", "reader", "optimizer", "loss", "amp", "out",
                "resume", "device", "init_from", "freeze", "T_schedule"}
 
 

@@ -52,11 +52,15 @@ def _splits(cfg, device, with_train=True):
         if not os.path.isdir(root):
             raise DataError(f"{name}: data directory not found: {root}")
         kw = dict(T=cfg["T"], split=cfg["split"], cache_dir=cfg["cache_dir"])
+        sensor = None
+        if name == "event-folder":   # a user's folder: its reader and sensor come from the config
+            sensor = tuple(cfg["sensor_size"])
+            kw.update(reader=cfg["reader"], sensor_size=sensor)
         fte, yte = load_frames(name, root, train=False, **kw)
         ftr, ytr = load_frames(name, root, train=True, **kw) if with_train else (None, [])
         info = dict(root=root, split=cfg["split"], train_size=len(ytr), test_size=len(yte))
-        train = EventFrames(ftr, ytr, name, device) if with_train else None
-        return train, EventFrames(fte, yte, name, device), info
+        train = EventFrames(ftr, ytr, name, device, sensor) if with_train else None
+        return train, EventFrames(fte, yte, name, device, sensor), info
     train = StaticImages(xtr, ytr, name, device) if with_train else None
     return train, StaticImages(xte, yte, name, device), info
 

@@ -16,6 +16,9 @@ INPUT_SHAPES = {
     "imagenet": (3, 224, 224),
     "cifar10-dvs": (2, 48, 48),
     "dvs-gesture": (2, 48, 48),
+    "n-mnist": (2, 34, 34),
+    "n-caltech101": (2, 48, 48),
+    "event-folder": (2, 48, 48),
 }
 
 

@@ -7,6 +7,14 @@ import sys
 from ..data.events.datasets import DEFAULT_T, build_cache
 
 
+def _sensor_size(text):
+    try:
+        H, W = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H,W (two integers), got {text!r}") from None
+    return H, W
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="tetsnn preprocess",
@@ -14,11 +22,20 @@ def parse_args(argv):
                     "training reads (both splits).")
     parser.add_argument("dataset", choices=sorted(DEFAULT_T), help="which dataset")
     parser.add_argument("--root", required=True,
-                        help="the original recordings: CIFAR10-DVS class folders, or the DvsGesture folder")
+                        help="the original recordings: CIFAR10-DVS or N-Caltech101 class folders, the DvsGesture "
+                             "folder, the N-MNIST folder holding Train/ and Test/, or <class>/<recording> folders")
     parser.add_argument("--cache", default=None, help="cache directory (default ~/.cache/tetsnn)")
-    parser.add_argument("--T", type=int, default=None, help="frames per sample (default 10 CIFAR10-DVS, 16 Gesture)")
+    parser.add_argument("--T", type=int, default=None, help="frames per sample (default 16 Gesture, 10 the others)")
     parser.add_argument("--split", choices=("tet", "tebn"), default="tet",
-                        help="CIFAR10-DVS train/test split (default tet: the first 90%% of each class train)")
+                        help="train/test split of CIFAR10-DVS, N-Caltech101 and event-folder "
+                             "(default tet: the first 90%% of each class train)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="model input side; N-Caltech101 and event-folder caches are stored reduced to it "
+                             "(default 48)")
+    parser.add_argument("--reader", choices=("aedat2", "aedat31", "atis", "npy"), default=None,
+                        help="event-folder: the recordings' format")
+    parser.add_argument("--sensor-size", type=_sensor_size, default=None, metavar="H,W",
+                        help="event-folder: the sensor's height and width")
     parser.add_argument("--split-by", choices=("count", "time"), default="count",
                         help="cut each sample into T frames of equal event count (default) or equal time")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
@@ -31,7 +48,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         directory, manifest = build_cache(args.dataset, args.root, args.T, args.split, args.cache,
-                                          args.on_error, args.split_by, args.workers)
+                                          args.on_error, args.split_by, args.workers, size=args.size,
+                                          reader=args.reader, sensor_size=args.sensor_size)
     except (ValueError, OSError) as error:
         print(f"tetsnn preprocess: error: {error}", file=sys.stderr)
         return 1
@@ -40,4 +58,8 @@ def main(argv=None) -> int:
           f"T={manifest['params']['T']}, in {directory}")
     for skipped in manifest["skipped"]:
         print(f"skipped {skipped['file']}: {skipped['error']}")
+    ignored = manifest.get("ignored", [])
+    if ignored:
+        print(f"ignored {len(ignored)} entries that are not recordings (listed in {directory}/manifest.json), "
+              f"e.g. {ignored[0]}")
     return 0

@@ -1,4 +1,5 @@
-"""A small convolutional SNN for 8x8 single-channel images (scikit-learn's digits)."""
+"""A small convolutional SNN: 8x8 single-channel images (scikit-learn's digits) by default, any
+``size`` x ``size`` input with ``in_channels`` channels (N-MNIST: 2 x 34 x 34)."""
 from __future__ import annotations
 
 from torch import nn
@@ -11,16 +12,18 @@ from .base import SpikingModel
 
 
 class DigitsSNN(SpikingModel):
-    """Layer(1,32) Layer(32,64) AvgPool2 | Layer(64,128) AvgPool2 | flatten -> Linear(512,128) -> SN -> Linear."""
+    """Layer(C,32) Layer(32,64) AvgPool2 | Layer(64,128) AvgPool2 | flatten -> Linear(128 (size//4)^2, 128)
+    -> SN -> Linear (Linear(512, 128) for the digits' 8 x 8)."""
 
-    def __init__(self, num_classes=10, T=4, in_channels=1, neuron="lif", **neuron_kw):
+    def __init__(self, num_classes=10, T=4, in_channels=1, size=8, neuron="lif", **neuron_kw):
         super().__init__(T)
         kw = dict(neuron=neuron, **neuron_kw)
         self.features = nn.Sequential(
             Layer(in_channels, 32, **kw), Layer(32, 64, spikes=True, **kw), SeqToANNContainer(nn.AvgPool2d(2)),
             Layer(64, 128, **kw), SeqToANNContainer(nn.AvgPool2d(2)),
         )
-        self.fc1 = SeqToANNContainer(nn.Flatten(), nn.Linear(128 * 2 * 2, 128))
+        side = size // 2 // 2
+        self.fc1 = SeqToANNContainer(nn.Flatten(), nn.Linear(128 * side * side, 128))
         self.sn = make_neuron(neuron, **neuron_kw)
         self.fc2 = SeqToANNContainer(spike_linear(128, num_classes, spikes=neuron != "relu"))
 

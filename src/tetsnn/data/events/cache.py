@@ -1,9 +1,11 @@
-"""The frame cache: event counts at sensor resolution, one memory-mappable uint16 file per split.
+"""The frame cache: event counts at sensor resolution (uint16), or their per-cell sums when stored
+reduced (uint32), one memory-mappable file per split.
 
 A cache lives in ``<cache_dir>/<dataset>-<key>/``, where ``key`` hashes every framing parameter,
-the root, each recording's split and the name, size and modification time of every source file,
-so any change builds a new cache. It holds ``train.u16`` and ``test.u16`` (raw C-order uint16, shape in the manifest) and
-``manifest.json`` (parameters, source files, per-sample origin and label, skipped files).
+the root, each recording's split, the name, size and modification time of every source file and
+the names of the ignored files, so any change builds a new cache. It holds ``train.u16`` and
+``test.u16`` (raw C-order data, ``.u32`` for uint32; dtype and shape in the manifest) and
+``manifest.json`` (parameters, source files, per-sample origin and label, skipped and ignored files).
 
 It is built in ``.<dataset>-<key>.tmp-<pid>/`` next to it and renamed into place (os.replace)
 only when complete, so a directory at the final name is always a finished cache.
@@ -55,9 +57,10 @@ def _fingerprint(root: Path, recordings) -> list:
     return out
 
 
-def _cache_key(dataset: str, root: Path, params: dict, recordings, sources: list) -> str:
+def _cache_key(dataset: str, root: Path, params: dict, recordings, sources: list, ignored: list) -> str:
     splits = [[r.file, r.split] for r in recordings]
-    blob = json.dumps([CACHE_VERSION, dataset, str(root), params, splits, sources], sort_keys=True)
+    blob = json.dumps([CACHE_VERSION, dataset, str(root), params, splits, sources] + ([ignored] if ignored else []),
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -93,7 +96,7 @@ def _ordered_map(fn, items, workers: int):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _build(directory: Path, dataset: str, recordings, frame_fn, on_error: str, workers: int) -> dict:
+def _build(directory: Path, dataset: str, recordings, frame_fn, on_error: str, workers: int, dtype) -> dict:
     """Frame every recording into ``directory``; return the manifest (not yet written)."""
     def attempt(recording):
         try:
@@ -101,8 +104,10 @@ def _build(directory: Path, dataset: str, recordings, frame_fn, on_error: str, w
         except ValueError as error:
             return None, error
 
-    outputs = {s: open(directory / f"{s}.u16", "wb") for s in SPLITS}
-    splits = {s: {"file": f"{s}.u16", "dtype": "uint16", "shape": None, "labels": [], "samples": []}
+    dtype = np.dtype(dtype)
+    suffix = f"u{8 * dtype.itemsize}"
+    outputs = {s: open(directory / f"{s}.{suffix}", "wb") for s in SPLITS}
+    splits = {s: {"file": f"{s}.{suffix}", "dtype": dtype.name, "shape": None, "labels": [], "samples": []}
               for s in SPLITS}
     skipped, sample_shape = [], None
     results = _ordered_map(attempt, recordings, workers)
@@ -116,7 +121,7 @@ def _build(directory: Path, dataset: str, recordings, frame_fn, on_error: str, w
                 continue
             frames, samples = result
             sample_shape = list(frames.shape[1:])
-            outputs[recording.split].write(np.ascontiguousarray(frames, dtype=np.uint16).data)
+            outputs[recording.split].write(np.ascontiguousarray(frames, dtype=dtype).data)
             splits[recording.split]["labels"] += [s["label"] for s in samples]
             splits[recording.split]["samples"] += [{"file": recording.file, **s} for s in samples]
     finally:
@@ -131,19 +136,22 @@ def _build(directory: Path, dataset: str, recordings, frame_fn, on_error: str, w
 
 
 def ensure_cache(dataset: str, root, recordings, frame_fn, params: dict, cache_dir=None,
-                 on_error: str = "raise", workers: int | None = None) -> tuple[Path, dict]:
+                 on_error: str = "raise", workers: int | None = None, dtype="uint16",
+                 ignored=()) -> tuple[Path, dict]:
     """Return ``(directory, manifest)`` of the cache for these recordings, building it if needed.
 
-    ``frame_fn(recording) -> (uint16 frames [k, T, 2, H, W], [k sample dicts with a "label"])``
+    ``frame_fn(recording) -> (frames [k, T, 2, H, W] of ``dtype``, [k sample dicts with a "label"])``
     raises ValueError (naming the file) for bad input; ``on_error="skip"`` leaves such recordings
     out and lists them in the manifest. Recordings are framed in parallel on a thread pool and
-    written in their listed order.
+    written in their listed order. ``ignored`` names the files under the root that are not
+    recordings (listed in the manifest).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     root = Path(root).resolve()
     sources = _fingerprint(root, recordings)
-    key = _cache_key(dataset, root, params, recordings, sources)
+    ignored = sorted(ignored)
+    key = _cache_key(dataset, root, params, recordings, sources, ignored)
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     directory = base / f"{dataset}-{key}"
     manifest = _read_manifest(directory)
@@ -151,7 +159,7 @@ def ensure_cache(dataset: str, root, recordings, frame_fn, params: dict, cache_d
         if directory.exists():  # not a cache this code wrote: replace it
             shutil.rmtree(directory)
         manifest = _build_atomically(directory, dataset, root, recordings, frame_fn, params, sources,
-                                     on_error, workers)
+                                     on_error, workers, dtype, ignored)
     if manifest["skipped"] and on_error == "raise":
         first = manifest["skipped"][0]
         raise ValueError(f"the cache {directory} was built with on_error='skip' and left out "
@@ -160,7 +168,8 @@ def ensure_cache(dataset: str, root, recordings, frame_fn, params: dict, cache_d
     return directory, manifest
 
 
-def _build_atomically(directory, dataset, root, recordings, frame_fn, params, sources, on_error, workers):
+def _build_atomically(directory, dataset, root, recordings, frame_fn, params, sources, on_error, workers,
+                      dtype, ignored):
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -168,9 +177,9 @@ def _build_atomically(directory, dataset, root, recordings, frame_fn, params, so
     try:
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        built = _build(tmp, dataset, recordings, frame_fn, on_error, max(1, int(workers)))
+        built = _build(tmp, dataset, recordings, frame_fn, on_error, max(1, int(workers)), dtype)
         manifest = {"version": CACHE_VERSION, "dataset": dataset, "root": str(root), "params": params,
-                    "sources": sources, **built}
+                    "sources": sources, **built, "ignored": ignored}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
         try:
             os.replace(tmp, directory)
@@ -189,8 +198,8 @@ def _build_atomically(directory, dataset, root, recordings, frame_fn, params, so
 
 
 def open_split(directory: Path, info: dict):
-    """``(frames, labels)`` of a split (``manifest["splits"][name]``): a read-only uint16 memmap
-    ``[N, T, 2, H, W]`` and int64 labels ``[N]``."""
+    """``(frames, labels)`` of a split (``manifest["splits"][name]``): a read-only memmap
+    ``[N, T, 2, H, W]`` (uint16 counts, or uint32 cell sums) and int64 labels ``[N]``."""
     shape = tuple(info["shape"])
     labels = np.asarray(info["labels"], dtype=np.int64)
     if shape[0] == 0:  # mmap cannot map an empty file

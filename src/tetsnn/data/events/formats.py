@@ -1,4 +1,5 @@
-"""Readers for the original event-camera recordings: jAER AEDAT 2.0 and AEDAT 3.1.
+"""Readers for the original event-camera recordings: jAER AEDAT 2.0, AEDAT 3.1, the ATIS ``.bin``
+of N-MNIST and N-Caltech101, and ``.npy`` event arrays as tonic writes them.
 
 Both return a structured array with fields ``t`` (int64 microseconds, unwrapped but not rebased),
 ``x`` (int16 column), ``y`` (int16 row) and ``p`` (int8, 0 = OFF, 1 = ON), in file order. Whole
@@ -12,7 +13,8 @@ import struct
 
 import numpy as np
 
-__all__ = ["EVENT_DTYPE", "read_aedat2", "read_aedat31", "read_gesture_labels"]
+__all__ = ["EVENT_DTYPE", "read_aedat2", "read_aedat31", "read_atis_bin", "read_npy", "read_gesture_labels",
+           "READERS"]
 
 # Aligned (16 bytes a record): numpy's loops over unaligned int64 fields are several times slower.
 EVENT_DTYPE = np.dtype([("t", "<i8"), ("x", "<i2"), ("y", "<i2"), ("p", "i1")], align=True)
@@ -171,3 +173,88 @@ def read_gesture_labels(path) -> np.ndarray:
     if not rows:
         raise ValueError(f"{path}: no label rows")
     return np.array(rows, dtype=np.int64)
+
+
+def _empty(path):
+    return ValueError(f"{path}: empty recording (no events)")
+
+
+_ATIS_RECORD = 5
+_ATIS_OVERFLOW_Y = 240
+_ATIS_OVERFLOW_STEP = 2**13
+
+
+def read_atis_bin(path) -> np.ndarray:
+    """Decode an ATIS ``.bin`` recording (N-MNIST, N-Caltech101).
+
+    No header; 5 bytes per record, big-endian bit order: byte 0 = x, byte 1 = y, bit 7 of byte 2 =
+    polarity (1 ON), ``t = ((b2 & 0x7F) << 16) | (b3 << 8) | b4`` (23 bits, microseconds). A record
+    whose y byte is 240 is a timestamp-overflow marker, not an event: every later record's ``t``
+    gains 2**13 (the rule of the datasets' own reader), and the marker is dropped.
+    """
+    data = _read(path)
+    if len(data) % _ATIS_RECORD:
+        raise ValueError(f"{path}: {len(data)} bytes is not a multiple of the {_ATIS_RECORD}-byte "
+                         f"ATIS record (truncated or corrupt file)")
+    n = len(data) // _ATIS_RECORD
+    if n == 0:
+        raise _empty(path)
+    raw = np.frombuffer(data, np.uint8).reshape(n, _ATIS_RECORD)
+    # Bytes 1-4 of each record as one big-endian word (a strided view, no copy): t = bits 0-22.
+    word = np.ndarray((n,), ">u4", data, offset=1, strides=(_ATIS_RECORD,))
+    markers = np.flatnonzero(raw[:, 1] == _ATIS_OVERFLOW_Y)
+    if len(markers) == n:
+        raise _empty(path)
+    events = np.empty(n - len(markers), dtype=EVENT_DTYPE)
+    # The records between marker k-1 and marker k (k = 0, 1, ...) are events whose t gains
+    # k * 2**13. A marker stands for 2**13 us of recording, so there are few runs: decoding run
+    # by run copies nothing and skips the markers.
+    starts, ends = np.append(0, markers + 1).tolist(), np.append(markers, n).tolist()
+    out = 0
+    for k, (a, b) in enumerate(zip(starts, ends)):
+        run = events[out:out + b - a]
+        np.bitwise_and(word[a:b], 0x7FFFFF, out=run["t"], casting="unsafe")
+        if k:
+            run["t"] += k * _ATIS_OVERFLOW_STEP
+        run["x"] = raw[a:b, 0]
+        run["y"] = raw[a:b, 1]
+        np.right_shift(raw[a:b, 2], 7, out=run["p"].view(np.uint8))
+        out += b - a
+    return events
+
+
+_NPY_FIELDS = ("t", "x", "y", "p")
+
+
+def read_npy(path) -> np.ndarray:
+    """Read a ``.npy`` structured array with integer fields t, x, y, p (tonic's layout; ``p`` 0/1
+    or bool) into tetsnn's event dtype. Values that do not fit (negative or over 32,767 pixels, a
+    polarity other than 0/1) are an error naming the file, never wrapped around."""
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable .npy array ({error})") from None
+    names = array.dtype.names or ()
+    missing = [f for f in _NPY_FIELDS if f not in names]
+    if missing or array.ndim != 1:
+        raise ValueError(f"{path}: expected a 1-d structured array with fields t, x, y, p, got "
+                         f"dtype {array.dtype} and shape {array.shape}")
+    if len(array) == 0:
+        raise _empty(path)
+    limits = {"t": (None, None), "x": (0, 2**15 - 1), "y": (0, 2**15 - 1), "p": (0, 1)}
+    events = np.empty(len(array), dtype=EVENT_DTYPE)
+    for name, (low, high) in limits.items():
+        field = array[name]
+        if field.dtype.kind not in "iub":
+            raise ValueError(f"{path}: field {name!r} must be an integer or bool type, got {field.dtype}")
+        if low is not None:
+            lo, hi = int(field.min()), int(field.max())
+            if lo < low or hi > high:
+                raise ValueError(f"{path}: field {name!r} spans [{lo}, {hi}], outside [{low}, {high}]")
+        events[name] = field
+    return events
+
+
+# reader name -> (function, file suffix of its recordings)
+READERS = {"aedat2": (read_aedat2, ".aedat"), "aedat31": (read_aedat31, ".aedat"),
+           "atis": (read_atis_bin, ".bin"), "npy": (read_npy, ".npy")}

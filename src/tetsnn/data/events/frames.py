@@ -4,6 +4,11 @@
 (fancy-index ``+=`` would drop repeated pixels and make frames binary). ``batch_transform`` turns a
 batch of cached counts into model input on the batch's device: area resize, per-frame max scaling
 and TET's flip + circular roll, identical at every time step of a sample.
+
+A cache for a large sensor may hold frames already reduced (``cell_sums``): for each output
+pixel of the adaptive average pooling, the sum of the counts in its cell. Dividing by the cell's
+height and then its width, in float32, is exactly what ``adaptive_avg_pool2d`` computes from the
+counts (its float32 sums of integers below 2**24 are exact), so both give the same model input.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["to_frames", "batch_transform"]
+__all__ = ["to_frames", "batch_transform", "cell_sums", "pool_cells", "can_reduce"]
 
 
 def time_bins(t: np.ndarray, T: int) -> np.ndarray:
@@ -60,15 +65,64 @@ def to_frames(events: np.ndarray, T: int, sensor_size=(128, 128), split_by: str 
     pixels = pixel_index(events, (H, W))
     size = 2 * H * W
     if split_by == "count":
-        bounds = np.arange(T + 1, dtype=np.int64) * len(pixels) // T
-        frames = [np.bincount(pixels[a:b], minlength=size) for a, b in zip(bounds[:-1], bounds[1:])]
-        return np.stack(frames).reshape(T, 2, H, W)
+        # one bincount over (frame, pixel): frame j's events are offset by j frames in place
+        bounds = (np.arange(T + 1, dtype=np.int64) * len(pixels) // T).tolist()
+        index = pixels.astype(np.intp)
+        for j in range(1, T):
+            index[bounds[j]:bounds[j + 1]] += j * size
+        return np.bincount(index, minlength=T * size).reshape(T, 2, H, W)
     if split_by == "time":
         if len(pixels) == 0:
             return np.zeros((T, 2, H, W), dtype=np.int64)
         index = time_bins(events["t"], T) * size + pixels
         return np.bincount(index, minlength=T * size).reshape(T, 2, H, W)
     raise ValueError(f"split_by must be 'count' or 'time', got {split_by!r}")
+
+
+def pool_cells(n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) of the ``size`` cells adaptive average pooling uses along an axis
+    of length ``n``: ``start_i = floor(i n / size)``, ``end_i = ceil((i + 1) n / size)``. When
+    ``size`` does not divide ``n`` the cells differ in length and neighbours may share a pixel."""
+    i = np.arange(size, dtype=np.int64)
+    return i * n // size, -((-(i + 1) * n) // size)
+
+
+# A pixel holds at most 65,535 events in one frame (the uint16 limit of the counts); cell sums stay
+# exact in float32 while below 2**24, so a cell may span at most 2**24 // 65,535 = 256 pixels.
+_MAX_CELL_AREA = 2**24 // 65535
+
+
+def can_reduce(sensor_size, size: int) -> bool:
+    """Whether a cache may hold the cell sums of pooling ``sensor_size`` (H, W) frames to
+    ``size`` x ``size``: the size is at least 2 and below the sensor on both axes, and every
+    cell's sum of uint16 counts stays exact in float32."""
+    H, W = (int(s) for s in sensor_size)
+    if size < 2 or size > min(H, W) or (H, W) == (size, size):   # size 1 is torch's mean: one division
+        return False
+    longest = [int(np.subtract(*pool_cells(n, size)[::-1]).max()) for n in (H, W)]
+    return longest[0] * longest[1] <= _MAX_CELL_AREA
+
+
+def cell_sums(frames: np.ndarray, size: int) -> np.ndarray:
+    """Per-cell sums ``[..., size, size]`` (uint32) of integer counts ``[..., H, W]`` over the cells of
+    adaptive average pooling to ``size`` x ``size``, from a summed-area table (exact integers)."""
+    *lead, H, W = frames.shape
+    table = np.zeros((*lead, H + 1, W + 1), dtype=np.int64)
+    np.cumsum(frames, axis=-2, out=table[..., 1:, 1:])
+    np.cumsum(table[..., 1:, 1:], axis=-1, out=table[..., 1:, 1:])
+    (r0, r1), (c0, c1) = pool_cells(H, size), pool_cells(W, size)
+    rows0, rows1 = table[..., r0, :], table[..., r1, :]
+    sums = rows1[..., c1] - rows1[..., c0] - rows0[..., c1] + rows0[..., c0]
+    return sums.astype(np.uint32)
+
+
+def _cell_means(x: torch.Tensor, sensor_size, size: int) -> torch.Tensor:
+    """float32 means from cell sums ``[..., size, size]``: each sum divided by its cell's height,
+    then by its width, as ``adaptive_avg_pool2d`` divides its sum."""
+    (r0, r1), (c0, c1) = pool_cells(sensor_size[0], size), pool_cells(sensor_size[1], size)
+    heights = torch.as_tensor(r1 - r0, dtype=torch.float32, device=x.device)[:, None]
+    widths = torch.as_tensor(c1 - c0, dtype=torch.float32, device=x.device)
+    return x.to(torch.float32) / heights / widths
 
 
 def _flip_roll(x: torch.Tensor, flip: bool, roll: int, generator) -> torch.Tensor:
@@ -99,7 +153,7 @@ def _pool(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def batch_transform(frames: torch.Tensor, size: int = 48, norm: str | None = "max", flip: bool = False,
-                    roll: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+                    roll: int = 0, generator: torch.Generator | None = None, sensor_size=None) -> torch.Tensor:
     """Event counts ``[B, T, 2, H, W]`` (any dtype, any device) -> float32 ``[B, T, 2, size, size]``.
 
     Resizes with adaptive average pooling (skipped when already ``size``), then with
@@ -107,6 +161,9 @@ def batch_transform(frames: torch.Tensor, size: int = 48, norm: str | None = "ma
     (an empty frame stays 0). ``flip`` / ``roll`` add TET's train-time augmentation: a horizontal
     flip with p=0.5 and a circular roll of H and W by independent integers in ``[-roll, roll]``,
     drawn per sample from ``generator`` and applied identically at every time step.
+
+    ``frames`` of ``size`` x ``size`` with a different ``sensor_size`` (H, W) are the cell sums of
+    a reduced cache (:func:`cell_sums`): they give the same result as the counts they came from.
     """
     if frames.ndim != 5 or frames.shape[2] != 2:
         raise ValueError(f"expected event frames [B, T, 2, H, W], got shape {tuple(frames.shape)}")
@@ -115,7 +172,9 @@ def batch_transform(frames: torch.Tensor, size: int = 48, norm: str | None = "ma
     if int(roll) != roll or roll < 0:
         raise ValueError(f"roll must be a non-negative integer, got {roll!r}")
     B, T, C, H, W = frames.shape
-    if (H, W) != (size, size):
+    if sensor_size is not None and (H, W) == (size, size) != tuple(sensor_size):
+        x = _cell_means(frames, tuple(sensor_size), size)
+    elif (H, W) != (size, size):
         x = _pool(frames.reshape(B * T, C, H, W), size).reshape(B, T, C, size, size)
     else:
         x = frames.to(torch.float32)
