@@ -27,7 +27,6 @@ import itertools
 import operator
 from typing import Dict, List, Sequence, Tuple
 
-import nir
 import numpy as np
 import torch
 import torch.fx as fx
@@ -35,7 +34,9 @@ from torch import nn
 
 from .layers import SeqToANNContainer
 from .neuron import LIF
-from .utils import atomic_path
+from .utils import atomic_path, optional_module
+
+nir = optional_module("nir", "exporting to NIR")
 
 __all__ = ["export_nir", "to_nir"]
 

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import random
 
 import numpy as np
 import torch
 
-__all__ = ["seed_all", "atomic_path"]
+__all__ = ["seed_all", "atomic_path", "optional_module"]
 
 
 def seed_all(seed: int) -> None:
@@ -33,3 +34,21 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class optional_module:
+    """A package that only some features need (``nir`` for export, say), imported on first use, so
+    ``import tetsnn`` works without it; using it when it is missing raises an ImportError that
+    names the package and ``purpose``."""
+
+    def __init__(self, name: str, purpose: str):
+        self._name, self._purpose, self._module = name, purpose, None
+
+    def __getattr__(self, attr):
+        if self._module is None:
+            try:
+                self._module = importlib.import_module(self._name)
+            except ImportError:
+                raise ImportError(f"{self._purpose} needs the {self._name!r} package "
+                                  f"(pip install {self._name})") from None
+        return getattr(self._module, attr)
