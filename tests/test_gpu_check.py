@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels built in this process run on the CPU
+
+import pytest  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SRC = BENCH.parent / "src"
@@ -76,3 +78,17 @@ def test_a_mismatch_fails_the_run(tmp_path, monkeypatch):
     s = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]["correctness"]
     assert s["status"] == "failed" and s["mismatch_count"] > 0
     assert "spikes differ" in s["mismatches"][0] or "gradient differs" in s["mismatches"][0]
+
+
+def test_a_missing_package_skips_its_section_and_a_broken_import_is_an_error(monkeypatch):
+    def needs_absent(ctx, sec):
+        import tetsnn_absent_package  # noqa: F401
+
+    def broken(ctx, sec):
+        from tetsnn.kernels import no_such_module  # noqa: F401
+    monkeypatch.setitem(gpu_check.SECTIONS, "kernels", needs_absent)
+    monkeypatch.setitem(gpu_check.SECTIONS, "tools", broken)
+    skipped = gpu_check.run_section(None, "kernels")
+    assert skipped["status"] == "skipped"
+    assert skipped["reason"] == "needs the 'tetsnn_absent_package' package, which is not installed"
+    assert gpu_check.run_section(None, "tools")["status"] == "error"
