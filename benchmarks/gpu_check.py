@@ -315,7 +315,7 @@ def section_models(ctx, sec):
                 for _ in range(ctx.size["warmup"]):
                     step()
             ctx.sync()
-            sec.figure(f"{what}: warm-up ({ctx.size['warmup']} steps each, compiles included)",
+            sec.figure(f"{what}: warm-up, {ctx.size['warmup']} step(s) of each model, compiles included",
                        f"{time.perf_counter() - t0:.1f} s")
             times = interleave(steps, ctx.size["rounds"], ctx.device)
             ratio = statistics.median(s / a for a, s in zip(times["ann"], times["snn"]))
