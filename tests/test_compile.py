@@ -17,6 +17,16 @@ from tetsnn.train import build_model, compile_model, main, resolve_run_config
 from conftest import QUICK
 
 
+@pytest.fixture(autouse=True)
+def one_compile_thread():
+    """Inductor compiles in this process: on 2 cores a pool of compile workers (each importing
+    torch) costs more than it saves."""
+    from torch._inductor import config
+
+    with config.patch(compile_threads=1):
+        yield
+
+
 def digits_batch(n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 1, 8, 8, generator=g) * 3, torch.randint(0, 10, (n,), generator=g)
