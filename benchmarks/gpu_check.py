@@ -331,7 +331,8 @@ def section_models(ctx, sec):
                     peak[k] = torch.cuda.max_memory_allocated(ctx.device)
             for label, mem in (("memory rise in one step", rise), ("max_memory_allocated", peak)):
                 if mem.get("snn") and mem.get("ann"):
-                    sec.figure(f"{what}: SNN / ANN {label}", f"{mem['snn'] / 2 ** 20:.0f} / {mem['ann'] / 2 ** 20:.0f} MiB")
+                    sec.figure(f"{what}: SNN / ANN {label}",
+                               f"{mem['snn'] / 2 ** 20:.0f} / {mem['ann'] / 2 ** 20:.0f} MiB")
             mem, label = (peak, "max_memory_allocated") if peak else (rise, "memory rise in one step")
             if mem.get("snn") and mem.get("ann"):
                 mem_ratio = mem["snn"] / mem["ann"]
@@ -381,9 +382,9 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 def _train_process(ctx, args, deterministic, stop_at=0):
-    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1" if ctx.dry else "0", "GPU_CHECK_DETERMINISTIC": "1" if deterministic else "0", "GPU_CHECK_STOP_AT": str(stop_at),
-           "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
-                                                                               os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "GPU_CHECK_DRY_RUN": "1" if ctx.dry else "0", "GPU_CHECK_STOP_AT": str(stop_at),
+           "GPU_CHECK_DETERMINISTIC": "1" if deterministic else "0", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, "-c", _TRAIN_CHILD, *args], env=env, capture_output=True, text=True,
                          timeout=300)
     if res.returncode != 0:
@@ -441,7 +442,6 @@ def section_training(ctx, sec):
 
 def section_data(ctx, sec):
     import numpy as np
-    import torch
     from torch.utils.data import DataLoader
 
     from bench_events import bench_batches
@@ -654,8 +654,8 @@ def run(args) -> int:
             result["seconds"] = round(time.perf_counter() - t0, 1)
             write_json(path, result)
             s = result["sections"][name]
-            print(f"gpu_check: {name}: {s['status']} ({s['seconds']} s)" + (f": {s['reason']}" if "reason" in s else ""),
-                  flush=True)
+            why = f": {s['reason']}" if "reason" in s else ""
+            print(f"gpu_check: {name}: {s['status']} ({s['seconds']} s){why}", flush=True)
     print(f"gpu_check: wrote {path} ({result['seconds']} s)")
     bad = [n for n, s in result["sections"].items() if s["status"] in ("failed", "error")]
     if bad:
