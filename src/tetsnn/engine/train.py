@@ -30,8 +30,8 @@ from ..loss import sdt_loss, tet_loss
 from .transfer import freeze, load_ann_weights
 from ..utils import atomic_path, seed_all
 
-__all__ = ["build_model", "build_criterion", "build_optimizer", "compile_model", "resolve_run_config", "fit", "main",
-           "NonFiniteLoss"]
+__all__ = ["build_model", "build_criterion", "build_optimizer", "compile_model", "resolve_run_config", "fit",
+           "main", "NonFiniteLoss"]
 
 
 class NonFiniteLoss(RuntimeError):
