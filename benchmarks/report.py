@@ -21,11 +21,16 @@ def write_results(name: str, result: dict, markdown: str) -> None:
     out = ROOT / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     _replace(out, json.dumps(result, indent=2) + "\n")
+    write_section(name, markdown)
+
+
+def write_section(name: str, markdown: str, doc_path: Path = DOC) -> None:
+    """Put ``markdown`` in the ``name`` section of ``doc_path`` (appended when it has none yet)."""
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
-    doc = DOC.read_text()
+    doc = doc_path.read_text()
     if begin in doc and end in doc:
         doc = doc[:doc.index(begin)] + block + doc[doc.index(end) + len(end):]
     else:
         doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-    _replace(DOC, doc)
+    _replace(doc_path, doc)

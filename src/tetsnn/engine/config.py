@@ -46,6 +46,7 @@ DEFAULTS = {
     "workers": 4,             # DataLoader workers (ImageNet only; the other loaders live on the device)
     "device": "auto",         # auto: cuda when available, else cpu
     "sync_bn": False,
+    "compile": False,         # torch.compile the model for training and evaluation
     "init_from": None,        # start from the weights of a ReLU twin (ANN-to-SNN transfer)
     "freeze": None,           # comma-separated glob patterns of parameter names not to train
     "T_schedule": None,       # "2:5,4:5,6": T=2 for 5 epochs, T=4 for 5, then T=6 (static data only)
@@ -132,7 +133,7 @@ def validate(cfg: dict) -> dict:
     _check(cfg, "momentum", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
     _check(cfg, "lamb", lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
     _check(cfg, "means", _is_num, "a number")
-    for key in ("download", "sync_bn"):
+    for key in ("download", "sync_bn", "compile"):
         _check(cfg, key, lambda v: isinstance(v, bool), "true or false")
     for key in ("data_dir", "cache_dir", "out", "resume", "init_from", "freeze", "T_schedule"):
         _check(cfg, key, lambda v: v is None or isinstance(v, str), "a path")

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         cfg, model, _ = load_trained_model(args.checkpoint)
         shape = _shape(args.input_shape) if args.input_shape else INPUT_SHAPES[cfg["dataset"]]
         graph = export_nir(model, args.out, shape, dt=args.dt, avgpool=args.avgpool)
-    except (ConfigError, CheckpointError, ValueError, OSError) as e:
+    except (ConfigError, CheckpointError, ValueError, OSError, ImportError) as e:   # ImportError: no nir
         print(f"tetsnn export: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: NIR graph of {cfg['model']} ({len(graph.nodes)} nodes, {len(graph.edges)} edges), "

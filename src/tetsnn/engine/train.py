@@ -30,8 +30,8 @@ from ..loss import sdt_loss, tet_loss
 from .transfer import freeze, load_ann_weights
 from ..utils import atomic_path, seed_all
 
-__all__ = ["build_model", "build_criterion", "build_optimizer", "resolve_run_config", "fit", "main",
-           "NonFiniteLoss"]
+__all__ = ["build_model", "build_criterion", "build_optimizer", "compile_model", "resolve_run_config", "fit",
+           "main", "NonFiniteLoss"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -52,6 +52,15 @@ def build_optimizer(cfg: dict, model: nn.Module):
     return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
 
+def compile_model(cfg: dict, model: nn.Module) -> nn.Module:
+    """``compile: true``: ``torch.compile`` the model's forward in place (``nn.Module.compile``), so
+    training and evaluation run compiled while its state_dict keeps the plain keys (no
+    ``_orig_mod.``): compiled and eager runs read and write the same checkpoints."""
+    if cfg["compile"]:
+        model.compile()
+    return model
+
+
 def prepare_model(cfg: dict, model: nn.Module, say=print) -> None:
     """ANN-to-SNN transfer (``init_from``) and freezing (``freeze``), reported through ``say``."""
     if cfg["init_from"] and not cfg["resume"]:     # a resumed run has its own weights
@@ -67,8 +76,8 @@ def prepare_model(cfg: dict, model: nn.Module, say=print) -> None:
         say(f"freeze {cfg['freeze']}: {len(names)} parameter tensors frozen")
 
 
-# keys that say where things are, not what is trained: a resumed run may change them
-LOCATION_KEYS = ("data_dir", "cache_dir", "device", "workers")
+# keys that say where and how the run executes, not what is trained: a resumed run may change them
+LOCATION_KEYS = ("data_dir", "cache_dir", "device", "workers", "compile")
 
 
 def resolve_run_config(argv) -> dict:
@@ -196,7 +205,7 @@ class Trainer:
         self.schedule = parse_T_schedule(cfg["T_schedule"]) if cfg["T_schedule"] else None
         if cfg["sync_bn"] and world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model
+        self.model = compile_model(cfg, model)
         self.ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
         self.criterion = build_criterion(cfg)

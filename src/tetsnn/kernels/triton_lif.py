@@ -92,6 +92,21 @@ def _lif_bwd(gs_ptr, gx_ptr, c_ptr, n_neurons, T, M, HARD: tl.constexpr, DETACH:
         gu = tau * gh
 
 
+# Every (kernel, signature, constexprs) the functions below can launch, for ahead-of-time compile
+# checks: the compute dtype (float32, or float64; half inputs arrive as float32) and every flag.
+AOT_VARIANTS = [
+    (_integrate, {"x_ptr": f"*{d}", "out_ptr": f"*{d}", "c_ptr": f"*{d}", "n_neurons": "i32", "T": "i32", "M": "i32",
+                  "HARD": "constexpr", "STORE_H": "constexpr", "BLOCK": "constexpr"},
+     {"HARD": hard, "STORE_H": store_h, "BLOCK": BLOCK})
+    for d in ("fp32", "fp64") for hard in (True, False) for store_h in (True, False)
+] + [
+    (_lif_bwd, {"gs_ptr": f"*{d}", "gx_ptr": f"*{d}", "c_ptr": f"*{d}", "n_neurons": "i32", "T": "i32", "M": "i32",
+                "HARD": "constexpr", "DETACH": "constexpr", "KIND": "constexpr", "BLOCK": "constexpr"},
+     {"HARD": hard, "DETACH": detach, "KIND": kind, "BLOCK": BLOCK})
+    for d in ("fp32", "fp64") for hard in (True, False) for detach in (True, False) for kind in SURROGATE_IDS.values()
+]
+
+
 def _consts(dtype, device, tau, threshold, surrogate="zif", width=1.0) -> Tensor:
     k = (1.0 / width) ** 2 if surrogate == "zif" else math.pi / 2 * width
     return torch.tensor([tau, threshold, width, k], dtype=dtype, device=device)
