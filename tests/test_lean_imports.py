@@ -38,7 +38,7 @@ def test_import_and_train_step_without_optional_packages():
     """)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "OK" in res.stdout
-    assert "IMPORT-ERROR: exporting to NIR needs the 'nir' package (pip install nir)" in res.stdout
+    assert "IMPORT-ERROR: NIR export and import need the nir package: pip install nir" in res.stdout
 
 
 def test_export_cli_names_the_missing_package(tmp_path):
@@ -52,6 +52,6 @@ def test_export_cli_names_the_missing_package(tmp_path):
         sys.exit(export_cli.main(["--checkpoint", {str(tmp_path / "last.pt")!r}, "--out", {str(tmp_path / "m.nir")!r}]))
     """)
     assert res.returncode == 2, res.stderr[-3000:]
-    assert res.stderr.strip().splitlines() == ["tetsnn export: error: exporting to NIR needs the 'nir' package "
-                                               "(pip install nir)"]
+    assert res.stderr.strip().splitlines() == ["tetsnn export: error: NIR export and import need the nir package: "
+                                               "pip install nir"]
     assert not (tmp_path / "m.nir").exists()
