@@ -107,22 +107,25 @@ def _(packed, shape, dtype):
     return packed.new_empty(shape, dtype=dtype)
 
 
-_LAST = {}  # the latest packing: weak references to the tensor owning its input's memory and to the bits
+_RECENT = []  # the latest packings, newest last: (key, weak ref to the owner of the input's memory, weak ref to the bits)
+_RECENT_SIZE = 4
 
 
 def _pack_once(x: Tensor) -> Tensor:
-    """``pack_spikes(x)``, reusing the bits of the previous call when it packed the same, unmodified
-    tensor (a block's input feeds both conv1 and the downsample)."""
+    """``pack_spikes(x)``, reusing the bits of one of the last few calls when it packed the same,
+    unmodified tensor (a block's input feeds conv1, the downsample and the residual add)."""
     if torch.compiler.is_compiling():
         return pack_spikes(x)
-    key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
-    if _LAST and _LAST["key"] == key and _LAST["owner"]() is not None:
-        bits = _LAST["bits"]()
-        if bits is not None:
-            return bits
+    # a contiguous tensor's bits follow its memory, whatever its shape (x and x.flatten(0, 1) share them)
+    layout = ("contiguous", x.numel()) if x.is_contiguous() else (x.shape, x.stride())
+    key = (x.data_ptr(), layout, x.dtype, x.device, x._version)
+    for k, owner, bits in _RECENT:
+        if k == key and owner() is not None and bits() is not None:
+            return bits()
     bits = pack_spikes(x)
     owner = x if x._base is None else x._base  # alive => its memory cannot hold another tensor
-    _LAST.update(key=key, owner=weakref.ref(owner), bits=weakref.ref(bits))
+    _RECENT.append((key, weakref.ref(owner), weakref.ref(bits)))
+    del _RECENT[:-_RECENT_SIZE]
     return bits
 
 
