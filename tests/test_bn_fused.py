@@ -234,11 +234,38 @@ def test_bf16_autocast_and_channels_last():
         assert_same_step(fused, plain, x, torch.float32)
 
 
-def test_triton_kernel_path():
-    """The fused op on the Triton LIF kernels (interpreted on the CPU)."""
-    fused, plain = twins(lambda f: small_net("lif", f, backend="triton"), torch.float32)
-    x = torch.rand(2, 3, 2, 6, 6) * 3
-    assert_same_step(fused, plain, x, torch.float32)
+def test_triton_kernels():
+    """The Triton kernels (interpreted on the CPU) against the unfused modules on the per-step loop, in
+    float64: plain, residual bits and downsample branch, each layer with other neuron options."""
+    def build(fuse, backend):
+        opts = [dict(), dict(reset="soft", surrogate="atan", detach_reset=True), dict(surrogate="sigmoid", tau=0.7)]
+        return nn.Sequential(Layer(2, 4, fuse_bn=fuse, backend=backend, **opts[0]),
+                             BasicBlock(4, 4, fuse_bn=fuse, backend=backend, **opts[1]),
+                             BasicBlock(4, 6, stride=2, fuse_bn=fuse, backend=backend, **opts[2])).double()
+    torch.manual_seed(0)
+    fused = build(True, "triton")
+    plain = build(False, "loop")  # the per-step reference
+    plain.load_state_dict(fused.state_dict())
+    x = torch.rand(2, 2, 2, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 3
+    out1, gx1, gp1, buf1 = run(fused, x)
+    out2, gx2, gp2, buf2 = run(plain, x)
+    assert torch.equal(out1, out2) and 0 < out1.mean() < 1
+    for k in buf1:
+        torch.testing.assert_close(buf1[k], buf2[k], rtol=1e-12, atol=1e-12)
+    for a, b in [(gx1, gx2)] + [(gp1[k], gp2[k]) for k in gp1]:
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert gx1.abs().sum() > 0
+
+
+def test_triton_aot_variants_cover_every_launch():
+    from tetsnn.kernels import triton_bn_lif as k
+    fwd = {(c["HARD"], c["RES"], sig["y_ptr"]) for fn, sig, c in k.AOT_VARIANTS if fn is k._bn_lif_fwd}
+    bwd = {(c["HARD"], c["DETACH"], c["KIND"], c["RES"], sig["y_ptr"]) for fn, sig, c in k.AOT_VARIANTS
+           if fn is k._bn_lif_bwd}
+    assert len(fwd) == 2 * 3 * 4 and len(bwd) == 2 * 2 * 3 * 3 * 4
+    for fn, sig, c in k.AOT_VARIANTS:  # every argument typed, constexprs valued
+        assert list(sig) == fn.arg_names
+        assert {a for a, t in sig.items() if t == "constexpr"} == set(c)
 
 
 def test_custom_op_registration():

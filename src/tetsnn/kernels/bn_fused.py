@@ -33,6 +33,12 @@ so every gradient is the one autograd forms for the unfused modules, from the sa
 The extra work is one more pass of BatchNorm's forward over ``y`` in backward. The statistics and
 the running-statistics update are those of ``torch.nn.functional.batch_norm``; the caller passes
 the momentum ``nn.BatchNorm`` would use (``1 / num_batches_tracked`` when its momentum is None).
+
+With ``kernel="triton"`` (CUDA) the normalisation runs inside the Triton LIF kernels of
+:mod:`tetsnn.kernels.triton_bn_lif` instead: ``z`` is never written, forward or backward, and the
+statistics come from ``torch.batch_norm_update_stats``; forward and backward form ``z`` by the same
+fused multiply-add, so the backward rebuilds the forward's ``z`` exactly, which may differ from
+torch's batch_norm kernel by an ulp.
 """
 from __future__ import annotations
 
@@ -82,6 +88,9 @@ def bn_lif_forward(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     ``[N*T, C, ...]``, then per BatchNorm ``mean, invstd, new_running_mean, new_running_var`` (the running
     statistics after this batch's update, for the caller to copy into the buffers; empty where absent).
     The op is functional (autograd needs that), so it updates copies of the running statistics."""
+    if kernel == "triton":
+        return _triton_forward(y, weight, bias, running_mean, running_var, momentum, eps, y2, weight2, bias2,
+                               running_mean2, running_var2, momentum2, eps2, residual, T, tau, threshold, reset)
     n = y.shape[0] // T
     z, *stats = _normalise(y, weight, bias, running_mean, running_var, momentum, eps)
     z = z.view(n, T, *z.shape[1:])
@@ -139,10 +148,14 @@ def _backward(ctx, grads):
     y, weight, bias, mean, invstd, y2, weight2, bias2, mean2, invstd2, bits = ctx.saved_tensors
     n = y.shape[0] // ctx.T
     with torch.no_grad():
-        z = _recompute(y, weight, bias, ctx.eps[0], y2, weight2, bias2, ctx.eps[1], bits,
-                       getattr(ctx, "bits_meta", None), n, ctx.T)
-        gz = lif_backward(grad_s, z, *ctx.lif)
-        del z
+        if ctx.lif[-1] == "triton":
+            gz = _triton_backward(grad_s, y, weight, bias, mean, invstd, y2, weight2, bias2, mean2, invstd2, bits,
+                                  ctx.T, *ctx.lif[:-1])
+        else:
+            z = _recompute(y, weight, bias, ctx.eps[0], y2, weight2, bias2, ctx.eps[1], bits,
+                           getattr(ctx, "bits_meta", None), n, ctx.T)
+            gz = lif_backward(grad_s, z, *ctx.lif)
+            del z
         ni = ctx.needs_input_grad
         gy, gw, gb = _bn_grads(gz, y, weight, mean, invstd, ctx.eps[0], (ni[0], ni[1], ni[2]))
         gy2 = gw2 = gb2 = None
@@ -153,6 +166,46 @@ def _backward(ctx, grads):
 
 
 bn_lif_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- the Triton kernels
+
+def _batch_stats(y, running_mean, running_var, momentum, eps):
+    """``[mean, invstd, new_running_mean, new_running_var]`` without normalising (Triton path)."""
+    rm = None if running_mean is None else running_mean.clone()
+    rv = None if running_var is None else running_var.clone()
+    mean, var = torch.batch_norm_update_stats(y, rm, rv, momentum)
+    return [mean, torch.rsqrt(var + eps), mean.new_empty(0) if rm is None else rm,
+            mean.new_empty(0) if rv is None else rv]
+
+
+def _triton_forward(y, weight, bias, running_mean, running_var, momentum, eps, y2, weight2, bias2, running_mean2,
+                    running_var2, momentum2, eps2, residual, T, tau, threshold, reset):
+    from . import triton_bn_lif as k
+    cd = k.compute_dtype(y.dtype)
+    stats = _batch_stats(y, running_mean, running_var, momentum, eps)
+    ab = k.affine(stats[0], stats[1], weight, bias, cd)
+    stats2 = [stats[0].new_empty(0) for _ in range(4)]
+    if y2 is not None:
+        stats2 = _batch_stats(y2, running_mean2, running_var2, momentum2, eps2)
+        ab = torch.cat([ab, k.affine(stats2[0], stats2[1], weight2, bias2, cd)])
+        y2 = y2.to(y.dtype)
+    r = None if residual is None else residual.to(y.dtype)
+    s = k.forward(y, ab, y2, r, T, tau, threshold, reset == "hard")
+    return [s, *stats, *stats2]
+
+
+def _triton_backward(grad_s, y, weight, bias, mean, invstd, y2, weight2, bias2, mean2, invstd2, bits, T,
+                     tau, threshold, reset, detach_reset, surrogate, width):
+    from . import triton_bn_lif as k
+    cd = k.compute_dtype(y.dtype)
+    ab = k.affine(mean, invstd, weight, bias, cd)
+    if y2 is not None:
+        ab = torch.cat([ab, k.affine(mean2, invstd2, weight2, bias2, cd)])
+        y2 = y2.to(y.dtype)
+    gz = k.backward(grad_s.to(y.dtype), y, ab, y2, bits, T, tau, threshold, reset == "hard", detach_reset,
+                    surrogate, width)
+    return gz.to(y.dtype)
 
 
 def _bn_args(bn) -> list:
