@@ -179,7 +179,10 @@ def test_eval_no_grad_hooks_and_loop_run_unfused():
     x = torch.rand(2, 3, 2, 6, 6)
     layer(x)   # a hook on the BatchNorm: it runs as a module
     handle.remove()
-    assert seen == [1]
+    handle = layer.act.register_forward_hook(lambda *a: seen.append(2))
+    layer(x)   # likewise on the neuron
+    handle.remove()
+    assert seen == [1, 2]
     calls = []
     orig = bn_fused.bn_lif_forward
     try:

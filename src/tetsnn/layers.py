@@ -69,8 +69,9 @@ def fuses_bn(bn: nn.Module, neuron: nn.Module, fuse_bn: bool = True) -> bool:
     """Whether ``neuron(bn(...))`` runs as one fused op (:mod:`tetsnn.kernels.bn_fused`).
 
     Only in training mode with gradients enabled (eval and no-grad run the modules as they are), for
-    a plain ``nn.BatchNorm1d/2d/3d`` without hooks (so a hook still sees its module run) feeding a
-    :class:`tetsnn.LIF` / :class:`tetsnn.IF` with a built-in surrogate and a fused backend. A
+    a plain ``nn.BatchNorm1d/2d/3d`` feeding a
+    :class:`tetsnn.LIF` / :class:`tetsnn.IF` with a built-in surrogate and a fused backend, neither of them
+    hooked (a forward hook on either still sees its module run). A
     ``SyncBatchNorm`` runs unfused: its statistics are gathered across processes; it says so once.
     """
     if not (fuse_bn and bn.training and torch.is_grad_enabled()):
@@ -83,9 +84,15 @@ def fuses_bn(bn: nn.Module, neuron: nn.Module, fuse_bn: bool = True) -> bool:
                           "across processes), keeping the normalised input for backward", RuntimeWarning,
                           stacklevel=3)
         return False
-    return (type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and not bn._forward_hooks
-            and not bn._forward_pre_hooks and isinstance(neuron, LIF) and neuron.backend != "loop"
-            and not callable(neuron.surrogate))
+    return (type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and isinstance(neuron, LIF)
+            and neuron.backend != "loop" and not callable(neuron.surrogate) and not _hooked(bn) and not _hooked(neuron))
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether a forward hook would see ``m`` run (its own hooks or global module hooks)."""
+    from torch.nn.modules import module as mod
+    return bool(m._forward_hooks or m._forward_pre_hooks or mod._global_forward_hooks
+                or mod._global_forward_pre_hooks)
 
 
 def per_step(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
