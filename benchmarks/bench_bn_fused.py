@@ -220,7 +220,8 @@ def main(argv=None) -> int:
     result = json.loads(last.read_text()) if last.exists() else {}  # the tables a skip keeps
     result.update(measured, device="cpu", machine=platform.machine(), cpu_count=os.cpu_count(),
                   torch_threads=torch.get_num_threads(), torch=torch.__version__)
-    result["seconds"] = round(time.time() - t0)  # of this invocation
+    if measured:
+        result["seconds"] = round(time.time() - t0)  # of the latest measuring invocation
     write_results(NAME, result, markdown(result))
     return 0
 
