@@ -43,13 +43,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves while ``fn()`` runs its forward."""
+def saved_bytes(fn, exclude=None) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn()`` runs its forward; with ``exclude``
+    (a module), not counting the storages of its parameters and buffers."""
     storages = {}
+    skip = set() if exclude is None else {(t.untyped_storage().device, t.untyped_storage().data_ptr())
+                                           for t in [*exclude.parameters(), *exclude.buffers()]}
 
     def pack(t):
         st = t.untyped_storage()
-        storages[(st.device, st.data_ptr())] = st.nbytes()
+        if (st.device, st.data_ptr()) not in skip:
+            storages[(st.device, st.data_ptr())] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

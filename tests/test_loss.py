@@ -54,3 +54,26 @@ def test_loss_rejects_wrong_rank():
         tet_loss(torch.zeros(4, 10), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="target has 3 samples"):
         sdt_loss(torch.zeros(4, 2, 10), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("loss", [tet_loss, lambda o, y: tet_loss(o, y, lamb=0.3, means=0.8), sdt_loss])
+def test_losses_keep_float64_and_pass_gradcheck(loss):
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 4, 2])
+    assert loss(out, y).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda o: loss(o, y), (out,))
+    assert loss(out.detach().bfloat16(), y).dtype == torch.float32  # half logits are upcast
+    assert loss(out.detach().float(), y).dtype == torch.float32
+
+
+@pytest.mark.parametrize("loss", [tet_loss, lambda o, y: tet_loss(o, y, lamb=0.3), sdt_loss])
+def test_relu_twin_plus_loss_passes_gradcheck(loss):
+    """A float64 ANN twin and the loss, end to end (a spiking model's surrogate is not the Heaviside's
+    derivative, so only its ReLU twin can pass)."""
+    from tetsnn import create_model
+    torch.manual_seed(0)
+    model = create_model("digits_snn", T=2, neuron="relu").double().train()
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([3, 7])
+    assert torch.autograd.gradcheck(lambda v: loss(model(v), y), (x,), atol=1e-6, fast_mode=True)

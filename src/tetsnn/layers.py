@@ -1,13 +1,17 @@
 """Layout helpers and the small layers the models are built from."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
+from .kernels.bn_fused import bn_lif
 from .kernels.compact import spike_conv2d
-from .neuron import make_neuron, resolve_surrogate
+from .neuron import LIF, make_neuron, resolve_surrogate
 
-__all__ = ["SeqToANNContainer", "Layer", "Threshold", "add_time_dim", "to_time_first", "to_batch_first", "check_T"]
+__all__ = ["SeqToANNContainer", "Layer", "ConvBNSpike", "Threshold", "add_time_dim", "to_time_first",
+           "to_batch_first", "check_T", "fuses_bn", "conv_bn_spike", "per_step"]
 
 
 def check_T(T) -> int:
@@ -72,15 +76,65 @@ class Threshold(nn.Module):
         return f"threshold={self.threshold}"
 
 
+# --------------------------------------------------------------------------- BatchNorm fused into the neuron
+
+_warned_sync_bn = False
+
+
+def fuses_bn(bn: nn.Module, neuron: nn.Module, fuse_bn: bool = True) -> bool:
+    """Whether ``neuron(bn(...))`` runs as one fused op (:mod:`tetsnn.kernels.bn_fused`).
+
+    Only in training mode with gradients enabled (eval and no-grad run the modules as they are), for
+    a plain ``nn.BatchNorm1d/2d/3d`` feeding a
+    :class:`tetsnn.LIF` / :class:`tetsnn.IF` with a built-in surrogate and a fused backend, neither of them
+    hooked (a forward hook on either still sees its module run). A
+    ``SyncBatchNorm`` runs unfused: its statistics are gathered across processes; it says so once.
+    """
+    if not (fuse_bn and bn.training and torch.is_grad_enabled()):
+        return False
+    if isinstance(bn, nn.SyncBatchNorm):
+        global _warned_sync_bn
+        if not _warned_sync_bn:
+            _warned_sync_bn = True
+            warnings.warn("SyncBatchNorm layers run unfused from their neuron (their statistics are gathered "
+                          "across processes), keeping the normalised input for backward", RuntimeWarning,
+                          stacklevel=3)
+        return False
+    return (type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and isinstance(neuron, LIF)
+            and neuron.backend != "loop" and not callable(neuron.surrogate) and not _hooked(bn) and not _hooked(neuron))
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether a forward hook would see ``m`` run (its own hooks or global module hooks)."""
+    from torch.nn.modules import module as mod
+    return bool(m._forward_hooks or m._forward_pre_hooks or mod._global_forward_hooks
+                or mod._global_forward_pre_hooks)
+
+
+def per_step(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module`` on the ``[N*T, ...]`` batch of ``[N, T, ...]`` input (the result stays flattened)."""
+    return module(x.flatten(0, 1))
+
+
+def conv_bn_spike(seq: SeqToANNContainer, neuron: nn.Module, x: torch.Tensor, fuse_bn: bool = True) -> torch.Tensor:
+    """``neuron(seq(x))`` for ``seq = SeqToANNContainer(conv, batchnorm)``; the BatchNorm runs inside the
+    neuron (keeping only the conv output for backward) where :func:`fuses_bn` allows."""
+    conv, bn = seq.module
+    if fuses_bn(bn, neuron, fuse_bn):
+        return bn_lif(per_step(conv, x), bn, neuron, x.shape[1])
+    return neuron(seq(x))
+
+
 class Layer(nn.Module):
     """Conv2d (with bias) + BatchNorm2d applied per step, then a spiking neuron.
 
     ``spikes=True`` declares that the input is 0/1 spikes: with a spiking ``neuron`` the conv then
     keeps it for backward as packed bits (:class:`tetsnn.kernels.compact.SpikeConv2d`).
+    ``fuse_bn`` runs the BatchNorm inside the neuron in training (:func:`conv_bn_spike`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 padding: int = 1, neuron: str = "lif", spikes: bool = False, **neuron_kw):
+                 padding: int = 1, neuron: str = "lif", spikes: bool = False, fuse_bn: bool = True, **neuron_kw):
         super().__init__()
         self.fwd = SeqToANNContainer(
             spike_conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=True,
@@ -88,6 +142,22 @@ class Layer(nn.Module):
             nn.BatchNorm2d(out_channels),
         )
         self.act = make_neuron(neuron, **neuron_kw)
+        self.fuse_bn = fuse_bn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.fwd(x))
+        return conv_bn_spike(self.fwd, self.act, x, self.fuse_bn)
+
+
+class ConvBNSpike(nn.Sequential):
+    """``nn.Sequential(SeqToANNContainer(conv, batchnorm), neuron, *more)`` whose first two run through
+    :func:`conv_bn_spike` (same children and state_dict keys as the plain ``nn.Sequential``)."""
+
+    def __init__(self, *modules: nn.Module, fuse_bn: bool = True):
+        super().__init__(*modules)
+        self.fuse_bn = fuse_bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = conv_bn_spike(self[0], self[1], x, self.fuse_bn)
+        for m in list(self)[2:]:
+            x = m(x)
+        return x

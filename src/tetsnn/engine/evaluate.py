@@ -14,6 +14,7 @@ import sys
 import torch
 
 from .distributed import all_reduce_sum
+from .loss import half_to_float
 
 __all__ = ["autocast", "evaluate", "main"]
 
@@ -37,7 +38,7 @@ def evaluate(model, loader, criterion=None, amp: str = "none") -> dict:
     for x, y in loader:
         with autocast(x.device, amp):
             out = model(x)
-        out = out.float()
+        out = half_to_float(out)
         T = out.shape[1]
         if sums is None:
             sums = torch.zeros(3 + T, dtype=torch.float64, device=x.device)

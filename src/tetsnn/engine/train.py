@@ -26,7 +26,7 @@ from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_tra
 from .config import ConfigError, T_at_epoch, load_config, parse_T_schedule, parse_train_args, resolve
 from .distributed import all_reduce_max, all_reduce_sum, cleanup, setup
 from .evaluate import autocast, evaluate
-from ..loss import sdt_loss, tet_loss
+from ..loss import half_to_float, sdt_loss, tet_loss
 from .transfer import freeze, load_ann_weights
 from ..utils import atomic_path, seed_all
 
@@ -255,7 +255,7 @@ class Trainer:
         for x, y in loader:
             with autocast(self.device, self.cfg["amp"]):
                 out = self.ddp(x)
-            loss = self.criterion(out.float(), y)
+            loss = self.criterion(half_to_float(out), y)
             # one collective decides for every rank: stop on a non-finite loss, or after this step
             flags = all_reduce_max(torch.tensor([float(not torch.isfinite(loss).item()), float(stop.requested)],
                                                 device=self.device))
@@ -267,7 +267,7 @@ class Trainer:
             self.scaler.update()
             self.step += 1
             n = len(y)
-            correct = (out.detach().float().mean(1).argmax(1) == y).sum().item()
+            correct = (half_to_float(out.detach()).mean(1).argmax(1) == y).sum().item()
             self.partial[0] += loss.item() * n
             self.partial[1] += correct
             self.partial[2] += n

@@ -20,7 +20,9 @@ from torch import Tensor, nn
 
 from .fused import _numba
 
-__all__ = ["pack_spikes", "unpack_spikes", "SpikeConv2d", "SpikeLinear", "spike_conv2d", "spike_linear"]
+__all__ = ["pack_spikes", "unpack_spikes", "SpikeConv2d", "SpikeLinear", "spike_conv2d", "spike_linear",
+           "ShapeOnlyAvgPool2d", "ShapeOnlyAdaptiveAvgPool2d", "SpikeMaxPool2d", "spike_avg_pool2d",
+           "spike_adaptive_avg_pool2d", "spike_max_pool2d"]
 
 _PACK = {}  # numba pack / unpack kernels once built
 _PACK_BLOCK = 4096  # elements per numba work item (a multiple of 64)
@@ -105,22 +107,25 @@ def _(packed, shape, dtype):
     return packed.new_empty(shape, dtype=dtype)
 
 
-_LAST = {}  # the latest packing: weak references to the tensor owning its input's memory and to the bits
+_RECENT = []  # the latest packings, newest last: (key, weak ref to the owner of the input's memory, weak ref to the bits)
+_RECENT_SIZE = 4
 
 
 def _pack_once(x: Tensor) -> Tensor:
-    """``pack_spikes(x)``, reusing the bits of the previous call when it packed the same, unmodified
-    tensor (a block's input feeds both conv1 and the downsample)."""
+    """``pack_spikes(x)``, reusing the bits of one of the last few calls when it packed the same,
+    unmodified tensor (a block's input feeds conv1, the downsample and the residual add)."""
     if torch.compiler.is_compiling():
         return pack_spikes(x)
-    key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.device, x._version)
-    if _LAST and _LAST["key"] == key and _LAST["owner"]() is not None:
-        bits = _LAST["bits"]()
-        if bits is not None:
-            return bits
+    # a contiguous tensor's bits follow its memory, whatever its shape (x and x.flatten(0, 1) share them)
+    layout = ("contiguous", x.numel()) if x.is_contiguous() else (x.shape, x.stride())
+    key = (x.data_ptr(), layout, x.dtype, x.device, x._version)
+    for k, owner, bits in _RECENT:
+        if k == key and owner() is not None and bits() is not None:
+            return bits()
     bits = pack_spikes(x)
     owner = x if x._base is None else x._base  # alive => its memory cannot hold another tensor
-    _LAST.update(key=key, owner=weakref.ref(owner), bits=weakref.ref(bits))
+    _RECENT.append((key, weakref.ref(owner), weakref.ref(bits)))
+    del _RECENT[:-_RECENT_SIZE]
     return bits
 
 
@@ -218,3 +223,94 @@ def spike_conv2d(*args, spikes: bool, **kw) -> nn.Conv2d:
 def spike_linear(*args, spikes: bool, **kw) -> nn.Linear:
     """A :class:`SpikeLinear` where the input is 0/1 spikes (``spikes=True``), else a plain ``nn.Linear``."""
     return SpikeLinear(*args, **kw) if spikes else nn.Linear(*args, **kw)
+
+
+# --------------------------------------------------------------------------- pooling
+
+class _ShapeOnlyPool(torch.autograd.Function):
+    """Average pooling whose backward needs the input's shape and strides only: keeps no tensor."""
+
+    @staticmethod
+    def forward(ctx, x, fn, grad_fn):
+        ctx.meta = (x.shape, x.stride(), x.dtype, x.device)
+        ctx.grad_fn = grad_fn
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, stride, dtype, device = ctx.meta
+        like = torch.empty_strided(shape, stride, dtype=dtype, device=device)  # never read: its shape only
+        return ctx.grad_fn(grad, like), None, None
+
+
+class ShapeOnlyAvgPool2d(nn.AvgPool2d):
+    """``nn.AvgPool2d`` that keeps nothing for backward (the gradient of an average needs no values)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return super().forward(x)
+        stride = self.stride if self.stride is not None else self.kernel_size
+        args = (list(_pair(self.kernel_size)), list(_pair(stride)), list(_pair(self.padding)), self.ceil_mode,
+                self.count_include_pad, self.divisor_override)
+        return _ShapeOnlyPool.apply(x, lambda v: torch.ops.aten.avg_pool2d(v, *args),
+                                    lambda g, like: torch.ops.aten.avg_pool2d_backward(g, like, *args))
+
+
+class ShapeOnlyAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` that keeps nothing for backward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return super().forward(x)
+        return _ShapeOnlyPool.apply(x, lambda v: F.adaptive_avg_pool2d(v, self.output_size),
+                                    lambda g, like: torch.ops.aten._adaptive_avg_pool2d_backward(g, like))
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class _SpikeMaxPool2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, args):
+        ctx.args = args
+        ctx.x_meta = (list(x.shape), x.dtype)
+        ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.save_for_backward(_pack_once(x))
+        return torch.ops.aten.max_pool2d_with_indices(x, *args)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        x = unpack_spikes(packed, *ctx.x_meta)
+        if ctx.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        indices = torch.ops.aten.max_pool2d_with_indices(x, *ctx.args)[1]  # the forward's, from the same 0/1 values
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *ctx.args, indices), None
+
+
+class SpikeMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` for 0/1 input: keeps the input as packed bits and no indices (recomputed in backward)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad or self.return_indices or \
+                x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            return super().forward(x)
+        stride = self.stride if self.stride is not None else self.kernel_size
+        args = (list(_pair(self.kernel_size)), list(_pair(stride)), list(_pair(self.padding)),
+                list(_pair(self.dilation)), self.ceil_mode)
+        return _SpikeMaxPool2dFn.apply(x, args)
+
+
+def spike_avg_pool2d(*args, spikes: bool, **kw) -> nn.AvgPool2d:
+    """A :class:`ShapeOnlyAvgPool2d` in a spiking network (``spikes=True``), else a plain ``nn.AvgPool2d``."""
+    return ShapeOnlyAvgPool2d(*args, **kw) if spikes else nn.AvgPool2d(*args, **kw)
+
+
+def spike_adaptive_avg_pool2d(*args, spikes: bool) -> nn.AdaptiveAvgPool2d:
+    return ShapeOnlyAdaptiveAvgPool2d(*args) if spikes else nn.AdaptiveAvgPool2d(*args)
+
+
+def spike_max_pool2d(*args, spikes: bool, **kw) -> nn.MaxPool2d:
+    """A :class:`SpikeMaxPool2d` where the input is 0/1 spikes, else a plain ``nn.MaxPool2d``."""
+    return SpikeMaxPool2d(*args, **kw) if spikes else nn.MaxPool2d(*args, **kw)

@@ -1,13 +1,17 @@
 """Spiking ResNets with the spike after the residual add (TET's ResNet19 and ImageNet ResNet18/34).
 
 BasicBlock:  x -> conv3x3-BN-SN -> conv3x3-BN -> (+ shortcut) -> SN
+
+With ``fuse_bn`` (the default) each BatchNorm runs inside the neuron that follows it during training,
+the residual add included (:mod:`tetsnn.kernels.bn_fused`); ``fuse_bn=False`` runs the modules one by one.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from ..kernels.compact import spike_conv2d, spike_linear
-from ..layers import SeqToANNContainer
+from ..kernels.bn_fused import bn_lif
+from ..kernels.compact import spike_adaptive_avg_pool2d, spike_conv2d, spike_linear, spike_max_pool2d
+from ..layers import ConvBNSpike, SeqToANNContainer, conv_bn_spike, fuses_bn, per_step
 from ..neuron import make_neuron
 from ._registry import register_model
 from .base import SpikingModel
@@ -19,8 +23,9 @@ def conv3x3(cin, cout, stride=1, spikes=False):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride=1, neuron="lif", **neuron_kw):
+    def __init__(self, cin, cout, stride=1, neuron="lif", fuse_bn=True, **neuron_kw):
         super().__init__()
+        self.fuse_bn = fuse_bn
         spikes = neuron != "relu"  # the block's input and sn1's output are spikes
         self.conv1 = SeqToANNContainer(conv3x3(cin, cout, stride, spikes), nn.BatchNorm2d(cout))
         self.sn1 = make_neuron(neuron, **neuron_kw)
@@ -32,8 +37,16 @@ class BasicBlock(nn.Module):
         self.sn2 = make_neuron(neuron, **neuron_kw)
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.conv2(self.sn1(self.conv1(x)))
+        ds = self.downsample
+        bn2 = self.conv2.module[1]
+        if fuses_bn(bn2, self.sn2, self.fuse_bn) and (ds is None or fuses_bn(ds.module[1], self.sn2)):
+            # the block input is spikes: the fused op keeps it as bits; a downsample keeps its conv output
+            y_ds = None if ds is None else per_step(ds.module[0], x)
+            out = per_step(self.conv2.module[0], conv_bn_spike(self.conv1, self.sn1, x))
+            return bn_lif(out, bn2, self.sn2, x.shape[1], residual=x if ds is None else None,
+                          y2=y_ds, bn2=None if ds is None else ds.module[1])
+        identity = x if ds is None else ds(x)
+        out = self.conv2(conv_bn_spike(self.conv1, self.sn1, x, self.fuse_bn))
         return self.sn2(out + identity)
 
 
@@ -43,12 +56,13 @@ def make_stage(block, cin, cout, blocks, stride, **kw):
     return nn.Sequential(*layers)
 
 
-def imagenet_stem(neuron="lif", **neuron_kw):
-    """7x7/2 conv (64, no bias) + BN + SN + 3x3/2 max pool."""
-    return nn.Sequential(
+def imagenet_stem(neuron="lif", fuse_bn=True, **neuron_kw):
+    """7x7/2 conv (64, no bias) + BN + SN + 3x3/2 max pool (of spikes: kept as bits)."""
+    return ConvBNSpike(
         SeqToANNContainer(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)),
         make_neuron(neuron, **neuron_kw),
-        SeqToANNContainer(nn.MaxPool2d(3, 2, 1)),
+        SeqToANNContainer(spike_max_pool2d(3, 2, 1, spikes=neuron != "relu")),
+        fuse_bn=fuse_bn,
     )
 
 
@@ -65,15 +79,15 @@ def kaiming_init(model: nn.Module) -> None:
 class ResNet19(SpikingModel):
     """TET's CIFAR ResNet19 (12,630,858 parameters at 10 classes), PyTorch's default init."""
 
-    def __init__(self, num_classes=10, T=4, neuron="lif", **neuron_kw):
+    def __init__(self, num_classes=10, T=4, neuron="lif", fuse_bn=True, **neuron_kw):
         super().__init__(T)
-        kw = dict(neuron=neuron, **neuron_kw)
-        self.stem = nn.Sequential(
-            SeqToANNContainer(conv3x3(3, 64), nn.BatchNorm2d(64)), make_neuron(neuron, **neuron_kw))
+        kw = dict(neuron=neuron, fuse_bn=fuse_bn, **neuron_kw)
+        self.stem = ConvBNSpike(
+            SeqToANNContainer(conv3x3(3, 64), nn.BatchNorm2d(64)), make_neuron(neuron, **neuron_kw), fuse_bn=fuse_bn)
         self.layer1 = make_stage(BasicBlock, 64, 128, 3, 1, **kw)
         self.layer2 = make_stage(BasicBlock, 128, 256, 3, 2, **kw)
         self.layer3 = make_stage(BasicBlock, 256, 512, 2, 2, **kw)
-        self.pool = SeqToANNContainer(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pool = SeqToANNContainer(spike_adaptive_avg_pool2d(1, spikes=neuron != "relu"), nn.Flatten())
         self.fc1 = SeqToANNContainer(nn.Linear(512, 256))
         self.sn_fc = make_neuron(neuron, **neuron_kw)
         self.fc2 = SeqToANNContainer(spike_linear(256, num_classes, spikes=neuron != "relu"))
@@ -87,16 +101,16 @@ class ImageNetResNet(SpikingModel):
     """ImageNet-style spiking ResNet (stem 7x7/2 + max pool, four stages, avg pool + one Linear)."""
 
     def __init__(self, block, layers, num_classes=1000, T=4, widths=(64, 128, 256, 512),
-                 strides=(1, 2, 2, 2), neuron="lif", block_kw=None, **neuron_kw):
+                 strides=(1, 2, 2, 2), neuron="lif", block_kw=None, fuse_bn=True, **neuron_kw):
         super().__init__(T)
-        kw = dict(neuron=neuron, **(block_kw or {}), **neuron_kw)
-        self.stem = imagenet_stem(neuron, **neuron_kw)
+        kw = dict(neuron=neuron, fuse_bn=fuse_bn, **(block_kw or {}), **neuron_kw)
+        self.stem = imagenet_stem(neuron, fuse_bn, **neuron_kw)
         stages, cin = [], 64
         for cout, n, s in zip(widths, layers, strides):
             stages.append(make_stage(block, cin, cout, n, s, **kw))
             cin = cout
         self.stages = nn.Sequential(*stages)
-        self.pool = SeqToANNContainer(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.pool = SeqToANNContainer(spike_adaptive_avg_pool2d(1, spikes=neuron != "relu"), nn.Flatten())
         self.fc = SeqToANNContainer(nn.Linear(cin, num_classes))
         kaiming_init(self)
 

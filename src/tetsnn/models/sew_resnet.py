@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..kernels.compact import spike_conv2d
-from ..layers import SeqToANNContainer
+from ..layers import ConvBNSpike, SeqToANNContainer, conv_bn_spike
 from ..neuron import make_neuron
 from ._registry import register_model
 from .resnet import ImageNetResNet, conv3x3
@@ -28,8 +28,9 @@ def sew_connect(identity, out, connect: str):
 
 
 class SEWBlock(nn.Module):
-    def __init__(self, cin, cout, stride=1, connect="ADD", neuron="lif", **neuron_kw):
+    def __init__(self, cin, cout, stride=1, connect="ADD", neuron="lif", fuse_bn=True, **neuron_kw):
         super().__init__()
+        self.fuse_bn = fuse_bn
         if connect not in CONNECTS:
             raise ValueError(f"unknown connect {connect!r}: expected one of {CONNECTS}")
         self.connect = connect
@@ -41,14 +42,15 @@ class SEWBlock(nn.Module):
         self.sn2 = make_neuron(neuron, **neuron_kw)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
+            self.downsample = ConvBNSpike(
                 SeqToANNContainer(spike_conv2d(cin, cout, 1, stride, bias=False, spikes=in_spikes),
                                   nn.BatchNorm2d(cout)),
-                make_neuron(neuron, **neuron_kw))
+                make_neuron(neuron, **neuron_kw), fuse_bn=fuse_bn)
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.sn2(self.conv2(self.sn1(self.conv1(x))))
+        out = conv_bn_spike(self.conv1, self.sn1, x, self.fuse_bn)
+        out = conv_bn_spike(self.conv2, self.sn2, out, self.fuse_bn)
         return sew_connect(identity, out, self.connect)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..kernels.compact import spike_linear
+from ..kernels.compact import spike_avg_pool2d, spike_linear
 from ..layers import Layer, SeqToANNContainer
 from ..neuron import make_neuron
 from ._registry import register_model
@@ -15,12 +15,13 @@ class DigitsSNN(SpikingModel):
     """Layer(C,32) Layer(32,64) AvgPool2 | Layer(64,128) AvgPool2 | flatten -> Linear(128 (size//4)^2, 128)
     -> SN -> Linear (Linear(512, 128) for the digits' 8 x 8)."""
 
-    def __init__(self, num_classes=10, T=4, in_channels=1, size=8, neuron="lif", **neuron_kw):
+    def __init__(self, num_classes=10, T=4, in_channels=1, size=8, neuron="lif", fuse_bn=True, **neuron_kw):
         super().__init__(T)
-        kw = dict(neuron=neuron, **neuron_kw)
+        kw = dict(neuron=neuron, fuse_bn=fuse_bn, **neuron_kw)
+        pool = lambda: SeqToANNContainer(spike_avg_pool2d(2, spikes=neuron != "relu"))  # noqa: E731
         self.features = nn.Sequential(
-            Layer(in_channels, 32, **kw), Layer(32, 64, spikes=True, **kw), SeqToANNContainer(nn.AvgPool2d(2)),
-            Layer(64, 128, **kw), SeqToANNContainer(nn.AvgPool2d(2)),
+            Layer(in_channels, 32, **kw), Layer(32, 64, spikes=True, **kw), pool(),
+            Layer(64, 128, **kw), pool(),
         )
         side = size // 2 // 2
         self.fc1 = SeqToANNContainer(nn.Flatten(), nn.Linear(128 * side * side, 128))

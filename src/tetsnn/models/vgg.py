@@ -3,16 +3,18 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..kernels.compact import spike_avg_pool2d
 from ..layers import Layer, SeqToANNContainer
 from ._registry import register_model
 from .base import SpikingModel
 
 
 class VGGSNN(SpikingModel):
-    def __init__(self, num_classes=10, T=10, in_channels=2, size=48, neuron="lif", **neuron_kw):
+    def __init__(self, num_classes=10, T=10, in_channels=2, size=48, neuron="lif", fuse_bn=True, **neuron_kw):
         super().__init__(T)
-        kw = dict(neuron=neuron, **neuron_kw)
-        pool = lambda: SeqToANNContainer(nn.AvgPool2d(2))  # noqa: E731  (acts on spikes)
+        kw = dict(neuron=neuron, fuse_bn=fuse_bn, **neuron_kw)
+        # average pooling keeps nothing for backward in the SNN (its gradient needs the shape only)
+        pool = lambda: SeqToANNContainer(spike_avg_pool2d(2, spikes=neuron != "relu"))  # noqa: E731
         self.features = nn.Sequential(
             Layer(in_channels, 64, **kw), Layer(64, 128, spikes=True, **kw), pool(),
             Layer(128, 256, **kw), Layer(256, 256, spikes=True, **kw), pool(),

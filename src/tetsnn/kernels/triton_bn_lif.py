@@ -1,0 +1,205 @@
+"""BatchNorm + (residual) + LIF as Triton kernels: the normalised input is never written to memory.
+
+The math is that of :mod:`tetsnn.kernels.bn_fused` (see its docstring) with the normalisation done
+inside the LIF loop. With per-channel ``alpha = invstd * weight`` and ``beta = bias - mean * alpha``
+(computed once from the batch statistics, in the compute dtype)::
+
+    z[t] = fma(y[t], alpha, beta)                          the normalised conv output
+         (+ r[t])                   RES == 1: residual spikes (floats forward, packed bits backward)
+         (+ fma(y2[t], alpha2, beta2))  RES == 2: a downsample branch's normalised conv output
+    forward:   the LIF recurrence of :mod:`tetsnn.kernels.triton_lif` on z, spikes out
+    backward:  the same recurrence again for h, then reverse-time BPTT, dL/dz out
+
+Forward and backward form ``z`` with the same explicit fused multiply-add, so backward rebuilds
+exactly the ``z`` the forward integrated. (It may differ by an ulp from torch's batch_norm kernel;
+the CPU path uses that kernel itself.) Neuron ``i`` of a contiguous ``[N, T, C, H, W]`` tensor
+(``M = C*H*W`` per step) lives at ``n*T*M + t*M + m`` with ``n = i // M, m = i % M``, and its
+channel is ``m // HW``. Scalars ``[tau, threshold, width, k]`` come in a small tensor in the compute
+dtype; ``ab`` holds ``[alpha, beta, alpha2, beta2]`` (``4 * C`` values, the last two unused unless
+RES == 2). On the CPU the kernels run under ``TRITON_INTERPRET=1``.
+
+``AOT_VARIANTS`` lists every kernel configuration the Python side can launch, as
+``(kernel, signature, constexprs)`` for ``triton.compile(ASTSource(kernel, signature, constexprs))``.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .fused import SURROGATE_IDS
+from .triton_lif import _check_device, _consts, _surrogate
+
+BLOCK = 1024
+_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+@triton.jit
+def _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES: tl.constexpr, BITS: tl.constexpr):
+    """The normalised input (plus the residual) of step offsets ``at``, in alpha's dtype."""
+    z = tl.fma(tl.load(y_ptr + at, mask=mask, other=0.0).to(alpha.dtype), alpha, beta)
+    if RES == 1:
+        if BITS:
+            byte = tl.load(r_ptr + at // 8, mask=mask, other=0).to(tl.int32)
+            z = z + ((byte >> (at % 8).to(tl.int32)) & 1).to(alpha.dtype)
+        else:
+            z = z + tl.load(r_ptr + at, mask=mask, other=0.0).to(alpha.dtype)
+    elif RES == 2:
+        z = z + tl.fma(tl.load(y2_ptr + at, mask=mask, other=0.0).to(alpha.dtype), alpha2, beta2)
+    return z
+
+
+@triton.jit
+def _bn_lif_fwd(y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, s_ptr, n_neurons, T, M, HW, C,
+                HARD: tl.constexpr, RES: tl.constexpr, BLOCK: tl.constexpr):
+    """Spikes of LIF(BN(y) [+ r | + BN2(y2)]), in s_ptr's dtype."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n_neurons
+    m = i % M
+    base = (i // M) * T * M + m
+    ch = m // HW
+    alpha = tl.load(ab_ptr + ch, mask=mask, other=0.0)
+    beta = tl.load(ab_ptr + C + ch, mask=mask, other=0.0)
+    alpha2 = tl.load(ab_ptr + 2 * C + ch, mask=mask, other=0.0)
+    beta2 = tl.load(ab_ptr + 3 * C + ch, mask=mask, other=0.0)
+    tau = tl.load(c_ptr)
+    th = tl.load(c_ptr + 1)
+    u = tl.zeros([BLOCK], dtype=tau.dtype)
+    for t in range(T):
+        at = base + t * M
+        h = tau * u + _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES, False)
+        s = tl.where(h - th > 0, 1.0, 0.0).to(h.dtype)
+        tl.store(s_ptr + at, s.to(s_ptr.dtype.element_ty), mask=mask)
+        if HARD:
+            u = h * (1 - s)
+        else:
+            u = h - th * s
+
+
+@triton.jit
+def _bn_lif_bwd(gs_ptr, y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, gz_ptr, n_neurons, T, M, HW, C,
+                HARD: tl.constexpr, DETACH: tl.constexpr, KIND: tl.constexpr, RES: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """dL/dz from dL/ds: the recurrence for h (kept in gz), then BPTT back in time over it.
+    The residual spikes come as packed bits."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n_neurons
+    m = i % M
+    base = (i // M) * T * M + m
+    ch = m // HW
+    alpha = tl.load(ab_ptr + ch, mask=mask, other=0.0)
+    beta = tl.load(ab_ptr + C + ch, mask=mask, other=0.0)
+    alpha2 = tl.load(ab_ptr + 2 * C + ch, mask=mask, other=0.0)
+    beta2 = tl.load(ab_ptr + 3 * C + ch, mask=mask, other=0.0)
+    tau = tl.load(c_ptr)
+    th = tl.load(c_ptr + 1)
+    w = tl.load(c_ptr + 2)
+    k = tl.load(c_ptr + 3)
+    u = tl.zeros([BLOCK], dtype=tau.dtype)
+    for t in range(T):
+        at = base + t * M
+        h = tau * u + _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES, True)
+        s = tl.where(h - th > 0, 1.0, 0.0).to(h.dtype)
+        tl.store(gz_ptr + at, h, mask=mask)
+        if HARD:
+            u = h * (1 - s)
+        else:
+            u = h - th * s
+    gu = tl.zeros([BLOCK], dtype=tau.dtype)
+    for j in range(T):
+        at = base + (T - 1 - j) * M
+        h = tl.load(gz_ptr + at, mask=mask, other=0.0)
+        g = tl.load(gs_ptr + at, mask=mask, other=0.0).to(h.dtype)
+        v = h - th
+        if not DETACH:
+            if HARD:
+                g = g - gu * h
+            else:
+                g = g - gu * th
+        gh = g * _surrogate(v, w, k, KIND)
+        if HARD:
+            gh = gh + gu * (1 - tl.where(v > 0, 1.0, 0.0).to(h.dtype))
+        else:
+            gh = gh + gu
+        tl.store(gz_ptr + at, gh, mask=mask)
+        gu = tau * gh
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def affine(mean: Tensor, invstd: Tensor, weight, bias, dtype) -> Tensor:
+    """``[alpha, beta]`` per channel in ``dtype``: ``alpha = invstd * weight``, ``beta = bias - mean * alpha``."""
+    alpha = invstd.to(dtype) * (1 if weight is None else weight.to(dtype))
+    beta = (0 if bias is None else bias.to(dtype)) - mean.to(dtype) * alpha
+    return torch.cat([alpha, beta])
+
+
+def _geometry(y: Tensor, T: int):
+    n = y.shape[0] // T
+    c = y.shape[1]
+    m = y[0].numel()
+    return n * m, m, m // max(c, 1), c, (triton.cdiv(n * m, BLOCK),)
+
+
+def forward(y: Tensor, ab: Tensor, y2, r, T: int, tau: float, threshold: float, hard: bool) -> Tensor:
+    """Spikes ``[N, T, C, ...]`` (in y's dtype) of a ``[N*T, C, ...]`` conv output ``y``; ``ab`` is
+    :func:`affine` of one or (with ``y2``) two BatchNorms; ``r`` residual spikes ``[N, T, C, ...]``."""
+    _check_device(y)
+    y = y.contiguous()
+    s = torch.empty((y.shape[0] // T, T, *y.shape[1:]), dtype=y.dtype, device=y.device)
+    if y.numel():
+        res = 2 if y2 is not None else 1 if r is not None else 0
+        other = y2.contiguous() if res == 2 else y
+        rr = r.contiguous() if res == 1 else y
+        neurons, m, hw, c, grid = _geometry(y, T)
+        c_ = _consts(ab.dtype, y.device, tau, threshold)
+        _bn_lif_fwd[grid](y, other, rr, _pad(ab, c), c_, s, neurons, T, m, hw, c, HARD=hard, RES=res, BLOCK=BLOCK)
+    return s
+
+
+def backward(grad_s: Tensor, y: Tensor, ab: Tensor, y2, bits, T: int, tau: float, threshold: float, hard: bool,
+             detach_reset: bool, surrogate: str, width: float) -> Tensor:
+    """dL/dz ``[N, T, C, ...]`` in the compute dtype; ``bits`` are the residual spikes packed."""
+    y = y.contiguous()
+    gz = torch.empty((y.shape[0] // T, T, *y.shape[1:]), dtype=ab.dtype, device=y.device)
+    if y.numel():
+        res = 2 if y2 is not None else 1 if bits is not None else 0
+        other = y2.contiguous() if res == 2 else y
+        rr = bits if res == 1 else y
+        neurons, m, hw, c, grid = _geometry(y, T)
+        c_ = _consts(ab.dtype, y.device, tau, threshold, surrogate, width)
+        _bn_lif_bwd[grid](grad_s.contiguous(), y, other, rr, _pad(ab, c), c_, gz, neurons, T, m, hw, c, HARD=hard,
+                          DETACH=detach_reset, KIND=SURROGATE_IDS[surrogate], RES=res, BLOCK=BLOCK)
+    return gz
+
+
+def _pad(ab: Tensor, c: int) -> Tensor:
+    """``[alpha, beta, alpha2, beta2]``: zeros for a missing second BatchNorm."""
+    return ab if ab.numel() == 4 * c else torch.cat([ab, ab.new_zeros(2 * c)])
+
+
+# --------------------------------------------------------------------------- ahead-of-time variants
+
+def _aot_variants():
+    scalars = {"n_neurons": "i32", "T": "i32", "M": "i32", "HW": "i32", "C": "i32"}
+    out = []
+    for ydt, hard, res in itertools.product(_TYPES, (True, False), (0, 1, 2)):
+        y, cd = _TYPES[ydt], _TYPES[compute_dtype(ydt)]
+        r = y if res != 1 else y  # forward: residual spikes in the activation dtype
+        sig = dict(y_ptr=y, y2_ptr=y, r_ptr=r, ab_ptr=cd, c_ptr=cd, s_ptr=y, **scalars,
+                   HARD="constexpr", RES="constexpr", BLOCK="constexpr")
+        out.append((_bn_lif_fwd, sig, dict(HARD=hard, RES=res, BLOCK=BLOCK)))
+        for detach, kind in itertools.product((False, True), sorted(SURROGATE_IDS.values())):
+            sig = dict(gs_ptr=y, y_ptr=y, y2_ptr=y, r_ptr="*u8" if res == 1 else y, ab_ptr=cd, c_ptr=cd, gz_ptr=cd,
+                       **scalars, HARD="constexpr", DETACH="constexpr", KIND="constexpr", RES="constexpr",
+                       BLOCK="constexpr")
+            out.append((_bn_lif_bwd, sig, dict(HARD=hard, DETACH=detach, KIND=kind, RES=res, BLOCK=BLOCK)))
+    return out
+
+
+AOT_VARIANTS = _aot_variants()
