@@ -14,7 +14,7 @@ import sys
 import torch
 
 from .distributed import all_reduce_sum
-from .loss import half_to_float
+from ..loss import half_to_float
 
 __all__ = ["autocast", "evaluate", "main"]
 
