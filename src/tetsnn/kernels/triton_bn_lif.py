@@ -39,16 +39,22 @@ _TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16
 
 @triton.jit
 def _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES: tl.constexpr, BITS: tl.constexpr):
-    """The normalised input (plus the residual) of step offsets ``at``, in alpha's dtype."""
-    z = tl.fma(tl.load(y_ptr + at, mask=mask, other=0.0).to(alpha.dtype), alpha, beta)
+    """The normalised input (plus the residual) of step offsets ``at``, in alpha's dtype. Each
+    BatchNorm output and the residual sum are rounded to y's dtype first, as the unfused modules
+    store them (a no-op for float32 and float64; for bfloat16 / float16 the LIF then integrates
+    exactly the values the unfused path hands it)."""
+    yt = y_ptr.dtype.element_ty
+    z = tl.fma(tl.load(y_ptr + at, mask=mask, other=0.0).to(alpha.dtype), alpha, beta).to(yt).to(alpha.dtype)
     if RES == 1:
         if BITS:
             byte = tl.load(r_ptr + at // 8, mask=mask, other=0).to(tl.int32)
             z = z + ((byte >> (at % 8).to(tl.int32)) & 1).to(alpha.dtype)
         else:
             z = z + tl.load(r_ptr + at, mask=mask, other=0.0).to(alpha.dtype)
+        z = z.to(yt).to(alpha.dtype)
     elif RES == 2:
-        z = z + tl.fma(tl.load(y2_ptr + at, mask=mask, other=0.0).to(alpha.dtype), alpha2, beta2)
+        z2 = tl.fma(tl.load(y2_ptr + at, mask=mask, other=0.0).to(alpha.dtype), alpha2, beta2).to(yt)
+        z = (z + z2.to(alpha.dtype)).to(yt).to(alpha.dtype)
     return z
 
 
