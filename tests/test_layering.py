@@ -1,5 +1,5 @@
-"""The code's layering: the library never imports the training engine (checked on the source, so a
-lazy import inside a function counts too)."""
+"""The code's layering: the library never imports the training engine, and no module imports
+itself back through others (checked on the source, so a lazy import inside a function counts too)."""
 import ast
 from pathlib import Path
 
@@ -35,6 +35,10 @@ def _files():
     return sorted(SRC.rglob("*.py"))
 
 
+def _known():
+    return {_module_name(p) for p in _files()}
+
+
 def test_the_library_never_imports_the_engine():
     top = {"tetsnn", "tetsnn.cli", "tetsnn.__main__"}   # the public API and the command line sit above both
     bad = []
@@ -47,6 +51,33 @@ def test_the_library_never_imports_the_engine():
                 bad.append(f"{name} imports {mod}")
     assert not bad, bad
     assert (SRC / "engine" / "train.py").is_file()
+
+
+def test_no_import_cycles():
+    known = _known()
+    graph = {}
+    for path in _files():
+        name = _module_name(path)
+        if path.name == "__init__.py" or name == "tetsnn.__main__":
+            continue    # a package's __init__ only gathers its modules
+        graph[name] = {m for m in _imports(path) if m in known and m != name
+                       and not (SRC.parent / m.replace(".", "/") / "__init__.py").exists()}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+    assert "tetsnn.engine.train" in graph and "tetsnn.engine.evaluate" in graph["tetsnn.engine.train"]
 
 
 def test_engine_modules_keep_their_short_names():

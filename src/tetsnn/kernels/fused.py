@@ -37,12 +37,10 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-from ..neuron import SURROGATES
+from ..surrogate import SURROGATE_IDS, SURROGATES
 
 __all__ = ["lif_fused", "FusedLIFCustom", "forward_torch", "backward_torch", "SURROGATE_IDS",
            "numba_available"]
-
-SURROGATE_IDS = {"zif": 0, "sigmoid": 1, "atan": 2}
 
 
 def half_to_float(x: Tensor) -> Tensor:

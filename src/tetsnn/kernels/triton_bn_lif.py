@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fused import SURROGATE_IDS
+from ..surrogate import SURROGATE_IDS
 from .triton_lif import _check_device, _consts, _surrogate
 
 BLOCK = 1024

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fused import SURROGATE_IDS
+from ..surrogate import SURROGATE_IDS
 
 BLOCK = 1024
 

@@ -1,0 +1,130 @@
+"""Surrogate spike functions: the Heaviside spike ``s = H(v)``, ``v = u - threshold``, forward, and
+a smooth stand-in for its derivative ds/dv backward.
+
+- ``zif`` (TET's triangle): ``(1/gamma)^2 * max(0, gamma - |v|)``, default gamma = 1;
+- ``sigmoid``: ``alpha * sig(alpha v) * (1 - sig(alpha v))``, default alpha = 4;
+- ``atan``: ``alpha / 2 / (1 + (pi/2 * alpha * v)^2)``, default alpha = 2;
+- or any callable ``v -> ds/dv``.
+
+The neurons (:mod:`tetsnn.neuron`) and the kernels (:mod:`tetsnn.kernels`) both read this table.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Union
+
+import torch
+
+__all__ = ["ZIF", "SigmoidSpike", "AtanSpike", "CustomSpike", "zif", "sigmoid_spike", "atan_spike",
+           "zif_grad", "sigmoid_grad", "atan_grad", "SURROGATES", "SURROGATE_IDS", "resolve_surrogate"]
+
+# Each surrogate is the derivative ds/dv of the spike s = H(v), v = u - threshold.
+
+def zif_grad(v: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Triangle of height 1/gamma and half-width gamma: (1/gamma)^2 * max(0, gamma - |v|)."""
+    return (gamma - v.abs()).clamp_min(0) * (1.0 / gamma) ** 2
+
+
+def sigmoid_grad(v: torch.Tensor, alpha: float = 4.0) -> torch.Tensor:
+    """alpha * sig(alpha v) * (1 - sig(alpha v))."""
+    sg = torch.sigmoid(alpha * v)
+    return alpha * sg * (1 - sg)
+
+
+def atan_grad(v: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """alpha / 2 / (1 + (pi/2 * alpha * v)^2)."""
+    return (alpha / 2) / (1 + (math.pi / 2 * alpha * v) ** 2)
+
+
+class _Spike(torch.autograd.Function):
+    """Heaviside forward ``(v > 0)``; backward multiplies by ``grad_fn(v, width)``."""
+
+    grad_fn: Callable = None
+
+    @classmethod
+    def forward(cls, ctx, v, width):
+        ctx.save_for_backward(v)
+        ctx.width = width
+        return (v > 0).to(v.dtype)
+
+    @classmethod
+    def backward(cls, ctx, grad_out):
+        (v,) = ctx.saved_tensors
+        return grad_out * cls.grad_fn(v, ctx.width), None
+
+
+class ZIF(_Spike):
+    """Spike with TET's triangle surrogate: ``ZIF.apply(v, gamma)``."""
+    grad_fn = staticmethod(zif_grad)
+
+
+class SigmoidSpike(_Spike):
+    """Spike with the sigmoid-derivative surrogate: ``SigmoidSpike.apply(v, alpha)``."""
+    grad_fn = staticmethod(sigmoid_grad)
+
+
+class AtanSpike(_Spike):
+    """Spike with the arctan surrogate: ``AtanSpike.apply(v, alpha)``."""
+    grad_fn = staticmethod(atan_grad)
+
+
+class CustomSpike(torch.autograd.Function):
+    """Spike whose backward is a user callable ``fn(v) -> ds/dv``: ``CustomSpike.apply(v, fn)``."""
+
+    @staticmethod
+    def forward(ctx, v, fn):
+        ctx.save_for_backward(v)
+        ctx.fn = fn
+        return (v > 0).to(v.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (v,) = ctx.saved_tensors
+        return grad_out * ctx.fn(v), None
+
+
+def zif(v: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    return ZIF.apply(v, gamma)
+
+
+def sigmoid_spike(v: torch.Tensor, alpha: float = 4.0) -> torch.Tensor:
+    return SigmoidSpike.apply(v, alpha)
+
+
+def atan_spike(v: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    return AtanSpike.apply(v, alpha)
+
+
+# name -> (spike Function, surrogate derivative, default width)
+SURROGATES = {
+    "zif": (ZIF, zif_grad, 1.0),
+    "sigmoid": (SigmoidSpike, sigmoid_grad, 4.0),
+    "atan": (AtanSpike, atan_grad, 2.0),
+}
+
+
+def resolve_surrogate(surrogate: Union[str, Callable], gamma: float = 1.0, alpha=None):
+    """Return ``(name, width, spike_fn, grad_fn)`` for a surrogate name or a callable.
+
+    ``spike_fn(v)`` is the Heaviside with that surrogate backward; ``grad_fn(v)`` is ds/dv.
+    For "zif" the width is ``gamma``; for "sigmoid" and "atan" it is ``alpha``.
+    A callable is used as ds/dv directly (name "custom", width None).
+    """
+    if callable(surrogate):
+        fn = surrogate
+        return "custom", None, (lambda v: CustomSpike.apply(v, fn)), fn
+    if surrogate not in SURROGATES:
+        raise ValueError(
+            f"unknown surrogate {surrogate!r}: expected one of {sorted(SURROGATES)} or a callable v -> ds/dv")
+    cls, grad, default = SURROGATES[surrogate]
+    if surrogate == "zif":
+        width = float(gamma)
+    else:
+        width = float(default if alpha is None else alpha)
+    if not width > 0:
+        raise ValueError(f"surrogate width must be > 0, got {width} for {surrogate!r}")
+    return surrogate, width, (lambda v: cls.apply(v, width)), (lambda v: grad(v, width))
+
+
+# the kernels' integer code of each built-in surrogate
+SURROGATE_IDS = {"zif": 0, "sigmoid": 1, "atan": 2}
