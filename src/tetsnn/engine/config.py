@@ -25,7 +25,7 @@ DEFAULTS = {
     "dataset": "digits",
     "data_dir": None,         # None: ~/.cache/tetsnn/<dataset> (unused by the digits)
     "download": False,
-    "split": "tet",           # CIFAR10-DVS train/test split ("tet" or "tebn")
+    "split": "tet",           # train/test split of datasets without an official one ("tet" or "tebn")
     "cache_dir": None,        # event-frame cache; None: the event loader's default
     "reader": None,           # event-folder: aedat2, aedat31, atis or npy
     "sensor_size": None,      # event-folder: [H, W] of the sensor
