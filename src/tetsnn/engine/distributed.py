@@ -1,18 +1,25 @@
 """DistributedDataParallel setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
 NCCL on GPUs, gloo on the CPU. Without torchrun everything runs in one process (rank 0 of 1).
+
+Teardown is ordered: ``cleanup()`` waits at a barrier until every rank is done with the process
+group before destroying it, so no process tears the group down while a peer still uses it. After a
+failed collective (a peer died) ``cleanup(ordered=False)`` skips the barrier.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError
 
-__all__ = ["setup", "cleanup", "is_distributed", "main_process_first", "all_reduce_sum", "all_reduce_max"]
+__all__ = ["setup", "cleanup", "is_distributed", "main_process_first", "all_reduce_sum", "all_reduce_max",
+           "share", "pause_point"]
 
 
 def setup(device: str = "auto"):
@@ -48,9 +55,36 @@ def main_process_first():
         dist.barrier()
 
 
-def cleanup():
+def cleanup(ordered: bool = True):
+    """Leave the process group: first a barrier (every rank has finished with it), then destroy it."""
     if is_distributed():
+        if ordered:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def share(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank; ``obj`` itself in one process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def pause_point(name: str) -> None:
+    """Test hook: with ``TETSNN_TEST_PAUSE="name:seconds,..."`` set, print ``tetsnn-pause NAME RANK``
+    to stderr and sleep, so a test can deliver a signal inside that moment (``save``: inside a
+    checkpoint write, before the rename; ``eval``: at each evaluation batch; ``start``: before the first
+    optimizer step; ``step``: after each optimizer step)."""
+    spec = os.environ.get("TETSNN_TEST_PAUSE")
+    if not spec:
+        return
+    for item in spec.split(","):
+        point, _, seconds = item.partition(":")
+        if point == name:
+            print(f"tetsnn-pause {name} {os.environ.get('RANK', '0')}", file=sys.stderr, flush=True)
+            time.sleep(float(seconds or 1))
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
