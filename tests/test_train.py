@@ -17,7 +17,7 @@ from tetsnn.train import main
 
 from conftest import QUICK, run_cli
 
-METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "world_size"}
 
 
 def read_metrics(run):
@@ -36,7 +36,7 @@ def test_default_run_shortened(tmp_path):
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert set(m) == METRIC_KEYS
-        assert 0 <= m["train_acc"] <= 1 and 0 <= m["test_acc"] <= 1 and m["seconds"] > 0
+        assert 0 <= m["train_acc"] <= 1 and 0 <= m["test_acc"] <= 1 and m["seconds"] > 0 and m["world_size"] == 1
     assert metrics[-1]["test_acc"] >= 0.85           # 15 epochs reach >= 0.95; 3 epochs reach ~0.9
     assert f"final test accuracy: {100 * metrics[-1]['test_acc']:.2f}%" in res.stdout
     assert metrics[0]["lr"] == pytest.approx(1e-3) and metrics[1]["lr"] < metrics[0]["lr"]

@@ -22,11 +22,16 @@ from ..utils import atomic_path
 from .config import ConfigError, resolve
 from .distributed import pause_point
 
-__all__ = ["save_checkpoint", "load_checkpoint", "build_model", "load_trained_model", "load_state_dict", "rng_state", "set_rng_state", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "build_model", "load_trained_model", "load_state_dict", "rng_state", "set_rng_state", "CheckpointError",
+           "CheckpointWriteError"]
 
 
 class CheckpointError(ValueError):
     """A missing or unreadable checkpoint file (one-line message naming it)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint (or another run file) that could not be written; the previous file is kept."""
 
 
 def save_checkpoint(state: dict, path) -> None:
@@ -39,7 +44,7 @@ def save_checkpoint(state: dict, path) -> None:
             pause_point("save")
     except (OSError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot write checkpoint {os.fspath(path)}: {reason}") from None
+        raise CheckpointWriteError(f"cannot write checkpoint {os.fspath(path)}: {reason}") from None
 
 
 def _load(path, map_location="cpu"):
