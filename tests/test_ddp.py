@@ -1,0 +1,196 @@
+"""Training under torchrun with 2 gloo CPU processes: signals to any subset of the workers, at
+chosen moments (the TETSNN_TEST_PAUSE hook holds a rank at a point and says so on stderr), a
+worker killed with SIGKILL under --max-restarts, a failed checkpoint write, and resuming on another
+number of processes. Every wait is for an event (a line, a file), with generous timeouts."""
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tetsnn.checkpoint import load_checkpoint
+from tetsnn.train import main
+
+# 3 optimizer steps per epoch (global batch 64), 1 evaluation batch per rank
+TINY = ["--limit-train", "192", "--limit-test", "64", "--batch-size", "64"]
+TIMEOUT = 240
+
+
+def read_metrics(run):
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+class Torchrun:
+    """``torchrun --standalone --nproc_per_node=N -m tetsnn train ARGS`` with its output in files."""
+
+    def __init__(self, tmp_path, args, nproc=2, pause=None, restarts=0, preexec_fn=None, name="run"):
+        self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if pause:
+            env["TETSNN_TEST_PAUSE"] = pause
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               f"--max-restarts={restarts}", "--monitor-interval=0.1", "-m", "tetsnn", "train", *map(str, args)]
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, preexec_fn=preexec_fn)
+
+    def stdout(self):
+        return self.out_path.read_text()
+
+    def stderr(self):
+        return self.err_path.read_text()
+
+    def wait_for(self, what, condition, timeout=TIMEOUT):
+        """Poll until ``condition()``; fail with the output if the job ends first or time runs out."""
+        deadline = time.time() + timeout
+        while not condition():
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"never saw {what} (exit {self.proc.poll()}):\n{self.stderr()[-3000:]}")
+            time.sleep(0.02)
+
+    def wait_line(self, text, count=1):
+        self.wait_for(repr(text), lambda: self.stderr().count(text) >= count)
+
+    def finish(self):
+        try:
+            self.proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"torchrun did not finish:\n{self.stderr()[-3000:]}")
+        return self.proc.returncode
+
+    def worker(self, rank):
+        """The pid of the worker process with RANK=rank (from /proc)."""
+        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+            for child in open(f"/proc/{self.proc.pid}/task/{task}/children").read().split():
+                try:
+                    env = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+                except OSError:
+                    continue
+                if f"RANK={rank}".encode() in env:
+                    return int(child)
+        raise AssertionError(f"no worker with RANK={rank}")
+
+
+def assert_clean(run):
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.parametrize("targets", [((1, signal.SIGTERM),), ((0, signal.SIGTERM),),
+                                     ((0, signal.SIGTERM), (1, signal.SIGUSR1))],
+                         ids=["rank1", "rank0", "both-term-usr1"])
+def test_signal_stops_every_rank_at_the_same_step(tmp_path, targets):
+    """Signals reach a subset of the workers after a step: every rank stops after the same optimizer
+    step, rank 0 writes last.pt, every process exits 0. The run then finishes on 1 process."""
+    out = tmp_path / "run"
+    job = Torchrun(tmp_path, TINY + ["--epochs", "30", "--out", out], pause="step:0.2")
+    job.wait_line("tetsnn-pause step 0", count=4)      # after step 1 of epoch 2: stop after step 2
+    for rank, sig in targets:
+        os.kill(job.worker(rank), sig)
+    assert job.finish() == 0, job.stderr()[-3000:]
+    assert job.stdout().count("stopped by signal") == 1 and "final test accuracy" not in job.stdout()
+    ckpt = load_checkpoint(out / "last.pt")
+    assert 1 <= ckpt["epoch"] < 30 and ckpt["world_size"] == 2
+    assert ckpt["partial"][2] == 64 * ckpt["step"]                  # the samples of both ranks
+    assert len(read_metrics(out)) == ckpt["epoch"]
+    assert_clean(out)
+    # resumed on one process from the exact global step, the run ends with one row per epoch
+    end = ckpt["epoch"] + 1
+    assert main(["--resume", str(out), "--epochs", str(end)]) == 0
+    rows = read_metrics(out)
+    assert [m["epoch"] for m in rows] == list(range(1, end + 1))
+    assert [m["world_size"] for m in rows] == [2] * (end - 1) + [1]
+    assert load_checkpoint(out / "last.pt")["run_steps"] == 3 * end
+
+
+def test_signal_during_evaluation_and_before_first_step(tmp_path):
+    """A signal during the evaluation abandons it: last.pt holds the trained epoch without its
+    metrics row, and the evaluation runs on resume. A signal before the first step saves nothing."""
+    out = tmp_path / "run"
+    job = Torchrun(tmp_path, TINY + ["--epochs", "2", "--out", out], pause="eval:3", name="eval")
+    job.wait_line("tetsnn-pause eval 1")
+    os.kill(job.worker(1), signal.SIGTERM)
+    assert job.finish() == 0, job.stderr()[-3000:]
+    assert "stopped by signal while evaluating epoch 1" in job.stdout()
+    assert job.stderr().count("tetsnn-pause eval 0") == 1             # abandoned at its next batch
+    ckpt = load_checkpoint(out / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["history"]) == (0, 3, [])
+    assert read_metrics(out) == []
+
+    job = Torchrun(tmp_path, TINY + ["--epochs", "2", "--out", out, "--resume", "auto"], pause="start:3",
+                   name="start")
+    job.wait_line("tetsnn-pause start 0")
+    os.kill(job.worker(0), signal.SIGINT)
+    os.kill(job.worker(1), signal.SIGINT)
+    assert job.finish() == 0, job.stderr()[-3000:]
+    assert "before the first step" in job.stdout()
+    assert load_checkpoint(out / "last.pt")["step"] == 3                # untouched
+
+    assert main(["--resume", "auto", "--out", str(out), "--epochs", "1"]) == 0
+    rows = read_metrics(out)
+    assert [m["epoch"] for m in rows] == [1] and rows[0]["world_size"] == 1
+    assert rows[0]["train_loss"] > 0 and rows[0]["test_acc"] >= 0
+
+
+def test_signals_during_checkpoint_write(tmp_path):
+    """Signals land while rank 0 writes last.pt (twice on rank 0): the write completes, the ranks stop
+    after the next step, and the final last.pt is whole."""
+    out = tmp_path / "run"
+    job = Torchrun(tmp_path, TINY + ["--epochs", "30", "--checkpoint-every", "1", "--out", out],
+                   pause="save:2")
+    job.wait_line("tetsnn-pause save 0")               # inside the write after step 1
+    rank0 = job.worker(0)
+    os.kill(rank0, signal.SIGTERM)
+    os.kill(rank0, signal.SIGTERM)
+    os.kill(job.worker(1), signal.SIGTERM)
+    job.wait_line("tetsnn-pause save 0", count=2)      # the stop's write, after step 2
+    os.kill(rank0, signal.SIGINT)
+    assert job.finish() == 0, job.stderr()[-3000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["run_steps"]) == (0, 2, 2)
+    assert_clean(out)
+
+
+def test_kill9_with_max_restarts_and_resume_auto_is_bit_identical(tmp_path):
+    """SIGKILL of one worker: torchrun restarts both, --resume auto continues from the last
+    checkpoint (written every 2 steps), and the final weights equal an uninterrupted run's."""
+    args = TINY + ["--epochs", "3", "--checkpoint-every", "2", "--resume", "auto"]
+    ref = Torchrun(tmp_path, args + ["--out", tmp_path / "ref"], name="ref")
+    assert ref.finish() == 0, ref.stderr()[-3000:]
+
+    out = tmp_path / "run"
+    job = Torchrun(tmp_path, args + ["--out", out], restarts=1, pause="step:0.2")
+    job.wait_line("tetsnn-pause step 1", count=5)     # after step 5: last.pt holds step 4 (epoch 2)
+    os.kill(job.worker(1), signal.SIGKILL)
+    assert job.finish() == 0, job.stderr()[-3000:]
+    assert "resuming" in job.stdout()
+    a, b = load_checkpoint(tmp_path / "ref" / "last.pt"), load_checkpoint(out / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    strip = lambda rows: [{k: v for k, v in m.items() if k != "seconds"} for m in rows]
+    assert strip(read_metrics(out)) == strip(read_metrics(tmp_path / "ref")) and len(read_metrics(out)) == 3
+    assert_clean(out)
+
+
+def _limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))   # 1 MiB
+
+
+def test_failed_write_stops_every_rank_with_rank0s_message(tmp_path):
+    """A checkpoint (about 2 MB) over the file size limit: rank 0's write fails, every rank exits 1
+    with its message, and neither last.pt nor a temporary file is left."""
+    out = tmp_path / "run"
+    job = Torchrun(tmp_path, TINY + ["--epochs", "3", "--checkpoint-every", "1", "--out", out],
+                   preexec_fn=_limit_file_size)
+    assert job.finish() != 0
+    err = job.stderr()
+    assert f"tetsnn train: error: cannot write checkpoint {out / 'last.pt'}" in err
+    assert "exitcode  : 1" in err and "exitcode  : -" not in err         # both workers exited 1
+    assert not (out / "last.pt").exists()
+    assert_clean(out)
