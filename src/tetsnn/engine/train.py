@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from functools import partial
 
 import torch
@@ -346,7 +347,9 @@ class Trainer:
                         should_stop=lambda: stop.requested)
         if test is None:
             return None
-        self.scheduler.step()
+        with warnings.catch_warnings():   # resumed after the epoch's last step, no optimizer step ran here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
         self.epoch += 1
         m = dict(epoch=self.epoch, train_loss=loss_sum / max(count, 1), train_acc=correct / max(count, 1),
                  test_loss=test["loss"], test_acc=test["top1"], lr=lr, seconds=self.partial[3],
