@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from tetsnn.checkpoint import load_checkpoint
+from tetsnn.evaluate import main as evaluate_main
 from tetsnn.train import main
 
-# 3 optimizer steps per epoch (global batch 64), 1 evaluation batch per rank; the per-step loop
-# backend (no kernel compilation in every new process)
-TINY = ["--limit-train", "192", "--limit-test", "64", "--batch-size", "64", "--model-kw", "{backend: loop}"]
+# 3 optimizer steps per epoch (global batch 64); 65 test samples: 2 evaluation batches on rank 0,
+# 1 on rank 1; the per-step loop backend (no kernel compilation in every new process)
+TINY = ["--limit-train", "192", "--limit-test", "65", "--batch-size", "64", "--model-kw", "{backend: loop}"]
 TIMEOUT = 240
 
 
@@ -84,7 +85,7 @@ def assert_clean(run):
 
 @pytest.mark.parametrize("targets", [((1, signal.SIGTERM),), ((0, signal.SIGTERM), (1, signal.SIGUSR1))],
                          ids=["rank1", "both-term-usr1"])
-def test_signal_stops_every_rank_at_the_same_step(tmp_path, targets):
+def test_signal_stops_every_rank_at_the_same_step(tmp_path, targets, capsys):
     """Signals reach a subset of the workers after a step: every rank stops after the same optimizer
     step, rank 0 writes last.pt, every process exits 0 (and so does torchrun)."""
     out = tmp_path / "run"
@@ -99,6 +100,9 @@ def test_signal_stops_every_rank_at_the_same_step(tmp_path, targets):
     assert ckpt["partial"][2] == 64 * 2                    # the samples of both ranks
     assert len(read_metrics(out)) == 1
     assert_clean(out)
+    # the DDP evaluation (uneven shares, no padding) agrees with a one-process one
+    assert evaluate_main(["--checkpoint", str(out / "best.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(read_metrics(out)[0]["test_acc"], abs=1e-12)
 
 
 def test_resume_across_process_counts_with_signals_in_evaluation_and_before_first_step(tmp_path, monkeypatch):
