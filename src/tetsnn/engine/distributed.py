@@ -72,29 +72,27 @@ def share(obj, src: int = 0):
     return box[0]
 
 
-def pause_point(name: str) -> None:
-    """Test hook: with ``TETSNN_TEST_PAUSE="name:seconds,..."`` set, print ``tetsnn-pause NAME RANK``
-    to stderr and sleep, so a test can deliver a signal inside that moment (``save``: inside a
-    checkpoint write, before the rename; ``eval``: at each evaluation batch; ``start``: before the first
-    optimizer step; ``step``: after each optimizer step)."""
+# signals the process has received (counted by tetsnn train's handler; read by pause_point)
+signals_received = 0
+
+
+def pause_point(name: str, index: int = None) -> None:
+    """Test hook. With ``TETSNN_TEST_PAUSE="NAME[@RANK][#INDEX]:SECONDS,..."`` set, the matching rank
+    prints ``tetsnn-pause NAME RANK`` to stderr and waits until it receives a signal or SECONDS have
+    passed, so a test can deliver a signal inside that moment (``save``: inside a checkpoint write,
+    before the rename; ``eval``: before each evaluation batch; ``start``: before the first optimizer
+    step; ``step``: after each optimizer step, INDEX = optimizer steps since the start of the run).
+    Only the first attempt of a torchrun job pauses (not the workers it restarts)."""
     spec = os.environ.get("TETSNN_TEST_PAUSE")
-    if not spec:
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
+    rank = os.environ.get("RANK", "0")
     for item in spec.split(","):
-        point, _, seconds = item.partition(":")
-        if point == name:
-            print(f"tetsnn-pause {name} {os.environ.get('RANK', '0')}", file=sys.stderr, flush=True)
-            time.sleep(float(seconds or 1))
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all ranks, in place (a no-op in a single process)."""
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+        where, _, seconds = item.partition(":")
+        where, _, at = where.partition("#")
+        point, _, only_rank = where.partition("@")
+        if point == name and only_rank in ("", rank) and (not at or int(at) == index):
+            print(f"tetsnn-pause {name} {rank}", file=sys.stderr, flush=True)
+            seen, end = signals_received, time.monotonic() + float(seconds or 1)
+            while signals_received == seen and time.monotonic() < end:
+                time.sleep(0.01)

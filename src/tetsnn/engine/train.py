@@ -33,6 +33,7 @@ from torch import nn
 from .checkpoint import (CheckpointError, CheckpointWriteError, build_model, load_checkpoint, load_trained_model,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import ConfigError, T_at_epoch, load_config, parse_T_schedule, parse_train_args, resolve
+from . import distributed as _distributed
 from .distributed import all_reduce_max, all_reduce_sum, cleanup, is_distributed, pause_point, setup, share
 from .evaluate import autocast, evaluate
 from ..loss import sdt_loss, tet_loss
@@ -137,6 +138,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.requested = True
+        _distributed.signals_received += 1
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -329,7 +331,7 @@ class Trainer:
             self.partial[2] += n
             self.partial[3] = seconds0 + time.perf_counter() - t0
             progress(self.partial)
-            pause_point("step")
+            pause_point("step", self.run_steps)
             if flags[1]:
                 return False
             if self.step < steps:
