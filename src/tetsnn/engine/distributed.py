@@ -96,3 +96,16 @@ def pause_point(name: str, index: int = None) -> None:
             seen, end = signals_received, time.monotonic() + float(seconds or 1)
             while signals_received == seen and time.monotonic() < end:
                 time.sleep(0.01)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks, in place (a no-op in a single process)."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
