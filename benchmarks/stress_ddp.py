@@ -6,7 +6,7 @@ Each run launches ``torchrun --nproc_per_node=2 -m tetsnn train`` (gloo, CPU) on
 schedule while ``--load`` busy-loop processes compete for the CPU.
 
 - ``signal``: once every worker has installed its handlers (SIGTERM appears in the SigCgt mask of
-  /proc/PID/status), wait a random 0-8 s, then send SIGTERM, SIGINT or SIGUSR1 (sometimes twice)
+  /proc/PID/status), wait a random 0-15 s, then send SIGTERM, SIGINT or SIGUSR1 (sometimes twice)
   to a random non-empty subset of the workers. The moment falls anywhere: data building, a step,
   an evaluation, a checkpoint write (last.pt is written every step or two), before the first step,
   or after the end. Pass: torchrun exits 0; last.pt, when written, loads and is at a step boundary
@@ -100,7 +100,7 @@ def run_signal(rng, work: Path) -> tuple[bool, str]:
     if w is None:
         rc, text = finish(proc)
         return False, f"workers never became ready (exit {rc}): {text[-1500:]}"
-    time.sleep(rng.uniform(0, 8))
+    time.sleep(rng.uniform(0, 15))
     sigs = [rng.choice([signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]) for _ in range(rng.choice([1, 1, 2]))]
     targets = rng.choice([[0], [1], [0, 1]])
     what = f"{[s.name for s in sigs]} to ranks {targets}, checkpoint_every {every}"
