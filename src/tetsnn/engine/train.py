@@ -34,7 +34,7 @@ from .checkpoint import (CheckpointError, CheckpointWriteError, build_model, loa
                          rng_state, save_checkpoint, set_rng_state)
 from .config import ConfigError, T_at_epoch, load_config, parse_T_schedule, parse_train_args, resolve
 from . import distributed as _distributed
-from .distributed import all_reduce_max, all_reduce_sum, cleanup, is_distributed, pause_point, setup, share
+from .distributed import all_reduce_max, all_reduce_sum, cleanup, pause_point, setup, share
 from .evaluate import autocast, evaluate
 from ..loss import sdt_loss, tet_loss
 from .transfer import freeze, load_ann_weights
@@ -268,9 +268,9 @@ class Trainer:
         if self.main:
             set_rng_state(ckpt["rng"])
 
-    def write(self, files, what, *args):
-        """Rank 0 runs ``what(*args)`` (writes files); every rank learns its result. A failed write
-        is a CheckpointWriteError on every rank, with rank 0's message."""
+    def write(self, out, what, *args):
+        """Rank 0 runs ``what(*args)`` (writes files in the run directory ``out``); every rank learns
+        its result. A failed write is a CheckpointWriteError on every rank, with rank 0's message."""
         error = None
         if self.main:
             try:
@@ -278,7 +278,7 @@ class Trainer:
             except CheckpointWriteError as e:
                 error = str(e)
             except OSError as e:
-                error = f"cannot write to {files.out}: {e}"
+                error = f"cannot write to {out}: {e}"
         error = share(error)
         if error:
             raise CheckpointWriteError(error)
@@ -292,7 +292,7 @@ class Trainer:
             state = self.state(partial)
             for name in names:
                 save_checkpoint(state, files.path(name))
-        self.write(files, write)
+        self.write(files.out if files else None, write)
 
     # -- training ------------------------------------------------------------------------------
     def train_epoch(self, stop: StopRequest, progress, every_steps) -> bool:
@@ -402,7 +402,7 @@ def fit(cfg: dict, stop: StopRequest = None) -> dict:
         say(f"{cfg['resume']} holds a finished run ({ckpt['epoch']} epochs)")
         return _summary(ckpt["history"], ckpt["best"], cfg["resume"], say)
     rank, world, device = setup(cfg["device"])
-    ordered = False
+    ordered, files = False, None
     try:
         trainer = Trainer(cfg, rank, world, device)
         if ckpt is not None:
@@ -414,18 +414,18 @@ def fit(cfg: dict, stop: StopRequest = None) -> dict:
                 raise ConfigError(f"{out} already holds a run (last.pt); resume it with --resume {out} "
                                   f"(or --resume auto)")
         del ckpt
-        files = RunFiles(out, cfg, trainer.data.info, trainer.history) if trainer.main else None
-        try:
-            result = _loop(trainer, files, cfg, world, stop)
-            ordered = True
-            return result
-        except AGREED_ERRORS:
-            ordered = True
-            raise
-        finally:
-            if files:
-                files.close()
+        opened = []
+        trainer.write(out, lambda: opened.append(RunFiles(out, cfg, trainer.data.info, trainer.history)))
+        files = opened[0] if opened else None
+        result = _loop(trainer, files, cfg, world, stop)
+        ordered = True
+        return result
+    except AGREED_ERRORS:
+        ordered = True
+        raise
     finally:
+        if files:
+            files.close()
         cleanup(ordered)
 
 
@@ -480,7 +480,7 @@ def _loop(trainer, files, cfg, world, stop) -> dict:
             trainer.best = dict(epoch=m["epoch"], test_acc=m["test_acc"])
         # the checkpoint first: metrics.jsonl never holds a row newer than last.pt
         trainer.save(files, ("last.pt", "best.pt") if is_best else ("last.pt",))
-        trainer.write(files, files.epoch_done if files else None, trainer.history)
+        trainer.write(files.out if files else None, files.epoch_done if files else None, trainer.history)
         say(f"epoch {m['epoch']}/{cfg['epochs']}  train loss {m['train_loss']:.4f} acc {100 * m['train_acc']:.2f}%  "
             f"test loss {m['test_loss']:.4f} acc {100 * m['test_acc']:.2f}%  lr {m['lr']:.2e}  {m['seconds']:.1f}s")
         if all_reduce_max(torch.tensor([float(stop.requested)], device=trainer.device))[0]:
