@@ -2,7 +2,9 @@
 
 NCCL on GPUs, gloo on the CPU. Without torchrun everything runs in one process (rank 0 of 1).
 
-Teardown is ordered: ``cleanup()`` waits at a barrier until every rank is done with the process
+The threads the process group starts (gloo's I/O and worker threads) are created with the stop
+signals blocked, so SIGTERM / SIGINT / SIGUSR1 are always delivered to the main thread: a signal
+never interrupts a system call inside a communication thread. Teardown is ordered: ``cleanup()`` waits at a barrier until every rank is done with the process
 group before destroying it, so no process tears the group down while a peer still uses it. After a
 failed collective (a peer died) ``cleanup(ordered=False)`` skips the barrier.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import time
 
@@ -35,8 +38,23 @@ def setup(device: str = "auto"):
             device = f"cuda:{local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        with signals_blocked():   # threads started here inherit the mask: only the main thread gets signals
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world, torch.device(device)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def signals_blocked(signals=STOP_SIGNALS):
+    """Block ``signals`` in the calling (main) thread for the block; a signal that arrives meanwhile
+    stays pending and is handled when the block ends. Threads started inside keep them blocked."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def is_distributed() -> bool:

@@ -124,7 +124,7 @@ class StopRequest:
     which is about to exit: there a late signal is ignored instead of killing a process that has
     finished cleanly."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    SIGNALS = _distributed.STOP_SIGNALS
 
     def __init__(self, keep_ignoring: bool = False):
         self.requested = False
