@@ -11,7 +11,7 @@ schedule while ``--load`` busy-loop processes compete for the CPU.
   an evaluation, a checkpoint write (last.pt is written every step or two), before the first step,
   or after the end. Pass: torchrun exits 0; last.pt, when written, loads and is at a step boundary
   every rank agreed on (its sample count is the global batch times its steps); no temporary file.
-- ``kill``: ``--max-restarts=3 --resume auto``; at a random 0-25 s after launch (imports, setup,
+- ``kill``: ``--max-restarts=3 --resume auto``; at a random 0-20 s after launch (imports, setup,
   training, a write, anything), SIGKILL one random worker. Pass: torchrun exits 0 and the final
   last.pt weights are bit-identical to an uninterrupted run of the same command.
 
@@ -124,8 +124,8 @@ def run_signal(rng, work: Path) -> tuple[bool, str]:
 
 def run_kill(rng, work: Path, reference) -> tuple[bool, str]:
     out = work / "kill"
-    proc = torchrun(TINY + ["--epochs", "3", "--checkpoint-every", "2", "--resume", "auto", "--out", out], restarts=3)
-    delay = rng.uniform(0, 25)
+    proc = torchrun(TINY + ["--epochs", "2", "--checkpoint-every", "2", "--resume", "auto", "--out", out], restarts=3)
+    delay = rng.uniform(0, 20)
     rank = rng.choice([0, 1])
     deadline = time.time() + delay
     while time.time() < deadline and proc.poll() is None:
@@ -143,7 +143,7 @@ def run_kill(rng, work: Path, reference) -> tuple[bool, str]:
     if rc != 0:
         return False, f"{what}: torchrun exit {rc}: {text[-2000:]}"
     final = load_checkpoint(out / "last.pt")
-    if final["epoch"] != 3 or any(not torch.equal(v, final["model"][k]) for k, v in reference.items()):
+    if final["epoch"] != 2 or any(not torch.equal(v, final["model"][k]) for k, v in reference.items()):
         return False, f"{what}: final weights differ from the uninterrupted run"
     return True, what + (" (restarted)" if "resuming" in text else "")
 
@@ -163,7 +163,7 @@ def main(argv=None):
             tmp = Path(tmp)
             reference = None
             if "kill" in args.scenarios:
-                ref = torchrun(TINY + ["--epochs", "3", "--checkpoint-every", "2", "--resume", "auto",
+                ref = torchrun(TINY + ["--epochs", "2", "--checkpoint-every", "2", "--resume", "auto",
                                        "--out", tmp / "ref"])
                 rc, text = finish(ref)
                 assert rc == 0, text[-2000:]
