@@ -90,8 +90,10 @@ def share(obj, src: int = 0):
     return box[0]
 
 
-# signals the process has received (counted by tetsnn train's handler; read by pause_point)
+# signals the process has received (counted by tetsnn train's stop request, which sets poll_signals
+# to its function that takes pending ones; read by pause_point)
 signals_received = 0
+poll_signals = None
 
 
 def pause_point(name: str, index: int = None) -> None:
@@ -114,6 +116,8 @@ def pause_point(name: str, index: int = None) -> None:
             seen, end = signals_received, time.monotonic() + float(seconds or 1)
             while signals_received == seen and time.monotonic() < end:
                 time.sleep(0.01)
+                if poll_signals is not None:
+                    poll_signals()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -117,32 +117,55 @@ def resolve_run_config(argv) -> dict:
 
 
 class StopRequest:
-    """SIGTERM / SIGINT / SIGUSR1 set a flag, nothing else (so a signal never interrupts a write, and a
-    second one changes nothing); the ranks agree on it and stop after the same optimizer step.
+    """SIGTERM / SIGINT / SIGUSR1 request a stop; the ranks agree on it and stop after the same
+    optimizer step. A signal does nothing else, so it never interrupts a write, and a second one
+    changes nothing.
 
-    On leaving, the previous handlers come back, except in a torchrun worker (``keep_ignoring``),
-    which is about to exit: there a late signal is ignored instead of killing a process that has
-    finished cleanly."""
+    The signals are taken synchronously: while the block runs they are blocked in the calling (main)
+    thread, and so in every thread started from it (the process group's, the autograd engine's,
+    ...), and ``requested`` collects any that are pending (``sigtimedwait``). No signal is ever
+    delivered into a thread that happens to be in a system call. A handler that sets the same flag
+    covers threads that existed before (none in a ``tetsnn train`` process).
+
+    On leaving, the previous handlers and mask come back, except in a torchrun worker
+    (``keep_ignoring``), which is about to exit: there the signals stay blocked and ignored, so a late
+    one cannot kill a process that has finished cleanly."""
 
     SIGNALS = _distributed.STOP_SIGNALS
 
     def __init__(self, keep_ignoring: bool = False):
-        self.requested = False
+        self._requested = False
         self.previous = {}
         self.keep_ignoring = keep_ignoring
 
     def __enter__(self):
         for s in self.SIGNALS:
             self.previous[s] = signal.signal(s, self._handle)
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        _distributed.poll_signals = self.poll
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self._requested = True
         _distributed.signals_received += 1
 
+    def poll(self):
+        """Take every pending stop signal (without waiting)."""
+        while signal.sigtimedwait(self.SIGNALS, 0) is not None:
+            self._handle(None, None)
+
+    @property
+    def requested(self) -> bool:
+        self.poll()
+        return self._requested
+
     def __exit__(self, *exc):
+        self.poll()
+        _distributed.poll_signals = None
         for s, handler in self.previous.items():
             signal.signal(s, signal.SIG_IGN if self.keep_ignoring else handler)
+        if not self.keep_ignoring:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
 
 
 def _write_text(path, text):
