@@ -148,6 +148,21 @@ def run_kill(rng, work: Path, reference) -> tuple[bool, str]:
     return True, what + (" (restarted)" if "resuming" in text else "")
 
 
+def report(args, results, echo=False):
+    cores = os.cpu_count()
+    md = ["## DDP stop and restart under load (`benchmarks/stress_ddp.py`)", "",
+          f"2 gloo CPU workers under torchrun on {cores} cores, with {args.load} busy-loop process(es) "
+          f"and the machine's other work competing; random moments, seed {args.seed}.", "",
+          "| scenario | runs | failures | mean seconds per run |", "|---|---|---|---|"]
+    desc = {"signal": "SIGTERM/SIGINT/SIGUSR1 to a random subset of workers (exit 0, whole last.pt)",
+            "kill": "SIGKILL of a random worker, --max-restarts 3 --resume auto (bit-identical weights)"}
+    for name, res in results.items():
+        md.append(f"| {desc[name]} | {res['runs']} | {res['failures']} | {res['seconds'] / max(res['runs'], 1):.0f} |")
+    write_results("stress_ddp", dict(load=args.load, seed=args.seed, cores=cores, results=results), "\n".join(md))
+    if echo:
+        print("\n".join(md))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20)
@@ -156,21 +171,22 @@ def main(argv=None):
     p.add_argument("--scenarios", default="signal,kill")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
+    scenarios = args.scenarios.split(",")
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
-    results = {}
+    results = {s: dict(runs=0, failures=0, failed=[], seconds=0.0) for s in scenarios}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             reference = None
-            if "kill" in args.scenarios:
+            if "kill" in scenarios:
                 ref = torchrun(TINY + ["--epochs", "2", "--checkpoint-every", "2", "--resume", "auto",
                                        "--out", tmp / "ref"])
                 rc, text = finish(ref)
                 assert rc == 0, text[-2000:]
                 reference = load_checkpoint(tmp / "ref" / "last.pt")["model"]
-            for scenario in args.scenarios.split(","):
-                res = results[scenario] = dict(runs=0, failures=0, failed=[], seconds=0.0)
-                for i in range(args.runs):
+            for i in range(args.runs):          # the scenarios take turns
+                for scenario in scenarios:
+                    res = results[scenario]
                     work = tmp / f"{scenario}{i}"
                     work.mkdir()
                     t0 = time.time()
@@ -185,21 +201,12 @@ def main(argv=None):
                     if not ok:
                         print(what, flush=True)
                     shutil.rmtree(work, ignore_errors=True)
+                    report(args, results)      # after every run: an interrupted stress run still counts
     finally:
         for h in hogs:
             h.kill()
             h.wait()
-    cores = os.cpu_count()
-    md = [f"## DDP stop and restart under load (`benchmarks/stress_ddp.py`)", "",
-          f"2 gloo CPU workers under torchrun on {cores} cores, with {args.load} busy-loop processes (and "
-          f"whatever else the machine ran) competing; random moments, seed {args.seed}.", "",
-          "| scenario | runs | failures | mean seconds per run |", "|---|---|---|---|"]
-    desc = {"signal": "SIGTERM/SIGINT/SIGUSR1 to a random subset of workers (exit 0, whole last.pt)",
-            "kill": "SIGKILL of a random worker, --max-restarts 3 --resume auto (bit-identical weights)"}
-    for name, res in results.items():
-        md.append(f"| {desc[name]} | {res['runs']} | {res['failures']} | {res['seconds'] / max(res['runs'], 1):.0f} |")
-    write_results("stress_ddp", dict(load=args.load, seed=args.seed, cores=cores, results=results), "\n".join(md))
-    print("\n".join(md))
+    report(args, results, echo=True)
     return 1 if any(r["failures"] for r in results.values()) else 0
 
 
