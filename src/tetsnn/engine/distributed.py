@@ -11,6 +11,7 @@ failed collective (a peer died) ``cleanup(ordered=False)`` skips the barrier.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import signal
 import sys
@@ -39,8 +40,22 @@ def setup(device: str = "auto"):
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         with signals_blocked():   # threads started here inherit the mask: only the main thread gets signals
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=_attempt_store(rank, world),
+                                    rank=rank, world_size=world)
     return rank, world, torch.device(device)
+
+
+def _attempt_store(rank: int, world: int):
+    """The rendezvous store (MASTER_ADDR:MASTER_PORT), its keys prefixed by torchrun's restart count.
+
+    torchrun's agent keeps one store for all its restarts; without the prefix, the workers of a
+    restart can read the addresses the killed workers published and fail to connect to them."""
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None   # another launcher: init_process_group's own env:// handling
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"   # torchrun's agent hosts the store
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent, timeout=datetime.timedelta(minutes=30))
+    return dist.PrefixStore(f"tetsnn/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
