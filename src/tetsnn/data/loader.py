@@ -1,10 +1,20 @@
 """Batch iterators for training and evaluation, the same for one process or many (DDP).
 
 A loader yields on-device float batches ``x`` (``[N, C, H, W]`` static, ``[N, T, C, H, W]`` events)
-and int64 labels ``y``. Training order comes from ``DistributedSampler`` (shuffled by seed and
-epoch); evaluation gives rank r the samples r, r+K, r+2K, ... so every test sample is seen exactly
-once. The training augmentation of batch b draws from a generator seeded by (seed, epoch, b, rank),
-so a run resumed at any step sees exactly the batches an uninterrupted run would.
+and int64 labels ``y``. Evaluation gives rank r of K the samples r, r+K, r+2K, ... so every test
+sample is seen exactly once.
+
+Training is defined by global batches, whatever the number of processes K:
+
+- the epoch's order is a permutation of the N sample indices drawn from (seed, epoch), not padded;
+- global batch b is ``order[b*G:(b+1)*G]`` with G = K x the per-rank batch size;
+- rank r takes the contiguous slice ``[r*m//K, (r+1)*m//K)`` of a global batch of m samples (G/K
+  samples each, except in the last, short batch, where slice sizes differ by at most one);
+- a last batch with fewer samples than processes (m < K) is dropped, so no rank is ever empty;
+- each sample's augmentation draws depend only on (seed, epoch, sample index) (``SampleRandom``).
+
+So the union over the ranks of step b's (index, augmented input) is the single-process batch b of
+the same global batch size, and a run can resume at any global step on any number of processes.
 """
 from __future__ import annotations
 
@@ -13,52 +23,78 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-__all__ = ["BatchLoader", "FolderLoader", "EventFrames", "batch_seed"]
+from .draws import SampleRandom
+
+__all__ = ["BatchLoader", "FolderLoader", "EventFrames", "epoch_order"]
 
 
-def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of an epoch: a permutation drawn from ``seed + epoch``."""
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
 
 
 class BatchLoader:
-    """Splits sample indices into this rank's batches and turns each into tensors with ``fetch``."""
+    """Splits sample indices into this rank's batches and turns each into tensors with ``fetch``.
+
+    ``batch_size`` is per rank (the global batch is ``batch_size * world_size``);
+    ``fetch(indices, draws)`` gets a ``SampleRandom`` for training and None for evaluation."""
 
     def __init__(self, num_samples: int, batch_size: int, fetch: Callable, *, train: bool, seed: int = 0,
                  rank: int = 0, world_size: int = 1, device="cpu"):
         self.num_samples, self.batch_size, self.fetch = num_samples, batch_size, fetch
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
         self.device = torch.device(device)
-        self.sampler = DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank,
-                                          shuffle=True, seed=seed) if train else None
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0):
-        """Select the epoch's order; iteration begins at batch ``start`` (for a resumed run)."""
+        """Select the epoch's order; iteration begins at (global) step ``start`` (for a resumed run)."""
         self.epoch, self.start = epoch, start
 
-    def indices(self) -> torch.Tensor:
-        if self.sampler is None:
-            return torch.arange(self.rank, self.num_samples, self.world_size)
-        self.sampler.set_epoch(self.epoch)
-        return torch.tensor(list(self.sampler), dtype=torch.int64)
+    def global_size(self, step: int) -> int:
+        """The number of samples in global training batch ``step`` (over all ranks)."""
+        g = self.batch_size * self.world_size
+        return min(g, self.num_samples - step * g)
 
     def __len__(self):
-        return math.ceil(len(self.indices()) / self.batch_size)
+        if not self.train:
+            return math.ceil(len(range(self.rank, self.num_samples, self.world_size)) / self.batch_size)
+        g = self.batch_size * self.world_size
+        steps = math.ceil(self.num_samples / g)
+        return steps - 1 if steps and self.global_size(steps - 1) < self.world_size else steps
 
     def batches(self):
-        idx = self.indices()
-        for b in range(self.start, math.ceil(len(idx) / self.batch_size)):
-            yield b, idx[b * self.batch_size:(b + 1) * self.batch_size]
+        """``(step, this rank's sample indices)`` from ``start`` to the end of the epoch."""
+        if not self.train:
+            idx = torch.arange(self.rank, self.num_samples, self.world_size)
+            for b in range(self.start, len(self)):
+                yield b, idx[b * self.batch_size:(b + 1) * self.batch_size]
+            return
+        order, g, k = epoch_order(self.num_samples, self.seed, self.epoch), self.batch_size * self.world_size, self.world_size
+        for b in range(self.start, len(self)):
+            m = self.global_size(b)
+            yield b, order[b * g + self.rank * m // k:b * g + (self.rank + 1) * m // k]
 
     def __iter__(self):
         for b, idx in self.batches():
-            gen = None
-            if self.train:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(batch_seed(self.seed, self.epoch, b, self.rank))
-            yield self.fetch(idx, gen)
+            yield self.fetch(idx, SampleRandom(self.seed, self.epoch, idx) if self.train else None)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """A dataset whose random transforms (torchvision's, drawing from torch's global generator) are
+    seeded per sample by (seed, epoch, index), whichever rank or worker loads the sample."""
+
+    def __init__(self, dataset, seed: int, epoch: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, int(i)]).generate_state(1)[0]))
+            return self.dataset[i]
 
 
 class FolderLoader(BatchLoader):
@@ -70,7 +106,8 @@ class FolderLoader(BatchLoader):
 
     def __iter__(self):
         batches = [idx.tolist() for _, idx in self.batches()]
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers,
+        dataset = SeededSamples(self.dataset, self.seed, self.epoch) if self.train else self.dataset
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -11,6 +11,8 @@ import os
 import numpy as np
 import torch
 
+from .draws import rand, randint
+
 __all__ = ["DataError", "STATIC", "DIGITS_SPLIT_SEED", "load_digits", "load_cifar", "StaticImages",
            "augment", "imagenet_folders"]
 
@@ -64,20 +66,21 @@ def load_cifar(name: str, root: str, train: bool, download: bool = False):
 
 def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random shift by up to ``pad`` pixels (zero fill, as RandomCrop(size, padding=pad)) and a
-    horizontal flip with p=0.5, drawn per sample, for a whole batch ``[B, C, H, W]`` at once."""
+    horizontal flip with p=0.5, drawn per sample, for a whole batch ``[B, C, H, W]`` at once.
+    ``generator``: a ``torch.Generator``, or a ``SampleRandom`` (draws fixed by each sample's index)."""
     b, c, h, w = x.shape
     dev = x.device
     if pad:
         hp, wp = h + 2 * pad, w + 2 * pad
         xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
-        ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=dev)
+        oy = randint(generator, 0, 2 * pad + 1, b, dev)
+        ox = randint(generator, 0, 2 * pad + 1, b, dev)
         # the crop of sample i starts at flat position oy*wp + ox of its padded image
         window = (torch.arange(h, device=dev)[:, None] * wp + torch.arange(w, device=dev)).view(1, 1, h * w)
         idx = (oy * wp + ox).view(b, 1, 1) + window
         x = torch.gather(xp.reshape(b, c, hp * wp), 2, idx.expand(b, c, h * w)).view(b, c, h, w)
     if flip:
-        mask = torch.rand(b, generator=generator, device=dev) < 0.5
+        mask = rand(generator, b, dev) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
 

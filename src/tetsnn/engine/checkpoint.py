@@ -8,7 +8,10 @@ sums), ``history`` (one metrics dict per finished epoch), ``rng`` and ``config``
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -17,29 +20,53 @@ from torch import nn
 from ..models import create_model
 from ..utils import atomic_path
 from .config import ConfigError, resolve
+from .distributed import pause_point
 
-__all__ = ["save_checkpoint", "load_checkpoint", "build_model", "load_trained_model", "load_state_dict", "rng_state", "set_rng_state", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "build_model", "load_trained_model", "load_state_dict", "rng_state", "set_rng_state", "CheckpointError",
+           "CheckpointWriteError"]
 
 
 class CheckpointError(ValueError):
     """A missing or unreadable checkpoint file (one-line message naming it)."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint (or another run file) that could not be written; the previous file is kept."""
+
+
 def save_checkpoint(state: dict, path) -> None:
-    """Write ``state`` to ``path`` through a temporary file in the same folder and a rename."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """Write ``state`` to ``path`` through a temporary file in the same folder and a rename. A failed
+    write (disk full, file size limit) raises CheckpointError naming ``path`` and leaves the file
+    that was there before, and no temporary file."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+            pause_point("save")
+    except (OSError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointWriteError(f"cannot write checkpoint {os.fspath(path)}: {reason}") from None
 
 
 def _load(path, map_location="cpu"):
+    """``torch.load(weights_only=True)``; anything that is not a checkpoint is a one-line
+    CheckpointError naming the file and what it is not."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated file, another format, or objects that need code to load
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: {msg}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        # PyTorch's messages here suggest unsafe workarounds: say what the file is instead
+        if not zipfile.is_zipfile(path):
+            what = "not a PyTorch checkpoint file (truncated, empty, or another format)"
+        elif isinstance(e, pickle.UnpicklingError):
+            what = ("not a tetsnn checkpoint: it holds Python objects, not only tensors, numbers and "
+                    "strings, and tetsnn never runs code from a checkpoint")
+        else:
+            what = "not a PyTorch checkpoint file (a damaged or foreign zip archive)"
+        raise CheckpointError(f"cannot load checkpoint {path}: {what}") from None
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

@@ -42,7 +42,8 @@ DEFAULTS = {
     "amp": "none",
     "seed": 1000,
     "out": None,              # None: a fresh directory under runs/
-    "resume": None,
+    "resume": None,           # a run directory to continue, or "auto": continue --out if it holds a run
+    "checkpoint_every": 0,    # also write last.pt every N optimizer steps (0: epoch ends and signals)
     "workers": 4,             # DataLoader workers (ImageNet only; the other loaders live on the device)
     "device": "auto",         # auto: cuda when available, else cpu
     "sync_bn": False,
@@ -128,6 +129,7 @@ def validate(cfg: dict) -> dict:
     for key in ("workers", "limit_train", "limit_test"):
         _check(cfg, key, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     _check(cfg, "seed", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    _check(cfg, "checkpoint_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     _check(cfg, "lr", lambda v: _is_num(v) and v > 0, "a number > 0")
     _check(cfg, "weight_decay", lambda v: _is_num(v) and v >= 0, "a number >= 0")
     _check(cfg, "momentum", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")

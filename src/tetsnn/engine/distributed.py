@@ -1,18 +1,29 @@
 """DistributedDataParallel setup from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
 NCCL on GPUs, gloo on the CPU. Without torchrun everything runs in one process (rank 0 of 1).
+
+The threads the process group starts (gloo's I/O and worker threads) are created with the stop
+signals blocked, so SIGTERM / SIGINT / SIGUSR1 are always delivered to the main thread: a signal
+never interrupts a system call inside a communication thread. Teardown is ordered: ``cleanup()`` waits at a barrier until every rank is done with the process
+group before destroying it, so no process tears the group down while a peer still uses it. After a
+failed collective (a peer died) ``cleanup(ordered=False)`` skips the barrier.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import signal
+import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError
 
-__all__ = ["setup", "cleanup", "is_distributed", "main_process_first", "all_reduce_sum", "all_reduce_max"]
+__all__ = ["setup", "cleanup", "is_distributed", "main_process_first", "all_reduce_sum", "all_reduce_max",
+           "share", "pause_point"]
 
 
 def setup(device: str = "auto"):
@@ -28,8 +39,37 @@ def setup(device: str = "auto"):
             device = f"cuda:{local_rank % torch.cuda.device_count()}"
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        with signals_blocked():   # threads started here inherit the mask: only the main thread gets signals
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", store=_attempt_store(rank, world),
+                                    rank=rank, world_size=world)
     return rank, world, torch.device(device)
+
+
+def _attempt_store(rank: int, world: int):
+    """The rendezvous store (MASTER_ADDR:MASTER_PORT), its keys prefixed by torchrun's restart count.
+
+    torchrun's agent keeps one store for all its restarts; without the prefix, the workers of a
+    restart can read the addresses the killed workers published and fail to connect to them."""
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None   # another launcher: init_process_group's own env:// handling
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"   # torchrun's agent hosts the store
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent, timeout=datetime.timedelta(minutes=30))
+    return dist.PrefixStore(f"tetsnn/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def signals_blocked(signals=STOP_SIGNALS):
+    """Block ``signals`` in the calling (main) thread for the block; a signal that arrives meanwhile
+    stays pending and is handled when the block ends. Threads started inside keep them blocked."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def is_distributed() -> bool:
@@ -48,9 +88,51 @@ def main_process_first():
         dist.barrier()
 
 
-def cleanup():
+def cleanup(ordered: bool = True):
+    """Leave the process group: first a barrier (every rank has finished with it), then destroy it."""
     if is_distributed():
+        if ordered:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def share(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank; ``obj`` itself in one process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# signals the process has received (counted by tetsnn train's stop request, which sets poll_signals
+# to its function that takes pending ones; read by pause_point)
+signals_received = 0
+poll_signals = None
+
+
+def pause_point(name: str, index: int = None) -> None:
+    """Test hook. With ``TETSNN_TEST_PAUSE="NAME[@RANK][#INDEX]:SECONDS,..."`` set, the matching rank
+    prints ``tetsnn-pause NAME RANK`` to stderr and waits until it receives a signal or SECONDS have
+    passed, so a test can deliver a signal inside that moment (``save``: inside a checkpoint write,
+    before the rename; ``eval``: before each evaluation batch; ``start``: before the first optimizer
+    step; ``step``: after each optimizer step, INDEX = optimizer steps since the start of the run).
+    Only the first attempt of a torchrun job pauses (not the workers it restarts)."""
+    spec = os.environ.get("TETSNN_TEST_PAUSE")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    rank = os.environ.get("RANK", "0")
+    for item in spec.split(","):
+        where, _, seconds = item.partition(":")
+        where, _, at = where.partition("#")
+        point, _, only_rank = where.partition("@")
+        if point == name and only_rank in ("", rank) and (not at or int(at) == index):
+            print(f"tetsnn-pause {name} {rank}", file=sys.stderr, flush=True)
+            seen, end = signals_received, time.monotonic() + float(seconds or 1)
+            while signals_received == seen and time.monotonic() < end:
+                time.sleep(0.01)
+                if poll_signals is not None:
+                    poll_signals()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_max, all_reduce_sum, pause_point
 from ..loss import half_to_float
 
 __all__ = ["autocast", "evaluate", "main"]
@@ -29,13 +29,30 @@ def autocast(device: torch.device, amp: str):
 
 
 @torch.no_grad()
-def evaluate(model, loader, criterion=None, amp: str = "none") -> dict:
+def evaluate(model, loader, criterion=None, amp: str = "none", should_stop=None) -> dict:
     """Top-1 / top-5 of the time-averaged logits, top-1 of the first t steps, and the mean loss,
-    summed over every rank's share of the test set (each test sample counts exactly once)."""
+    summed over every rank's share of the test set (each test sample counts exactly once).
+
+    With ``should_stop`` (a callable), the ranks max-reduce it before every batch (as many times on
+    every rank, whatever each rank's share) and all abandon the evaluation, returning None, as soon
+    as one rank's is true."""
     was_training = model.training
     model.eval()
     sums = None   # [count, loss sum, top-5 correct, top-1 correct using steps 1..t for each t]
-    for x, y in loader:
+    batches, steps = iter(loader), len(loader)
+    if should_stop is not None:
+        flag_device = next(model.parameters()).device
+        steps = int(all_reduce_max(torch.tensor([steps], device=flag_device))[0])
+    for _ in range(steps):
+        if should_stop is not None:
+            pause_point("eval")
+            if all_reduce_max(torch.tensor([float(should_stop())], device=flag_device))[0]:
+                model.train(was_training)
+                return None
+        batch = next(batches, None)
+        if batch is None:   # this rank's share is done; it keeps taking part in the stop check
+            continue
+        x, y = batch
         with autocast(x.device, amp):
             out = model(x)
         out = half_to_float(out)

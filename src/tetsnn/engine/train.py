@@ -4,8 +4,16 @@
     torchrun --nproc_per_node=K -m tetsnn train ...
 
 The run directory receives config.yaml, data.json, metrics.jsonl, last.pt, best.pt, TensorBoard
-events and curves.png. SIGTERM / SIGINT finish the current optimizer step, save last.pt and exit
-with status 0; ``--resume DIR`` continues from exactly that step.
+events and curves.png. SIGTERM / SIGINT / SIGUSR1 on any subset of the processes stop every rank
+after the same optimizer step; rank 0 saves last.pt and every process exits with status 0.
+``--resume DIR`` continues from exactly that step, on any number of processes; ``--resume auto``
+continues ``--out DIR`` if it holds a run and starts one there otherwise.
+
+The ranks agree on everything that ends or saves a run through collectives that every rank makes
+at the same point: a max-reduce of (non-finite loss, stop requested) at every step, a max-reduce of
+the stop flag at every evaluation batch and after each epoch, and a broadcast of rank 0's write
+result after every save. A failed collective (a peer died) ends the process with an error and
+writes nothing.
 """
 from __future__ import annotations
 
@@ -15,20 +23,22 @@ import os
 import signal
 import sys
 import time
+import warnings
 from functools import partial
 
 import torch
 import yaml
 from torch import nn
 
-from .checkpoint import (CheckpointError, build_model, load_checkpoint, load_trained_model, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, CheckpointWriteError, build_model, load_checkpoint, load_trained_model,
+                         rng_state, save_checkpoint, set_rng_state)
 from .config import ConfigError, T_at_epoch, load_config, parse_T_schedule, parse_train_args, resolve
-from .distributed import all_reduce_max, all_reduce_sum, cleanup, setup
+from . import distributed as _distributed
+from .distributed import all_reduce_max, all_reduce_sum, cleanup, pause_point, setup, share
 from .evaluate import autocast, evaluate
 from ..loss import half_to_float, sdt_loss, tet_loss
 from .transfer import freeze, load_ann_weights
-from ..utils import atomic_path, seed_all
+from ..utils import atomic_path, remove_stale_temps, seed_all
 
 __all__ = ["build_model", "build_criterion", "build_optimizer", "compile_model", "resolve_run_config", "fit",
            "main", "NonFiniteLoss"]
@@ -78,20 +88,30 @@ def prepare_model(cfg: dict, model: nn.Module, say=print) -> None:
 
 # keys that say where and how the run executes, not what is trained: a resumed run may change them
 LOCATION_KEYS = ("data_dir", "cache_dir", "device", "workers", "compile")
+# keys that say how long and how often, not what: a resumed run may change them too
+SCHEDULE_KEYS = ("epochs", "checkpoint_every")
 
 
 def resolve_run_config(argv) -> dict:
     """Command line -> the run's config. With --resume, the saved config, where any explicitly given
-    key must agree with it, except ``epochs`` (which may extend the run) and the LOCATION_KEYS."""
+    key must agree with it, except the SCHEDULE_KEYS (``epochs`` may extend the run) and the
+    LOCATION_KEYS. ``--resume auto`` resumes ``--out DIR`` when it holds a last.pt, and starts a new
+    run there otherwise."""
     config_file, flags = parse_train_args(argv)
     if "T" in flags and ({**(load_config(config_file) if config_file else {}), **flags}).get("T_schedule"):
         raise ConfigError("give either --T or a T schedule (--T-schedule), not both")
+    given = {**(load_config(config_file) if config_file else {}), **flags}
+    if given.get("resume") == "auto":
+        if not given.get("out"):
+            raise ConfigError("--resume auto needs --out DIR (the run directory to continue, or to start)")
+        if not os.path.exists(os.path.join(given["out"], "last.pt")):
+            return resolve({**load_config(config_file or "digits"), **flags, "resume": None})
+        flags["resume"] = given["resume"] = given["out"]
     if flags.get("resume") is None:
         return resolve({**load_config(config_file or "digits"), **flags})
     run_dir = flags["resume"]
     saved = load_checkpoint(os.path.join(run_dir, "last.pt"))["config"]
-    given = {**(load_config(config_file) if config_file else {}), **flags}
-    free = {k for k, v in given.items() if k in ("resume", "epochs") + LOCATION_KEYS
+    free = {k for k, v in given.items() if k in ("resume",) + SCHEDULE_KEYS + LOCATION_KEYS
             or (k == "out" and os.path.abspath(v) == os.path.abspath(run_dir))}
     # compare values as the run reads them (a flag "1e-3" is the saved 0.001)
     wanted = resolve({**saved, **{k: v for k, v in given.items() if k not in free}, "resume": None})
@@ -101,31 +121,60 @@ def resolve_run_config(argv) -> dict:
         if key not in saved or wanted[key] != saved[key]:
             flag = "--" + key.replace("_", "-")
             raise ConfigError(f"{flag} {value} contradicts the resumed run's {key}: {saved.get(key)!r}")
-    moved = {k: given[k] for k in LOCATION_KEYS if k in given}
-    return resolve({**saved, **moved, "epochs": given.get("epochs", saved["epochs"]), "resume": run_dir,
-                    "out": run_dir})
+    moved = {k: given[k] for k in LOCATION_KEYS + SCHEDULE_KEYS if k in given}
+    return resolve({**saved, **moved, "resume": run_dir, "out": run_dir})
 
 
 class StopRequest:
-    """SIGTERM / SIGINT set a flag; the training loop stops after its current optimizer step."""
+    """SIGTERM / SIGINT / SIGUSR1 request a stop; the ranks agree on it and stop after the same
+    optimizer step. A signal does nothing else, so it never interrupts a write, and a second one
+    changes nothing.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    The signals are taken synchronously: while the block runs they are blocked in the calling (main)
+    thread, and so in every thread started from it (the process group's, the autograd engine's,
+    ...), and ``requested`` collects any that are pending (``sigtimedwait``). No signal is ever
+    delivered into a thread that happens to be in a system call. A handler that sets the same flag
+    covers threads that existed before (none in a ``tetsnn train`` process).
 
-    def __init__(self):
-        self.requested = False
+    On leaving, the previous handlers and mask come back, except in a torchrun worker
+    (``keep_ignoring``), which is about to exit: there the signals stay blocked and ignored, so a late
+    one cannot kill a process that has finished cleanly."""
+
+    SIGNALS = _distributed.STOP_SIGNALS
+
+    def __init__(self, keep_ignoring: bool = False):
+        self._requested = False
         self.previous = {}
+        self.keep_ignoring = keep_ignoring
 
     def __enter__(self):
         for s in self.SIGNALS:
             self.previous[s] = signal.signal(s, self._handle)
+        self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        _distributed.poll_signals = self.poll
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self._requested = True
+        _distributed.signals_received += 1
+
+    def poll(self):
+        """Take every pending stop signal (without waiting)."""
+        while signal.sigtimedwait(self.SIGNALS, 0) is not None:
+            self._handle(None, None)
+
+    @property
+    def requested(self) -> bool:
+        self.poll()
+        return self._requested
 
     def __exit__(self, *exc):
+        self.poll()
+        _distributed.poll_signals = None
         for s, handler in self.previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if self.keep_ignoring else handler)
+        if not self.keep_ignoring:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
 
 
 def _write_text(path, text):
@@ -144,22 +193,31 @@ def _fresh_run_dir(cfg) -> str:
 
 
 class RunFiles:
-    """Everything rank 0 writes: config.yaml, data.json, metrics.jsonl, TensorBoard, curves.png."""
+    """Everything rank 0 writes: config.yaml, data.json, metrics.jsonl, TensorBoard, curves.png.
 
-    def __init__(self, out: str, cfg: dict, data_info: dict):
+    Opening a run directory removes the temporary files of a killed write and rewrites metrics.jsonl
+    from ``history`` (the checkpoint's), so it never holds a row newer than last.pt; TensorBoard
+    drops the events after that epoch (``purge_step``)."""
+
+    def __init__(self, out: str, cfg: dict, data_info: dict, history: list):
         from torch.utils.tensorboard import SummaryWriter
 
         os.makedirs(out, exist_ok=True)
         self.out = out
+        remove_stale_temps(out)
         _write_text(os.path.join(out, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
         _write_text(os.path.join(out, "data.json"), json.dumps(data_info) + "\n")
-        self.tb = SummaryWriter(log_dir=out)
+        self.write_metrics(history)
+        self.tb = SummaryWriter(log_dir=out, purge_step=len(history) + 1 if cfg["resume"] else None)
 
     def path(self, name):
         return os.path.join(self.out, name)
 
-    def epoch_done(self, history):
+    def write_metrics(self, history):
         _write_text(self.path("metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history))
+
+    def epoch_done(self, history):
+        self.write_metrics(history)
         m = history[-1]
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"):
             self.tb.add_scalar(key, m[key], m["epoch"])
@@ -213,16 +271,18 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg["epochs"], eta_min=0)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
         self.epoch, self.step = 0, 0              # finished epochs; optimizer steps done in the next one
+        self.run_steps = 0                        # optimizer steps since the start of the run
         self.partial = [0.0, 0.0, 0.0, 0.0]       # that epoch's loss sum, correct, samples, seconds
         self.history, self.best = [], None
         seed_all(cfg["seed"] + rank)               # per-rank seeding for anything random from here on
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self, partial) -> dict:
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
-                    epoch=self.epoch, step=self.step, partial=list(self.partial), history=list(self.history),
-                    best=self.best, rng=rng_state(), config=dict(self.cfg))
+                    epoch=self.epoch, step=self.step, run_steps=self.run_steps, partial=list(partial),
+                    history=list(self.history), best=self.best, rng=rng_state(), config=dict(self.cfg),
+                    world_size=self.world_size)
 
     def load(self, ckpt: dict):
         self.model.load_state_dict(ckpt["model"])
@@ -234,24 +294,49 @@ class Trainer:
                 group["lr"] = base * (1 + math.cos(math.pi * ckpt["epoch"] / self.cfg["epochs"])) / 2
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step, self.history, self.best = ckpt["epoch"], ckpt["step"], ckpt["history"], ckpt["best"]
+        self.run_steps = ckpt.get("run_steps", self.epoch * len(self.data.train) + self.step)
         # the saved partial sums are already summed over ranks: rank 0 carries them
         self.partial = list(ckpt["partial"]) if self.main else [0.0, 0.0, 0.0, 0.0]
         if self.main:
             set_rng_state(ckpt["rng"])
 
-    def save(self, files, name="last.pt"):
+    def write(self, out, what, *args):
+        """Rank 0 runs ``what(*args)`` (writes files in the run directory ``out``); every rank learns
+        its result. A failed write is a CheckpointWriteError on every rank, with rank 0's message."""
+        error = None
         if self.main:
-            save_checkpoint(self.state(), files.path(name))
+            try:
+                what(*args)
+            except CheckpointWriteError as e:
+                error = str(e)
+            except OSError as e:
+                error = f"cannot write to {out}: {e}"
+        error = share(error)
+        if error:
+            raise CheckpointWriteError(error)
+
+    def save(self, files, names=("last.pt",)):
+        """Write the current state (a step boundary every rank has reached) to ``names``; collective."""
+        summed = self.reduced_partial()      # the checkpoint keeps the sums of all ranks
+        partial = summed + [self.partial[3]]
+
+        def write():
+            state = self.state(partial)
+            for name in names:
+                save_checkpoint(state, files.path(name))
+        self.write(files.out if files else None, write)
 
     # -- training ------------------------------------------------------------------------------
-    def train_epoch(self, stop: StopRequest, progress) -> bool:
-        """Train from ``self.step`` to the end of epoch ``self.epoch + 1``; False if stopped early."""
+    def train_epoch(self, stop: StopRequest, progress, every_steps) -> bool:
+        """Train from ``self.step`` to the end of epoch ``self.epoch + 1``; False if stopped early.
+        ``every_steps()`` runs after each optimizer step that does not end the epoch (collective)."""
         loader = self.data.train
         loader.set_epoch(self.epoch + 1, start=self.step)
         if self.schedule:
             self.model.T = T_at_epoch(self.schedule, self.epoch + 1)
         self.ddp.train()
         t0, seconds0 = time.perf_counter(), self.partial[3]
+        steps = len(loader)
         for x, y in loader:
             with autocast(self.device, self.cfg["amp"]):
                 out = self.ddp(x)
@@ -261,11 +346,16 @@ class Trainer:
                                                 device=self.device))
             if flags[0]:
                 raise NonFiniteLoss(f"non-finite training loss at epoch {self.epoch + 1}, step {self.step + 1}")
+            # DDP averages the ranks' gradients; weighting each rank's mean loss by its share of the
+            # global batch makes that the gradient of the global batch mean (1 unless the last batch is
+            # split unevenly)
+            weight = len(y) * self.world_size / loader.global_size(self.step)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss * weight if weight != 1 else loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step += 1
+            self.run_steps += 1
             n = len(y)
             correct = (half_to_float(out.detach()).mean(1).argmax(1) == y).sum().item()
             self.partial[0] += loss.item() * n
@@ -273,21 +363,31 @@ class Trainer:
             self.partial[2] += n
             self.partial[3] = seconds0 + time.perf_counter() - t0
             progress(self.partial)
+            pause_point("step", self.run_steps)
             if flags[1]:
                 return False
+            if self.step < steps:
+                every_steps()
         return True
 
     def reduced_partial(self):
         return all_reduce_sum(torch.tensor(self.partial[:3], dtype=torch.float64, device=self.device)).tolist()
 
-    def finish_epoch(self) -> dict:
+    def finish_epoch(self, stop: StopRequest):
+        """Evaluate and close the epoch; None (and nothing changed) if a signal abandoned the evaluation."""
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum, correct, count = self.reduced_partial()
-        test = evaluate(self.model, self.data.test, self.criterion, self.cfg["amp"])
-        self.scheduler.step()
+        test = evaluate(self.model, self.data.test, self.criterion, self.cfg["amp"],
+                        should_stop=lambda: stop.requested)
+        if test is None:
+            return None
+        with warnings.catch_warnings():   # resumed after the epoch's last step, no optimizer step ran here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
         self.epoch += 1
         m = dict(epoch=self.epoch, train_loss=loss_sum / max(count, 1), train_acc=correct / max(count, 1),
-                 test_loss=test["loss"], test_acc=test["top1"], lr=lr, seconds=self.partial[3])
+                 test_loss=test["loss"], test_acc=test["top1"], lr=lr, seconds=self.partial[3],
+                 world_size=self.world_size)
         if self.schedule:
             m["T"] = self.model.T
         self.history.append(m)
@@ -305,93 +405,150 @@ def _progress(trainer, cfg):
                 desc=f"epoch {trainer.epoch + 1}/{cfg['epochs']}", dynamic_ncols=True)
 
 
-def fit(cfg: dict) -> dict:
-    """Train (or resume) the run ``cfg`` describes. Returns a summary dict."""
+def _summary(history, best, out, say) -> dict:
+    final = history[-1]
+    say(f"best test accuracy: {100 * best['test_acc']:.2f}% (epoch {best['epoch']}); "
+        f"final test accuracy: {100 * final['test_acc']:.2f}% (epoch {final['epoch']})")
+    if out:
+        say(f"run directory: {out}")
+    return dict(interrupted=False, best=best, final=final, out=out)
+
+
+# errors every rank raises at the same point (decided by a collective): the ranks still leave the
+# process group together. Any other error may be one rank's alone (or a failed collective), so that
+# process leaves at once and its peers' next collective fails.
+AGREED_ERRORS = (NonFiniteLoss, CheckpointWriteError)
+
+
+def fit(cfg: dict, stop: StopRequest = None) -> dict:
+    """Train (or resume) the run ``cfg`` describes. Returns a summary dict. ``stop``: the signal flag
+    (installed here when not given)."""
+    if stop is None:
+        with StopRequest() as stop:
+            return fit(cfg, stop)
     if cfg["sync_bn"] and not (cfg["device"].startswith("cuda") or (cfg["device"] == "auto" and torch.cuda.is_available())):
         raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU)")
+    ckpt = load_checkpoint(os.path.join(cfg["resume"], "last.pt")) if cfg["resume"] else None
+    if ckpt is not None and ckpt["epoch"] >= cfg["epochs"]:     # a finished run: its summary
+        say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)
+        say(f"{cfg['resume']} holds a finished run ({ckpt['epoch']} epochs)")
+        return _summary(ckpt["history"], ckpt["best"], cfg["resume"], say)
     rank, world, device = setup(cfg["device"])
+    ordered, files = False, None
     try:
         trainer = Trainer(cfg, rank, world, device)
-        if cfg["resume"]:
-            trainer.load(load_checkpoint(os.path.join(cfg["resume"], "last.pt")))   # load_state_dict moves it
+        if ckpt is not None:
+            trainer.load(ckpt)   # load_state_dict moves it
             out = cfg["resume"]
         else:
             out = cfg["out"] or _fresh_run_dir(cfg)
             if os.path.exists(os.path.join(out, "last.pt")):
-                raise ConfigError(f"{out} already holds a run (last.pt); resume it with --resume {out}")
-        files = RunFiles(out, cfg, trainer.data.info) if trainer.main else None
-        try:
-            return _loop(trainer, files, cfg, world)
-        finally:
-            if files:
-                files.close()
+                raise ConfigError(f"{out} already holds a run (last.pt); resume it with --resume {out} "
+                                  f"(or --resume auto)")
+        del ckpt
+        opened = []
+        trainer.write(out, lambda: opened.append(RunFiles(out, cfg, trainer.data.info, trainer.history)))
+        files = opened[0] if opened else None
+        result = _loop(trainer, files, cfg, world, stop)
+        ordered = True
+        return result
+    except AGREED_ERRORS:
+        ordered = True
+        raise
     finally:
-        cleanup()
+        if files:
+            files.close()
+        cleanup(ordered)
 
 
-def _loop(trainer, files, cfg, world) -> dict:
+def _loop(trainer, files, cfg, world, stop) -> dict:
     say = print if trainer.main else (lambda *a, **k: None)
     if trainer.epoch == 0 and trainer.step == 0:
         say(f"training {cfg['model']} on {cfg['dataset']} ({trainer.data.info.get('train_used')} train / "
             f"{trainer.data.info.get('test_used')} test samples), T={cfg['T']}, {cfg['epochs']} epochs, "
             f"{world} process(es) on {trainer.device}; run directory {files.out if files else ''}")
-    with StopRequest() as stop:
-        while trainer.epoch < cfg["epochs"]:
-            bar = _progress(trainer, cfg)
+    else:
+        say(f"resuming {files.out if files else ''} at epoch {trainer.epoch + 1}, step {trainer.step} "
+            f"on {world} process(es)")
+    resume_hint = f"continue with: tetsnn train --resume {files.out if files else ''}"
+    pause_point("start")
+    if all_reduce_max(torch.tensor([float(stop.requested)], device=trainer.device))[0]:
+        say(f"stopped by signal before the first step; nothing new to save. {resume_hint}")
+        return dict(interrupted=True, epoch=trainer.epoch, step=trainer.step)
+    every = cfg["checkpoint_every"]
 
-            def progress(p):   # p: loss sum, correct, samples, seconds of this rank
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{p[0] / p[2]:.4f}", acc=f"{p[1] / p[2]:.3f}",
-                                    samples_s=f"{p[2] * world / max(p[3], 1e-9):.0f}")
-            try:
-                done = trainer.train_epoch(stop, progress)
-            except NonFiniteLoss as e:
-                last = files.path("last.pt") if files else "last.pt"
-                kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
-                raise NonFiniteLoss(f"{e}; stopping, {kept}") from None
-            finally:
-                if bar is not None:
-                    bar.close()
-            if not done:
-                summed = trainer.reduced_partial()     # the checkpoint keeps the sums of all ranks
-                if files:
-                    trainer.partial[:3] = summed
-                    trainer.save(files)
-                say(f"stopped by signal at epoch {trainer.epoch + 1}, step {trainer.step}; saved last.pt. "
-                    f"Continue with: tetsnn train --resume {files.out if files else ''}")
-                return dict(interrupted=True, epoch=trainer.epoch, step=trainer.step)
-            m = trainer.finish_epoch()
-            is_best = trainer.best is None or m["test_acc"] > trainer.best["test_acc"]
-            if is_best:
-                trainer.best = dict(epoch=m["epoch"], test_acc=m["test_acc"])
-            if files:
-                files.epoch_done(trainer.history)
-                trainer.save(files, "last.pt")
-                if is_best:
-                    trainer.save(files, "best.pt")
-            say(f"epoch {m['epoch']}/{cfg['epochs']}  train loss {m['train_loss']:.4f} acc {100 * m['train_acc']:.2f}%  "
-                f"test loss {m['test_loss']:.4f} acc {100 * m['test_acc']:.2f}%  lr {m['lr']:.2e}  {m['seconds']:.1f}s")
-            if all_reduce_max(torch.tensor([float(stop.requested)], device=trainer.device))[0]:
-                say(f"stopped by signal after epoch {trainer.epoch}; continue with: tetsnn train --resume "
-                    f"{files.out if files else ''}")
-                return dict(interrupted=True, epoch=trainer.epoch, step=0)
-    final, best = trainer.history[-1], trainer.best
-    say(f"best test accuracy: {100 * best['test_acc']:.2f}% (epoch {best['epoch']}); "
-        f"final test accuracy: {100 * final['test_acc']:.2f}% (epoch {final['epoch']})")
-    if files:
-        say(f"run directory: {files.out}")
-    return dict(interrupted=False, best=best, final=final, out=files.out if files else None)
+    def every_steps():
+        if every and trainer.run_steps % every == 0:
+            trainer.save(files)
+    while trainer.epoch < cfg["epochs"]:
+        bar = _progress(trainer, cfg)
+
+        def progress(p):   # p: loss sum, correct, samples, seconds of this rank
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{p[0] / p[2]:.4f}", acc=f"{p[1] / p[2]:.3f}",
+                                samples_s=f"{p[2] * world / max(p[3], 1e-9):.0f}")
+        try:
+            done = trainer.train_epoch(stop, progress, every_steps)
+        except NonFiniteLoss as e:
+            last = files.path("last.pt") if files else "last.pt"
+            kept = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
+            raise NonFiniteLoss(f"{e}; stopping, {kept}") from None
+        finally:
+            if bar is not None:
+                bar.close()
+        if not done:
+            trainer.save(files)
+            say(f"stopped by signal at epoch {trainer.epoch + 1}, step {trainer.step}; saved last.pt. {resume_hint}")
+            return dict(interrupted=True, epoch=trainer.epoch, step=trainer.step)
+        m = trainer.finish_epoch(stop)
+        if m is None:     # a signal during the evaluation: keep the trained epoch, evaluate on resume
+            trainer.save(files)
+            say(f"stopped by signal while evaluating epoch {trainer.epoch + 1}; saved last.pt (its training "
+                f"is complete; the evaluation runs again on resume). {resume_hint}")
+            return dict(interrupted=True, epoch=trainer.epoch, step=trainer.step)
+        is_best = trainer.best is None or m["test_acc"] > trainer.best["test_acc"]
+        if is_best:
+            trainer.best = dict(epoch=m["epoch"], test_acc=m["test_acc"])
+        # the checkpoint first: metrics.jsonl never holds a row newer than last.pt
+        trainer.save(files, ("last.pt", "best.pt") if is_best else ("last.pt",))
+        trainer.write(files.out if files else None, files.epoch_done if files else None, trainer.history)
+        say(f"epoch {m['epoch']}/{cfg['epochs']}  train loss {m['train_loss']:.4f} acc {100 * m['train_acc']:.2f}%  "
+            f"test loss {m['test_loss']:.4f} acc {100 * m['test_acc']:.2f}%  lr {m['lr']:.2e}  {m['seconds']:.1f}s")
+        if all_reduce_max(torch.tensor([float(stop.requested)], device=trainer.device))[0]:
+            say(f"stopped by signal after epoch {trainer.epoch}; {resume_hint}")
+            return dict(interrupted=True, epoch=trainer.epoch, step=0)
+    return _summary(trainer.history, trainer.best, files.out if files else None, say)
 
 
 def main(argv=None) -> int:
     from ..data import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        fit(resolve_run_config(argv))
-    except (ConfigError, CheckpointError, DataError, NonFiniteLoss) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"tetsnn train: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, NonFiniteLoss) else 2
+    # from the first moment, a signal is a stop request (a torchrun worker then ignores late ones)
+    with StopRequest(keep_ignoring="LOCAL_RANK" in os.environ) as stop:
+        try:
+            fit(resolve_run_config(argv), stop)
+        except (ConfigError, CheckpointError, DataError, NonFiniteLoss) as e:
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"tetsnn train: error: {e}", file=sys.stderr)
+            return 1 if isinstance(e, (NonFiniteLoss, CheckpointWriteError)) else 2
+        except RuntimeError as e:
+            if not _lost_peer(e):
+                raise
+            print(f"tetsnn train: error: rank {os.environ.get('RANK', 0)}: lost contact with the other "
+                  f"processes ({_first_line(e)}); nothing was saved by this rank", file=sys.stderr)
+            return 1
     return 0
+
+
+def _first_line(e) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A collective that failed because another process is gone (gloo / NCCL / the store)."""
+    import torch.distributed as dist
+
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1 and (isinstance(e, dist.DistError) or any(
+        w in str(e) for w in ("Connection closed", "Connection reset", "Broken pipe", "gloo", "NCCL")))

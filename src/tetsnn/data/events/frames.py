@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..draws import rand, randint
+
 __all__ = ["to_frames", "batch_transform", "cell_sums", "pool_cells", "can_reduce"]
 
 
@@ -132,10 +134,9 @@ def _flip_roll(x: torch.Tensor, flip: bool, roll: int, generator) -> torch.Tenso
     and ``B`` column shifts in ``[-roll, roll]`` (if ``roll``). One gather does the rest.
     """
     B, T, C, H, W = x.shape
-    kw = dict(generator=generator, device=x.device)
-    flips = torch.rand(B, **kw) < 0.5 if flip else torch.zeros(B, dtype=torch.bool, device=x.device)
-    dh = torch.randint(-roll, roll + 1, (B,), **kw) if roll else torch.zeros(B, dtype=torch.long, device=x.device)
-    dw = torch.randint(-roll, roll + 1, (B,), **kw) if roll else torch.zeros_like(dh)
+    flips = rand(generator, B, x.device) < 0.5 if flip else torch.zeros(B, dtype=torch.bool, device=x.device)
+    dh = randint(generator, -roll, roll + 1, B, x.device) if roll else torch.zeros(B, dtype=torch.long, device=x.device)
+    dw = randint(generator, -roll, roll + 1, B, x.device) if roll else torch.zeros_like(dh)
     # torch.roll semantics: out[i] = in[(i - shift) % n]; a flip then maps column j to W - 1 - j.
     rows = (torch.arange(H, device=x.device) - dh[:, None]) % H
     cols = (torch.arange(W, device=x.device) - dw[:, None]) % W
@@ -160,7 +161,8 @@ def batch_transform(frames: torch.Tensor, size: int = 48, norm: str | None = "ma
     ``norm="max"`` divides each frame (one step of one sample, ``[2, H, W]``) by its own maximum
     (an empty frame stays 0). ``flip`` / ``roll`` add TET's train-time augmentation: a horizontal
     flip with p=0.5 and a circular roll of H and W by independent integers in ``[-roll, roll]``,
-    drawn per sample from ``generator`` and applied identically at every time step.
+    drawn per sample from ``generator`` (a ``torch.Generator``, or a ``SampleRandom`` whose draws
+    are fixed by each sample's index) and applied identically at every time step.
 
     ``frames`` of ``size`` x ``size`` with a different ``sensor_size`` (H, W) are the cell sums of
     a reduced cache (:func:`cell_sums`): they give the same result as the counts they came from.
