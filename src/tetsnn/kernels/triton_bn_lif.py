@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..surrogate import SURROGATE_IDS
-from .triton_lif import _check_device, _consts, _surrogate
+from .triton_lif import _bptt_step, _check_device, _consts, _fire
 
 BLOCK = 1024
 _TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
@@ -77,12 +77,8 @@ def _bn_lif_fwd(y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, s_ptr, n_neurons, T, M, HW,
     for t in range(T):
         at = base + t * M
         h = tau * u + _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES, False)
-        s = tl.where(h - th > 0, 1.0, 0.0).to(h.dtype)
+        s, u = _fire(h, th, HARD)
         tl.store(s_ptr + at, s.to(s_ptr.dtype.element_ty), mask=mask)
-        if HARD:
-            u = h * (1 - s)
-        else:
-            u = h - th * s
 
 
 @triton.jit
@@ -108,28 +104,13 @@ def _bn_lif_bwd(gs_ptr, y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, gz_ptr, n_neurons, 
     for t in range(T):
         at = base + t * M
         h = tau * u + _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES, True)
-        s = tl.where(h - th > 0, 1.0, 0.0).to(h.dtype)
+        s, u = _fire(h, th, HARD)
         tl.store(gz_ptr + at, h, mask=mask)
-        if HARD:
-            u = h * (1 - s)
-        else:
-            u = h - th * s
     gu = tl.zeros([BLOCK], dtype=tau.dtype)
     for j in range(T):
         at = base + (T - 1 - j) * M
         h = tl.load(gz_ptr + at, mask=mask, other=0.0)
-        g = tl.load(gs_ptr + at, mask=mask, other=0.0).to(h.dtype)
-        v = h - th
-        if not DETACH:
-            if HARD:
-                g = g - gu * h
-            else:
-                g = g - gu * th
-        gh = g * _surrogate(v, w, k, KIND)
-        if HARD:
-            gh = gh + gu * (1 - tl.where(v > 0, 1.0, 0.0).to(h.dtype))
-        else:
-            gh = gh + gu
+        gh = _bptt_step(h, tl.load(gs_ptr + at, mask=mask, other=0.0).to(h.dtype), gu, th, w, k, HARD, DETACH, KIND)
         tl.store(gz_ptr + at, gh, mask=mask)
         gu = tau * gh
 

@@ -25,6 +25,17 @@ BLOCK = 1024
 
 
 @triton.jit
+def _fire(h, th, HARD: tl.constexpr):
+    """Spike and reset of one step: ``(s, u)`` from the pre-reset membrane ``h``."""
+    s = tl.where(h - th > 0, 1.0, 0.0).to(h.dtype)
+    if HARD:
+        u = h * (1 - s)
+    else:
+        u = h - th * s
+    return s, u
+
+
+@triton.jit
 def _integrate(x_ptr, out_ptr, c_ptr, n_neurons, T, M, HARD: tl.constexpr, STORE_H: tl.constexpr,
                BLOCK: tl.constexpr):
     """The forward recurrence; stores the spikes, or (STORE_H) the pre-reset membranes."""
@@ -37,15 +48,11 @@ def _integrate(x_ptr, out_ptr, c_ptr, n_neurons, T, M, HARD: tl.constexpr, STORE
     for t in range(T):
         at = base + t * M
         h = tau * u + tl.load(x_ptr + at, mask=mask, other=0.0)
-        s = tl.where(h - th > 0, 1.0, 0.0).to(h.dtype)
+        s, u = _fire(h, th, HARD)
         if STORE_H:
             tl.store(out_ptr + at, h, mask=mask)
         else:
             tl.store(out_ptr + at, s, mask=mask)
-        if HARD:
-            u = h * (1 - s)
-        else:
-            u = h - th * s
 
 
 @triton.jit
@@ -59,6 +66,24 @@ def _surrogate(v, w, k, KIND: tl.constexpr):
         z = k * v
         g = (w / 2) / (1 + z * z)
     return g
+
+
+@triton.jit
+def _bptt_step(h, g, gu, th, w, k, HARD: tl.constexpr, DETACH: tl.constexpr, KIND: tl.constexpr):
+    """dL/dh[t] of one reverse-time step from dL/ds[t] (``g``), dL/du[t] (``gu``) and the pre-reset
+    membrane ``h`` (the recurrence derived in :mod:`tetsnn.kernels.fused`)."""
+    v = h - th
+    if not DETACH:
+        if HARD:
+            g = g - gu * h
+        else:
+            g = g - gu * th
+    gh = g * _surrogate(v, w, k, KIND)
+    if HARD:
+        gh = gh + gu * (1 - tl.where(v > 0, 1.0, 0.0).to(h.dtype))
+    else:
+        gh = gh + gu
+    return gh
 
 
 @triton.jit
@@ -76,18 +101,7 @@ def _lif_bwd(gs_ptr, gx_ptr, c_ptr, n_neurons, T, M, HARD: tl.constexpr, DETACH:
     for j in range(T):
         at = base + (T - 1 - j) * M
         h = tl.load(gx_ptr + at, mask=mask, other=0.0)
-        g = tl.load(gs_ptr + at, mask=mask, other=0.0).to(h.dtype)
-        v = h - th
-        if not DETACH:
-            if HARD:
-                g = g - gu * h
-            else:
-                g = g - gu * th
-        gh = g * _surrogate(v, w, k, KIND)
-        if HARD:
-            gh = gh + gu * (1 - tl.where(v > 0, 1.0, 0.0).to(h.dtype))
-        else:
-            gh = gh + gu
+        gh = _bptt_step(h, tl.load(gs_ptr + at, mask=mask, other=0.0).to(h.dtype), gu, th, w, k, HARD, DETACH, KIND)
         tl.store(gx_ptr + at, gh, mask=mask)
         gu = tau * gh
 
