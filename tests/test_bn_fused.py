@@ -184,9 +184,9 @@ def test_eval_no_grad_hooks_and_loop_run_unfused():
     handle.remove()
     assert seen == [1, 2]
     calls = []
-    orig = bn_fused.bn_lif_forward
+    orig = bn_fused._forward   # the body of the op and of its eager path
     try:
-        bn_fused.bn_lif_forward = lambda *a: calls.append(1) or orig(*a)
+        bn_fused._forward = lambda *a: calls.append(1) or orig(*a)
         layer(x)
         assert calls == [1]
         with torch.no_grad():
@@ -198,7 +198,7 @@ def test_eval_no_grad_hooks_and_loop_run_unfused():
         layer(x)
         assert calls == [1]
     finally:
-        bn_fused.bn_lif_forward = orig
+        bn_fused._forward = orig
 
 
 def test_sync_batchnorm_runs_unfused_and_warns_once(monkeypatch):
@@ -271,6 +271,63 @@ def test_triton_aot_variants_cover_every_launch():
         assert {a for a, t in sig.items() if t == "constexpr"} == set(c)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_rebuild_reproduces_torch_batch_norm(dtype):
+    """The CPU backward rebuilds z = BN(y) inside its kernel in the way (fused multiply-add or not) that
+    reproduced torch's batch_norm on a probe; it does so bit for bit on other shapes, layouts and scales."""
+    from tetsnn.kernels import fused as F
+    fused_madd = bn_fused._rebuild_mode(dtype)
+    if fused_madd is None:
+        pytest.skip("neither rounding reproduces this machine's batch_norm kernel: the backward re-runs it")
+    g = torch.Generator().manual_seed(5)
+    for shape in ((64, 16, 8, 8), (33, 7, 5, 3), (128, 10), (9, 4, 3, 5, 2)):
+        for scale in (1e-3, 1.0, 1e3):
+            y = torch.randn(shape, generator=g, dtype=dtype) * scale + scale
+            for affine in (True, False):
+                w = torch.randn(shape[1], generator=g, dtype=dtype) if affine else None
+                b = torch.randn(shape[1], generator=g, dtype=dtype) if affine else None
+                for layout in (torch.contiguous_format, torch.channels_last):
+                    if layout is torch.channels_last and y.dim() != 4:
+                        continue
+                    yl = y.contiguous(memory_format=layout)
+                    z, mean, invstd = torch.ops.aten.native_batch_norm(yl, w, b, None, None, True, 0.0, 1e-5)
+                    y3 = y.contiguous().view(1, shape[0], -1)
+                    out = torch.empty_like(y3)
+                    src = (y3.numpy(), *bn_fused._scale_shift(mean, invstd, w, b, y3.shape[2], fused_madd))
+                    F._kernel(("values", "bn", fused_madd))(src, out.numpy(), F._consts(dtype, 0.0, 0.0))
+                    assert torch.equal(out.view(shape), z), (shape, scale, affine, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_backward_equals_batch_norm_rerun(dtype, monkeypatch):
+    """dL/dz from the kernel that rebuilds z as it goes equals, bit for bit, the LIF backward on z from
+    torch's batch_norm run again: plain, with residual bits and with a downsample branch."""
+    if bn_fused._rebuild_mode(dtype) is None:
+        pytest.skip("this machine's batch_norm kernel is re-run in backward")
+    g = torch.Generator().manual_seed(6)
+    N, T, C = 3, 4, 5
+    y, y2 = (torch.randn(N * T, C, 6, 7, generator=g, dtype=dtype) * 2 for _ in range(2))
+    w, b, w2, b2 = (torch.randn(C, generator=g, dtype=dtype) for _ in range(4))
+    bits = compact.pack_spikes((torch.rand(N, T, C, 6, 7, generator=g) < 0.3).to(dtype))
+    grad_s = torch.randn(N, T, C, 6, 7, generator=g, dtype=dtype)
+    _, mean, invstd = torch.ops.aten.native_batch_norm(y, w, b, None, None, True, 0.0, 1e-5)
+    _, mean2, invstd2 = torch.ops.aten.native_batch_norm(y2, w2, b2, None, None, True, 0.0, 1e-5)
+    cases = {"plain": (None, None, None, None, None, None), "bits": (None, None, None, None, None, bits),
+             "downsample": (y2, w2, b2, mean2, invstd2, None)}
+    others = [(0.8, 0.6, "soft", True, "atan", 2.0), (0.3, 0.9, "hard", True, "sigmoid", 4.0),
+              (0.5, 0.7, "soft", False, "zif", 0.5)]
+    for (name, (a2, aw, ab, am, ai, r)), other in zip(cases.items(), others):
+        for lif in ((0.5, 1.0, "hard", False, "zif", 1.0), other):   # the default and other options
+            args = (grad_s, y, w, b, mean, invstd, 1e-5, a2, aw, ab, am, ai, 1e-5, r, dtype, T, *lif, "fused")
+            assert bn_fused._numba_backward(grad_s, y, w, b, mean, invstd, a2, aw, ab, am, ai, r, dtype, T,
+                                            *lif) is not None
+            gz = torch.ops.tetsnn.bn_lif_backward(*args)
+            with monkeypatch.context() as m:
+                m.setitem(bn_fused._MODES, dtype, None)  # as on a machine whose kernel is not reproduced
+                ref = torch.ops.tetsnn.bn_lif_backward(*args)
+            assert gz.abs().sum() > 0 and torch.equal(gz, ref), (name, lif)
+
+
 def test_custom_op_registration():
     y = torch.randn(6, 3, 4, 4, requires_grad=True)
     w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
@@ -278,6 +335,36 @@ def test_custom_op_registration():
             0.5, 0.2, "hard", False, "zif", 1.0, "fused")
     torch.library.opcheck(torch.ops.tetsnn.bn_lif_forward.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    _, mean, invstd = torch.ops.aten.native_batch_norm(y.detach(), w.detach(), b.detach(), None, None, True, 0.0,
+                                                       1e-5)
+    back = (torch.randn(3, 2, 3, 4, 4), y.detach(), w.detach(), b.detach(), mean, invstd, 1e-5, None, None, None,
+            None, None, 0.0, compact.pack_spikes(torch.ones(3, 2, 3, 4, 4)), torch.float32, 2, 0.5, 0.2, "hard",
+            False, "zif", 1.0, "fused")
+    torch.library.opcheck(torch.ops.tetsnn.bn_lif_backward.default, back,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_eager_path_equals_the_op():
+    """Eager training runs the op's body through an autograd.Function (torch.compile traces the op):
+    the same spikes, statistics and gradients, bit for bit, plain, with residual bits and a downsample."""
+    g = torch.Generator().manual_seed(7)
+    y, y2 = (torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    r = (torch.rand(3, 2, 3, 4, 4, generator=g) < 0.5).double()
+    w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    lif = (2, 0.5, 0.2, "hard", False, "zif", 1.0, "fused")
+    bn1 = (w, b, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 0.1, 1e-5)
+    none2 = (None, None, None, None, None, 0.0, 0.0)
+    for second, residual in ((none2, None), (none2, r), ((y2, w * 2, b - 1, None, None, 0.0, 1e-5), None)):
+        results = []
+        for call in (torch.ops.tetsnn.bn_lif_forward, bn_fused._BNLIFFunction.apply):
+            leaves = [t.clone().requires_grad_() if t is not None else None for t in (y, w, b, second[0], residual)]
+            args = (leaves[0], leaves[1], leaves[2], *bn1[2:], leaves[3], *second[1:], leaves[4], *lif)
+            out = call(*args)
+            out[0].backward(torch.randn(out[0].shape, generator=torch.Generator().manual_seed(8),
+                                        dtype=torch.float64))
+            results.append([*out, *(t.grad for t in leaves if t is not None)])
+        for a, b_ in zip(*results):
+            assert torch.equal(a, b_)
 
 
 def test_profile_and_export_on_fused_models(tmp_path):

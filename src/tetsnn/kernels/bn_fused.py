@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from .compact import _pack_once, unpack_spikes
-from .fused import lif_backward, lif_forward
+from .fused import _as3d, _call_numba, _consts, _fma, _kernel, _numba, _use_numba, lif_input_grad, lif_spikes
 
 __all__ = ["bn_lif", "bn_lif_forward"]
 
@@ -76,14 +76,12 @@ def _recompute(y, weight, bias, eps, y2, weight2, bias2, eps2, bits, bits_meta, 
     return z
 
 
-@torch.library.custom_op("tetsnn::bn_lif_forward", mutates_args=())
-def bn_lif_forward(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-                   running_var: Optional[Tensor], momentum: float, eps: float,
-                   y2: Optional[Tensor], weight2: Optional[Tensor], bias2: Optional[Tensor],
-                   running_mean2: Optional[Tensor], running_var2: Optional[Tensor], momentum2: float, eps2: float,
-                   residual: Optional[Tensor], T: int, tau: float, threshold: float, reset: str,
-                   detach_reset: bool, surrogate: str, width: float, kernel: str
-                   ) -> List[Tensor]:
+def _forward(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+             running_var: Optional[Tensor], momentum: float, eps: float,
+             y2: Optional[Tensor], weight2: Optional[Tensor], bias2: Optional[Tensor],
+             running_mean2: Optional[Tensor], running_var2: Optional[Tensor], momentum2: float, eps2: float,
+             residual: Optional[Tensor], T: int, tau: float, threshold: float, reset: str,
+             detach_reset: bool, surrogate: str, width: float, kernel: str) -> List[Tensor]:
     """Spikes ``[N, T, C, ...]`` of ``LIF(BN(y) [+ BN2(y2) | + residual])`` for ``y`` of shape
     ``[N*T, C, ...]``, then per BatchNorm ``mean, invstd, new_running_mean, new_running_var`` (the running
     statistics after this batch's update, for the caller to copy into the buffers; empty where absent).
@@ -100,8 +98,11 @@ def bn_lif_forward(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
         z = z + z2.view(n, T, *z2.shape[1:])
     elif residual is not None:
         z = z + residual
-    s = lif_forward(z, tau, threshold, reset, detach_reset, surrogate, width, kernel)
+    s = lif_spikes(z, tau, threshold, reset, detach_reset, surrogate, width, kernel)
     return [s, *stats, *stats2]
+
+
+bn_lif_forward = torch.library.custom_op("tetsnn::bn_lif_forward", mutates_args=())(_forward)
 
 
 @bn_lif_forward.register_fake
@@ -122,10 +123,13 @@ def _setup_context(ctx, inputs, output):
     (y, weight, bias, _, _, _, eps, y2, weight2, bias2, _, _, _, eps2, residual, T,
      tau, threshold, reset, detach_reset, surrogate, width, kernel) = inputs
     _, mean, invstd, _, _, mean2, invstd2, _, _ = output
+    ctx.mark_non_differentiable(*output[1:])   # statistics: no gradient flows back through them
+    ctx.set_materialize_grads(False)
     bits = None
+    ctx.bits_dtype = y.dtype
     if residual is not None and y2 is None:
         bits = _pack_once(residual)   # 0/1 spikes: one bit each
-        ctx.bits_meta = (list(residual.shape), residual.dtype)
+        ctx.bits_dtype = residual.dtype
     ctx.save_for_backward(y, weight, bias, mean, invstd, y2, weight2, bias2, mean2, invstd2, bits)
     ctx.eps = (eps, eps2)
     ctx.T = T
@@ -143,19 +147,49 @@ def _bn_grads(gz, y, weight, mean, invstd, eps, needs):
     return gy, gw, gb
 
 
-def _backward(ctx, grads):
-    grad_s = grads[0]
+def _input_grad(grad_s: Tensor, y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                invstd: Tensor, eps: float, y2: Optional[Tensor], weight2: Optional[Tensor],
+                bias2: Optional[Tensor], mean2: Optional[Tensor], invstd2: Optional[Tensor], eps2: float,
+                bits: Optional[Tensor], bits_dtype: torch.dtype, T: int, tau: float, threshold: float,
+                reset: str, detach_reset: bool, surrogate: str, width: float, kernel: str) -> Tensor:
+    """dL/dz ``[N, T, C, ...]`` of the neuron's input ``z`` from dL/ds and what the forward saved."""
+    lif = (tau, threshold, reset, detach_reset, surrogate, width)
+    if kernel == "triton":
+        return _triton_backward(grad_s, y, weight, bias, mean, invstd, y2, weight2, bias2, mean2, invstd2, bits,
+                                T, *lif)
+    gz = _numba_backward(grad_s, y, weight, bias, mean, invstd, y2, weight2, bias2, mean2, invstd2, bits,
+                         bits_dtype, T, *lif)
+    if gz is None:
+        n = y.shape[0] // T
+        z = _recompute(y, weight, bias, eps, y2, weight2, bias2, eps2, bits, ([n, T, *y.shape[1:]], bits_dtype), n, T)
+        gz = lif_input_grad(grad_s, z, *lif, kernel)
+    return gz
+
+
+bn_lif_backward = torch.library.custom_op("tetsnn::bn_lif_backward", mutates_args=())(_input_grad)
+
+
+def _z_dtype(y, y2, bits, bits_dtype, kernel):
+    """The dtype of the forward's ``z`` (the sum's promoted dtype; the Triton kernels work in y's)."""
+    if kernel == "triton":
+        return y.dtype
+    return torch.promote_types(y.dtype, y2.dtype if y2 is not None else bits_dtype if bits is not None else y.dtype)
+
+
+@bn_lif_backward.register_fake
+def _(grad_s, y, weight, bias, mean, invstd, eps, y2, weight2, bias2, mean2, invstd2, eps2, bits, bits_dtype, T,
+      tau, threshold, reset, detach_reset, surrogate, width, kernel):
+    return y.new_empty((y.shape[0] // T, T, *y.shape[1:]), dtype=_z_dtype(y, y2, bits, bits_dtype, kernel))
+
+
+def _grads(ctx, grads, input_grad):
+    """The gradients of every input from dL/ds, with ``input_grad`` forming dL/dz (the op or its body)."""
     y, weight, bias, mean, invstd, y2, weight2, bias2, mean2, invstd2, bits = ctx.saved_tensors
-    n = y.shape[0] // ctx.T
+    if grads[0] is None:   # the spikes took no part in the loss
+        return (None,) * 23
     with torch.no_grad():
-        if ctx.lif[-1] == "triton":
-            gz = _triton_backward(grad_s, y, weight, bias, mean, invstd, y2, weight2, bias2, mean2, invstd2, bits,
-                                  ctx.T, *ctx.lif[:-1])
-        else:
-            z = _recompute(y, weight, bias, ctx.eps[0], y2, weight2, bias2, ctx.eps[1], bits,
-                           getattr(ctx, "bits_meta", None), n, ctx.T)
-            gz = lif_backward(grad_s, z, *ctx.lif)
-            del z
+        gz = input_grad(grads[0], y, weight, bias, mean, invstd, ctx.eps[0], y2, weight2, bias2, mean2, invstd2,
+                        ctx.eps[1], bits, ctx.bits_dtype, ctx.T, *ctx.lif)
         ni = ctx.needs_input_grad
         gy, gw, gb = _bn_grads(gz, y, weight, mean, invstd, ctx.eps[0], (ni[0], ni[1], ni[2]))
         gy2 = gw2 = gb2 = None
@@ -165,7 +199,117 @@ def _backward(ctx, grads):
     return (gy, gw, gb, None, None, None, None, gy2, gw2, gb2, None, None, None, None, gr) + (None,) * 8
 
 
+def _backward(ctx, grads):
+    return _grads(ctx, grads, bn_lif_backward)
+
+
 bn_lif_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _BNLIFFunction(torch.autograd.Function):
+    """The op's eager path: the same forward, context and backward, without the dispatcher's per-call
+    handling of 23 arguments (a third of a small layer's time on the CPU). torch.compile traces the op."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _grads(ctx, grads, _input_grad)
+
+
+# --------------------------------------------------------------------------- the numba backward (CPU)
+#
+# torch's CPU batch_norm forms z = y * a + b with a = invstd * weight and b = bias - mean * a per
+# channel. Whether it rounds each product separately or once (a fused multiply-add) depends on the
+# instruction set its kernel was built for, so the kernels below rebuild z both ways and
+# :func:`_rebuild_mode` checks once per dtype which of the two reproduces torch's kernel bit for bit
+# on this machine. Where neither does, the backward re-runs torch's kernel (``_recompute``).
+
+_MODES = {}  # dtype -> True (fused multiply-add), False (separate roundings) or None (neither matches)
+
+
+def _scale_shift_kernel(fused_madd: bool):
+    numba = _numba()
+    fma = _fma()
+
+    @numba.njit
+    def scale_shift(mean, invstd, weight, bias, a, b):
+        for c in range(mean.shape[0]):
+            a[c] = invstd[c] * weight[c]
+            b[c] = fma(-mean[c], a[c], bias[c]) if fused_madd else bias[c] - mean[c] * a[c]
+    return scale_shift
+
+
+_SCALE_SHIFT = {}
+
+
+def _scale_shift(mean, invstd, weight, bias, neurons: int, fused_madd: bool):
+    """BatchNorm's per-channel scale and shift, repeated for every neuron of a channel (numpy)."""
+    if fused_madd not in _SCALE_SHIFT:
+        _SCALE_SHIFT[fused_madd] = _scale_shift_kernel(fused_madd)
+    mean, invstd = mean.numpy(), invstd.numpy()
+    w = mean * 0 + 1 if weight is None else weight.detach().numpy()
+    b = mean * 0 if bias is None else bias.detach().numpy()
+    a_c, b_c = mean.copy(), mean.copy()
+    _SCALE_SHIFT[fused_madd](mean, invstd, w, b, a_c, b_c)
+    per = neurons // mean.shape[0]
+    return a_c.repeat(per), b_c.repeat(per)
+
+
+def _rebuild_mode(dtype):
+    """How to rebuild torch's CPU batch_norm output for ``dtype`` (see above), checked once on random input."""
+    if dtype not in _MODES:
+        _MODES[dtype] = None
+        if not _use_numba(torch.empty(0, dtype=dtype)):
+            return None
+        g = torch.Generator().manual_seed(0)
+        modes = [True, False]
+        for shape in ((6, 5, 3, 7), (40, 3)):   # a conv's output and a linear layer's
+            y = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1
+            w, b = (torch.randn(shape[1], generator=g, dtype=dtype) for _ in range(2))
+            z, mean, invstd = _aten.native_batch_norm(y, w, b, None, None, True, 0.0, 1e-5)
+            y3 = y.view(1, shape[0], -1)
+            for fused_madd in list(modes):
+                out = torch.empty_like(y3)
+                src = (y3.numpy(), *_scale_shift(mean, invstd, w, b, y3.shape[2], fused_madd))
+                if not _call_numba(("values", "bn", fused_madd), src, out.numpy(), _consts(dtype, 0.0, 0.0)):
+                    return None
+                if not torch.equal(out.view(shape), z):
+                    modes.remove(fused_madd)
+        _MODES[dtype] = modes[0] if modes else None
+    return _MODES[dtype]
+
+
+def _numba_backward(grad_s, y, weight, bias, mean, invstd, y2, weight2, bias2, mean2, invstd2, bits, bits_dtype,
+                    T, tau, threshold, reset, detach_reset, surrogate, width):
+    """dL/dz ``[N, T, C, ...]`` by the numba BPTT kernel reading ``z`` rebuilt from ``y`` (and ``y2`` or the
+    residual bits) as it goes, or None where that kernel does not apply (the caller re-runs batch_norm)."""
+    if not _use_numba(y) or _z_dtype(y, y2, bits, bits_dtype, "fused") != y.dtype:
+        return None
+    fused_madd = _rebuild_mode(y.dtype)
+    if fused_madd is None:
+        return None
+    n = y.shape[0] // T
+    shape = (n, T, *y.shape[1:])
+
+    def operand(x, w, b, m, i):
+        x3 = _as3d(x.view(shape))
+        return (x3.numpy(), *_scale_shift(m, i, w, b, x3.shape[2], fused_madd))
+    src = operand(y, weight, bias, mean, invstd)
+    source = "bn"
+    if y2 is not None:
+        src, source = src + operand(y2, weight2, bias2, mean2, invstd2), "bn+bn"
+    elif bits is not None:
+        src, source = src + (bits.numpy(),), "bn+bits"
+    gz = torch.empty(shape, dtype=y.dtype)
+    gs = _as3d(grad_s.to(y.dtype))
+    c = _consts(y.dtype, tau, threshold, surrogate, width)
+    key = ("bwd", reset == "hard", detach_reset, surrogate, source, fused_madd)
+    return gz if _call_numba(key, gs.numpy(), src, _as3d(gz).numpy(), c) else None
 
 
 # --------------------------------------------------------------------------- the Triton kernels
@@ -229,7 +373,8 @@ def bn_lif(y: Tensor, bn, neuron, T: int, residual: Optional[Tensor] = None, y2:
     surrogate and a fused backend. ``residual`` must be 0/1 spikes ``[N, T, C, ...]``."""
     second: List = _bn_args(bn2) if y2 is not None else [None, None, None, None, 0.0, 0.0]
     kernel = neuron.resolve_backend(y)
-    s, _, _, rm, rv, _, _, rm2, rv2 = bn_lif_forward(
+    op = bn_lif_forward if torch.compiler.is_compiling() else _BNLIFFunction.apply
+    s, _, _, rm, rv, _, _, rm2, rv2 = op(
         y, *_bn_args(bn), y2, *second, residual, T, neuron.tau, neuron.threshold, neuron.reset,
         neuron.detach_reset, neuron.surrogate_name, neuron.width or 1.0, kernel)
     with torch.no_grad():

@@ -102,49 +102,134 @@ def _numba():
     return _NUMBA
 
 
-def _integrate_kernel(hard: bool):
-    """The forward recurrence of one reset mode, for one block of neurons (inlined below);
-    ``c = [tau, threshold, 0, 1, ...]`` in the input's dtype."""
+def _fma():
+    """``fma(a, b, c)``: ``a * b + c`` rounded once, as a numba function (LLVM's ``llvm.fma``)."""
+    numba = _numba()
+
+    @numba.extending.intrinsic
+    def fma(typingctx, a, b, c):
+        return a(a, b, c), lambda context, builder, sig, args: builder.fma(*args)
+    return fma
+
+
+def _load_kernel(source: str, fused_madd: bool):
+    """How a kernel reads its input ``x[n, t, m]`` from the arrays ``src`` (a tuple): ``rows(src, n, t,
+    m0, w, c)`` takes the rows of step t for neurons ``m0 .. m0+w``, ``value(rows, i)`` gives neuron
+    ``m0 + i``'s input from them. The sources:
+
+    - ``"x"``: ``src = (x,)``, the input itself;
+    - ``"bn"``: ``src = (y, a, b)``, BatchNorm's output ``y * a[m] + b[m]`` rebuilt from its input
+      ``y`` and the per-neuron scale ``a`` and shift ``b`` (``fused_madd``: rounded once, by fma);
+    - ``"bn+bn"``: ``src = (y, a, b, y2, a2, b2)``, the sum of two such outputs;
+    - ``"bn+bits"``: ``src = (y, a, b, bits)``, one such output plus 0/1 spikes packed as bits
+      (bit ``f % 8`` of byte ``f // 8`` for the flat index ``f`` of ``[n, t, m]``).
+    """
+    numba = _numba()
+    fma = _fma()
+    njit = numba.njit(inline="always")
+
+    @njit
+    def bn(y, a, b, i):
+        return fma(y[i], a[i], b[i]) if fused_madd else y[i] * a[i] + b[i]
+
+    if source == "x":
+        @njit
+        def rows(src, n, t, m0, w, c):
+            return (src[0][n, t, m0:m0 + w],)
+
+        @njit
+        def value(r, i):
+            return r[0][i]
+    elif source == "bn":
+        @njit
+        def rows(src, n, t, m0, w, c):
+            return src[0][n, t, m0:m0 + w], src[1][m0:m0 + w], src[2][m0:m0 + w]
+
+        @njit
+        def value(r, i):
+            return bn(r[0], r[1], r[2], i)
+    elif source == "bn+bn":
+        @njit
+        def rows(src, n, t, m0, w, c):
+            return (src[0][n, t, m0:m0 + w], src[1][m0:m0 + w], src[2][m0:m0 + w],
+                    src[3][n, t, m0:m0 + w], src[4][m0:m0 + w], src[5][m0:m0 + w])
+
+        @njit
+        def value(r, i):
+            return bn(r[0], r[1], r[2], i) + bn(r[3], r[4], r[5], i)
+    else:  # "bn+bits"
+        @njit
+        def rows(src, n, t, m0, w, c):
+            f0 = (n * src[0].shape[1] + t) * src[0].shape[2] + m0   # the flat index of neuron m0
+            return (src[0][n, t, m0:m0 + w], src[1][m0:m0 + w], src[2][m0:m0 + w], src[3][f0 >> 3:],
+                    f0 & 7, c[2], c[3])
+
+        @njit
+        def value(r, i):
+            k = r[4] + i
+            return bn(r[0], r[1], r[2], i) + (r[6] if (r[3][k >> 3] >> (k & 7)) & 1 else r[5])
+    return rows, value
+
+
+def _values_kernel(source: str, fused_madd: bool):
+    """``out[n, t, :]`` = the input a kernel reads through :func:`_load_kernel` (for checks)."""
     numba, np = _numba(), __import__("numpy")
+    rows, value = _kernel(("load", source, fused_madd))
+
+    @numba.njit
+    def values(src, out, c):
+        for n in range(out.shape[0]):
+            for t in range(out.shape[1]):
+                r = rows(src, n, t, 0, out.shape[2], c)
+                for i in range(out.shape[2]):
+                    out[n, t, i] = value(r, i)
+    return values
+
+
+def _integrate_kernel(hard: bool, source: str, fused_madd: bool):
+    """The forward recurrence of one reset mode, for one block of neurons (inlined below), reading
+    its input through :func:`_load_kernel`; ``c = [tau, threshold, 0, 1, ...]`` in the input's dtype."""
+    numba, np = _numba(), __import__("numpy")
+    rows, value = _kernel(("load", source, fused_madd))
 
     @numba.njit(inline="always")
-    def integrate(x, n, m0, w, c, out, to_h):
+    def integrate(src, n, m0, w, c, out, to_h):
         # the recurrence for neurons m0 .. m0+w of sample n: spikes into out[n, t, m0 + i], or
         # (to_h) pre-reset membranes into out[t, i]
         tau, th, zero, one = c[0], c[1], c[2], c[3]  # locals, so the loop vectorises
-        u = np.zeros(w, x.dtype)
-        for t in range(x.shape[1]):
-            xt = x[n, t, m0:m0 + w]
+        u = np.zeros(w, c.dtype)
+        for t in range(src[0].shape[1]):
+            xt = rows(src, n, t, m0, w, c)
             ot = out[t] if to_h else out[n, t, m0:m0 + w]
             for i in range(w):
-                ht = tau * u[i] + xt[i]
+                ht = tau * u[i] + value(xt, i)
                 st = one if ht - th > zero else zero
                 ot[i] = ht if to_h else st
                 u[i] = ht * (one - st) if hard else ht - th * st
     return integrate
 
 
-def _forward_kernel(hard: bool):
+def _forward_kernel(hard: bool, source: str = "x", fused_madd: bool = False):
     """The numba forward: spikes only, threads over blocks of neurons."""
     numba = _numba()
-    integrate = _kernel(("integrate", hard))
+    integrate = _kernel(("integrate", hard, source, fused_madd))
 
     @numba.njit(parallel=True)
-    def fwd(x, s, c):
-        n_, t_, m_ = x.shape
+    def fwd(src, s, c):
+        n_, t_, m_ = src[0].shape
         nb = (m_ + _BLOCK - 1) // _BLOCK
         for job in numba.prange(n_ * nb):
             n, m0 = job // nb, (job % nb) * _BLOCK
-            integrate(x, n, m0, min(_BLOCK, m_ - m0), c, s, False)
+            integrate(src, n, m0, min(_BLOCK, m_ - m0), c, s, False)
     return fwd
 
 
-def _backward_kernel(hard: bool, detach: bool, surrogate: str):
+def _backward_kernel(hard: bool, detach: bool, surrogate: str, source: str = "x", fused_madd: bool = False):
     """The numba BPTT loop; ``c = [tau, threshold, 0, 1, width, k]`` in the membrane's dtype, with
     ``k = (1/width)^2`` for zif and ``pi/2 * width`` for atan (the constants the torch ops use)."""
     numba, np = _numba(), __import__("numpy")
     kind = SURROGATE_IDS[surrogate]
-    integrate = _kernel(("integrate", hard))
+    integrate = _kernel(("integrate", hard, source, fused_madd))
 
     @numba.njit(inline="always")
     def grad(v, zero, one, width, k):
@@ -158,16 +243,16 @@ def _backward_kernel(hard: bool, detach: bool, surrogate: str):
         return (width / (one + one)) / (one + z * z)
 
     @numba.njit(parallel=True)
-    def bwd(gs, x, gx, c):
-        n_, t_, m_ = x.shape
+    def bwd(gs, src, gx, c):
+        n_, t_, m_ = src[0].shape
         nb = (m_ + _BLOCK - 1) // _BLOCK
         for job in numba.prange(n_ * nb):
             n, m0 = job // nb, (job % nb) * _BLOCK
             w = min(_BLOCK, m_ - m0)
-            h = np.empty((t_, w), x.dtype)
-            integrate(x, n, m0, w, c, h, True)
+            h = np.empty((t_, w), c.dtype)
+            integrate(src, n, m0, w, c, h, True)
             tau, th, zero, one, width, k = c[0], c[1], c[2], c[3], c[4], c[5]
-            gu = np.zeros(w, x.dtype)
+            gu = np.zeros(w, c.dtype)
             for t in range(t_ - 1, -1, -1):
                 ht_, gs_, gx_ = h[t], gs[n, t, m0:m0 + w], gx[n, t, m0:m0 + w]
                 for i in range(w):
@@ -186,7 +271,8 @@ def _backward_kernel(hard: bool, detach: bool, surrogate: str):
 def _kernel(key):
     """The numba kernel ``key = (kind, *flags)``, built on first use (compiled on its first call)."""
     if key not in _KERNELS:
-        build = {"integrate": _integrate_kernel, "fwd": _forward_kernel, "bwd": _backward_kernel}[key[0]]
+        build = {"load": _load_kernel, "values": _values_kernel, "integrate": _integrate_kernel,
+                 "fwd": _forward_kernel, "bwd": _backward_kernel}[key[0]]
         _KERNELS[key] = build(*key[1:])
     return _KERNELS[key]
 
@@ -230,7 +316,7 @@ def _spikes(x: Tensor, tau: float, threshold: float, hard: bool, kernel: str) ->
     if _use_numba(x):
         x3 = _as3d(x)
         s = torch.empty_like(x3)
-        if _call_numba(("fwd", hard), x3.numpy(), s.numpy(), _consts(x.dtype, tau, threshold)):
+        if _call_numba(("fwd", hard, "x", False), (x3.numpy(),), s.numpy(), _consts(x.dtype, tau, threshold)):
             return s.view(x.shape)
     return forward_torch(x, tau, threshold, hard)[0]
 
@@ -244,19 +330,21 @@ def _input_grad(grad_s: Tensor, x: Tensor, tau: float, threshold: float, hard: b
     if _use_numba(x):
         gx = torch.empty(x.shape, dtype=x.dtype)
         c = _consts(x.dtype, tau, threshold, surrogate, width)
-        args = (_as3d(grad_s).numpy(), _as3d(x).numpy(), _as3d(gx).numpy(), c)
-        if _call_numba(("bwd", hard, detach_reset, surrogate), *args):
+        args = (_as3d(grad_s).numpy(), (_as3d(x).numpy(),), _as3d(gx).numpy(), c)
+        if _call_numba(("bwd", hard, detach_reset, surrogate, "x", False), *args):
             return gx
     grad = SURROGATES[surrogate][1]          # the built-in ds/dv of that name
     return backward_torch(grad_s, x, tau, threshold, hard, detach_reset, lambda v: grad(v, width))
 
 
-@torch.library.custom_op("tetsnn::lif_forward", mutates_args=())
-def lif_forward(x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
-                surrogate: str, width: float, kernel: str) -> Tensor:
+def lif_spikes(x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
+               surrogate: str, width: float, kernel: str) -> Tensor:
     """Spikes of an ``[N, T, ...]`` input, in its dtype (half inputs are integrated in float32)."""
     # the kernels work on a contiguous copy of a strided input (channels_last, a time slice, ...)
     return _spikes(half_to_float(x).contiguous(), tau, threshold, reset == "hard", kernel).to(x.dtype)
+
+
+lif_forward = torch.library.custom_op("tetsnn::lif_forward", mutates_args=())(lif_spikes)
 
 
 @lif_forward.register_fake
@@ -264,14 +352,16 @@ def _(x, tau, threshold, reset, detach_reset, surrogate, width, kernel):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)   # contiguous, as the kernels return
 
 
-@torch.library.custom_op("tetsnn::lif_backward", mutates_args=())
-def lif_backward(grad_s: Tensor, x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
-                 surrogate: str, width: float, kernel: str) -> Tensor:
+def lif_input_grad(grad_s: Tensor, x: Tensor, tau: float, threshold: float, reset: str, detach_reset: bool,
+                   surrogate: str, width: float, kernel: str) -> Tensor:
     """dL/dx from dL/ds and the saved input ``x``, in x's dtype (BPTT in float32 for half inputs)."""
     xs = half_to_float(x).contiguous()
     gs = grad_s.to(xs.dtype).contiguous()
     gx = _input_grad(gs, xs, tau, threshold, reset == "hard", detach_reset, surrogate, width, kernel)
     return gx.to(x.dtype)
+
+
+lif_backward = torch.library.custom_op("tetsnn::lif_backward", mutates_args=())(lif_input_grad)
 
 
 @lif_backward.register_fake
