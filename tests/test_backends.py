@@ -181,6 +181,24 @@ def test_custom_op_registration():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+def test_eager_path_equals_the_op():
+    """Eager code runs the op's body through an autograd.Function (torch.compile traces the op): the
+    same spikes and input gradient, bit for bit."""
+    from tetsnn.kernels.fused import _LIFFunction
+    x = random_input((3, 5, 7), torch.float64)
+    g = torch.randn(3, 5, 7, dtype=torch.float64)
+    for args in ((0.5, 1.0, "hard", False, "zif", 1.0, "fused"), (0.7, 0.4, "soft", True, "atan", 2.0, "fused")):
+        results = []
+        for call in (torch.ops.tetsnn.lif_forward, _LIFFunction.apply):
+            xi = x.clone().requires_grad_()
+            s = call(xi, *args)
+            s.backward(g)
+            results.append((s, xi.grad))
+        assert 0 < results[0][0].mean() < 1 and results[0][1].abs().sum() > 0
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_input(backend):
     """A non-contiguous input (a permuted or channels_last tensor) gives the loop's results."""

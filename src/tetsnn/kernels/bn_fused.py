@@ -13,7 +13,7 @@ and space, as ``SeqToANNContainer`` pools them)::
     mean_c, var_c = mean and biased variance of y[:, c]          invstd_c = 1 / sqrt(var_c + eps)
     z      = (y - mean) * invstd * weight + bias                  (torch's own batch_norm kernel)
     z      = z + BN2(y2)   or   z + r                             (optional residual)
-    s      = LIF(z viewed as [N, T, C, ...])                      (kernels.fused: lif_forward)
+    s      = LIF(z viewed as [N, T, C, ...])                      (kernels.fused: lif_spikes)
     running_mean <- (1 - m) running_mean + m mean_c
     running_var  <- (1 - m) running_var  + m var_c * n / (n - 1)  (n = elements per channel)
 
@@ -23,16 +23,22 @@ as bits. Nothing of the size of ``z``.
 
 Backward::
 
-    z  = the same batch_norm kernel on y (and y2) in training mode, no running statistics;
-         this reproduces the forward's statistics and ``z`` bit for bit (same kernel, same input)
+    z  = y * a + b per channel, a = invstd * weight, b = bias - mean * a, rebuilt inside the numba
+         BPTT kernel as it reads y (and y2, or the residual bits): torch's CPU batch_norm forms z
+         this way, and whether it rounds the products separately or once (fused multiply-add)
+         depends on the instruction set its kernel was built for, so the rounding that reproduces
+         it is found once per dtype on a random probe (``_rebuild_mode``). Where neither does
+         (or for half precision, or without numba), torch's kernel runs again on y instead.
     gz = LIF backward from dL/ds and z (the BPTT recurrence of kernels.fused)
     dL/dy, dL/dweight, dL/dbias = batch_norm_backward(gz, y, saved mean and invstd)
     dL/dy2, ... likewise with gz;   dL/dr = gz
 
-so every gradient is the one autograd forms for the unfused modules, from the same values.
-The extra work is one more pass of BatchNorm's forward over ``y`` in backward. The statistics and
-the running-statistics update are those of ``torch.nn.functional.batch_norm``; the caller passes
-the momentum ``nn.BatchNorm`` would use (``1 / num_batches_tracked`` when its momentum is None).
+so every gradient is the one autograd forms for the unfused modules, from the same values, and the
+backward reads y where the unfused LIF reads z: no more memory traffic than the unfused layers.
+The statistics and the running-statistics update are those of ``torch.nn.functional.batch_norm``;
+the caller passes the momentum ``nn.BatchNorm`` would use (``1 / num_batches_tracked`` when its
+momentum is None). Eager code calls the body through an ``autograd.Function``; torch.compile
+traces the custom ops.
 
 With ``kernel="triton"`` (CUDA) the normalisation runs inside the Triton LIF kernels of
 :mod:`tetsnn.kernels.triton_bn_lif` instead: ``z`` is never written, forward or backward, and the
@@ -222,12 +228,7 @@ class _BNLIFFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- the numba backward (CPU)
-#
-# torch's CPU batch_norm forms z = y * a + b with a = invstd * weight and b = bias - mean * a per
-# channel. Whether it rounds each product separately or once (a fused multiply-add) depends on the
-# instruction set its kernel was built for, so the kernels below rebuild z both ways and
-# :func:`_rebuild_mode` checks once per dtype which of the two reproduces torch's kernel bit for bit
-# on this machine. Where neither does, the backward re-runs torch's kernel (``_recompute``).
+# z rebuilt as torch's CPU batch_norm forms it, rounding as it does on this machine (module docstring)
 
 _MODES = {}  # dtype -> True (fused multiply-add), False (separate roundings) or None (neither matches)
 
