@@ -345,24 +345,35 @@ def test_custom_op_registration():
 
 
 def test_eager_path_equals_the_op():
-    """Eager training runs the op's body through an autograd.Function (torch.compile traces the op):
-    the same spikes, statistics and gradients, bit for bit, plain, with residual bits and a downsample."""
+    """Eager training runs the op's body through an autograd.Function that updates the running statistics
+    in place (torch.compile traces the functional op): the same spikes, new running statistics and
+    gradients, bit for bit, plain, with residual bits and with a downsample branch."""
     g = torch.Generator().manual_seed(7)
     y, y2 = (torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
     r = (torch.rand(3, 2, 3, 4, 4, generator=g) < 0.5).double()
     w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     lif = (2, 0.5, 0.2, "hard", False, "zif", 1.0, "fused")
-    bn1 = (w, b, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 0.1, 1e-5)
-    none2 = (None, None, None, None, None, 0.0, 0.0)
-    for second, residual in ((none2, None), (none2, r), ((y2, w * 2, b - 1, None, None, 0.0, 1e-5), None)):
+    for downsample, residual in ((False, None), (False, r), (True, None)):
         results = []
-        for call in (torch.ops.tetsnn.bn_lif_forward, bn_fused._BNLIFFunction.apply):
-            leaves = [t.clone().requires_grad_() if t is not None else None for t in (y, w, b, second[0], residual)]
-            args = (leaves[0], leaves[1], leaves[2], *bn1[2:], leaves[3], *second[1:], leaves[4], *lif)
-            out = call(*args)
-            out[0].backward(torch.randn(out[0].shape, generator=torch.Generator().manual_seed(8),
-                                        dtype=torch.float64))
-            results.append([*out, *(t.grad for t in leaves if t is not None)])
+        for eager in (False, True):
+            leaves = [t.clone().requires_grad_() for t in (y, w, b, y2, w * 2, b - 1, r)]
+            running = [torch.rand(3, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+                       for k in range(4)]
+            second = (leaves[3], leaves[4], leaves[5], running[2], running[3], 0.2, 1e-5) if downsample else \
+                (None, None, None, None, None, 0.0, 0.0)
+            args = (*leaves[:3], running[0], running[1], 0.1, 1e-5, *second,
+                    leaves[6] if residual is not None else None, *lif)
+            if eager:
+                s = bn_fused._BNLIFFunction.apply(*args)
+                stats = running if downsample else running[:2]      # updated in place
+            else:
+                out = torch.ops.tetsnn.bn_lif_forward(*args)
+                s, stats = out[0], [out[3], out[4], out[7], out[8]] if downsample else [out[3], out[4]]
+                assert not torch.equal(stats[0], running[0])         # the op leaves its inputs alone
+            s.backward(torch.randn(s.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64))
+            used = leaves[:6] if downsample else leaves[:3] + ([leaves[6]] if residual is not None else [])
+            results.append([s, *stats, *(t.grad for t in used)])
+        assert 0 < results[0][0].mean() < 1
         for a, b_ in zip(*results):
             assert torch.equal(a, b_)
 

@@ -126,11 +126,15 @@ def _(y, weight, bias, running_mean, running_var, momentum, eps, y2, weight2, bi
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])   # statistics: no gradient flows back through them
+    ctx.set_materialize_grads(False)
+    _save(ctx, inputs, output)
+
+
+def _save(ctx, inputs, output):
     (y, weight, bias, _, _, _, eps, y2, weight2, bias2, _, _, _, eps2, residual, T,
      tau, threshold, reset, detach_reset, surrogate, width, kernel) = inputs
     _, mean, invstd, _, _, mean2, invstd2, _, _ = output
-    ctx.mark_non_differentiable(*output[1:])   # statistics: no gradient flows back through them
-    ctx.set_materialize_grads(False)
     bits = None
     ctx.bits_dtype = y.dtype
     if residual is not None and y2 is None:
@@ -213,18 +217,27 @@ bn_lif_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _BNLIFFunction(torch.autograd.Function):
-    """The op's eager path: the same forward, context and backward, without the dispatcher's per-call
-    handling of 23 arguments (a third of a small layer's time on the CPU). torch.compile traces the op."""
+    """The op's eager path: the same body and backward without the dispatcher's per-call handling of
+    23 arguments (a third of a small layer's time on the CPU), returning the spikes alone and updating
+    the running statistics (inputs that take no gradient) in place. torch.compile traces the op."""
 
     @staticmethod
     def forward(ctx, *inputs):
         output = _forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return tuple(output)
+        _save(ctx, inputs, output)
+        _update_running(inputs, output)
+        return output[0]
 
     @staticmethod
-    def backward(ctx, *grads):
-        return _grads(ctx, grads, _input_grad)
+    def backward(ctx, grad_s):
+        return _grads(ctx, (grad_s,), _input_grad)
+
+
+def _update_running(inputs, output):
+    """Copy the op's new running statistics into the buffers it was given."""
+    for old, new in ((inputs[3], output[3]), (inputs[4], output[4]), (inputs[10], output[7]), (inputs[11], output[8])):
+        if old is not None:
+            old.copy_(new)
 
 
 # --------------------------------------------------------------------------- the numba backward (CPU)
@@ -374,13 +387,11 @@ def bn_lif(y: Tensor, bn, neuron, T: int, residual: Optional[Tensor] = None, y2:
     surrogate and a fused backend. ``residual`` must be 0/1 spikes ``[N, T, C, ...]``."""
     second: List = _bn_args(bn2) if y2 is not None else [None, None, None, None, 0.0, 0.0]
     kernel = neuron.resolve_backend(y)
-    op = bn_lif_forward if torch.compiler.is_compiling() else _BNLIFFunction.apply
-    s, _, _, rm, rv, _, _, rm2, rv2 = op(
-        y, *_bn_args(bn), y2, *second, residual, T, neuron.tau, neuron.threshold, neuron.reset,
-        neuron.detach_reset, neuron.surrogate_name, neuron.width or 1.0, kernel)
+    inputs = (y, *_bn_args(bn), y2, *second, residual, T, neuron.tau, neuron.threshold, neuron.reset,
+              neuron.detach_reset, neuron.surrogate_name, neuron.width or 1.0, kernel)
+    if not torch.compiler.is_compiling():
+        return _BNLIFFunction.apply(*inputs)
+    output = bn_lif_forward(*inputs)
     with torch.no_grad():
-        for m, new_mean, new_var in ((bn, rm, rv), (bn2, rm2, rv2)):
-            if m is not None and m.track_running_stats:
-                m.running_mean.copy_(new_mean)
-                m.running_var.copy_(new_var)
-    return s
+        _update_running(inputs, output)
+    return output[0]
