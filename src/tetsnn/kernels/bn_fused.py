@@ -247,6 +247,7 @@ _MODES = {}  # dtype -> True (fused multiply-add), False (separate roundings) or
 
 
 def _scale_shift_kernel(fused_madd: bool):
+    """``a = invstd * weight`` and ``b = bias - mean * a`` per channel, rounded as ``fused_madd`` says."""
     numba = _numba()
     fma = _fma()
 
@@ -265,9 +266,9 @@ def _scale_shift(mean, invstd, weight, bias, neurons: int, fused_madd: bool):
     """BatchNorm's per-channel scale and shift, repeated for every neuron of a channel (numpy)."""
     if fused_madd not in _SCALE_SHIFT:
         _SCALE_SHIFT[fused_madd] = _scale_shift_kernel(fused_madd)
+    w = (torch.ones_like(mean) if weight is None else weight.detach()).numpy()   # no affine: 1 and 0
+    b = (torch.zeros_like(mean) if bias is None else bias.detach()).numpy()
     mean, invstd = mean.numpy(), invstd.numpy()
-    w = mean * 0 + 1 if weight is None else weight.detach().numpy()
-    b = mean * 0 if bias is None else bias.detach().numpy()
     a_c, b_c = mean.copy(), mean.copy()
     _SCALE_SHIFT[fused_madd](mean, invstd, w, b, a_c, b_c)
     per = neurons // mean.shape[0]
@@ -275,27 +276,31 @@ def _scale_shift(mean, invstd, weight, bias, neurons: int, fused_madd: bool):
 
 
 def _rebuild_mode(dtype):
-    """How to rebuild torch's CPU batch_norm output for ``dtype`` (see above), checked once on random input."""
+    """How to rebuild torch's CPU batch_norm output for ``dtype`` (module docstring): True (one rounding,
+    fused multiply-add), False (separate roundings) or None (neither reproduces it, or numba cannot)."""
     if dtype not in _MODES:
-        _MODES[dtype] = None
-        if not _use_numba(torch.empty(0, dtype=dtype)):
-            return None
-        g = torch.Generator().manual_seed(0)
-        modes = [True, False]
-        for shape in ((6, 5, 3, 7), (40, 3)):   # a conv's output and a linear layer's
-            y = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1
-            w, b = (torch.randn(shape[1], generator=g, dtype=dtype) for _ in range(2))
-            z, mean, invstd = _aten.native_batch_norm(y, w, b, None, None, True, 0.0, 1e-5)
-            y3 = y.view(1, shape[0], -1)
-            for fused_madd in list(modes):
-                out = torch.empty_like(y3)
-                src = (y3.numpy(), *_scale_shift(mean, invstd, w, b, y3.shape[2], fused_madd))
-                if not _call_numba(("values", "bn", fused_madd), src, out.numpy(), _consts(dtype, 0.0, 0.0)):
-                    return None
-                if not torch.equal(out.view(shape), z):
-                    modes.remove(fused_madd)
-        _MODES[dtype] = modes[0] if modes else None
+        _MODES[dtype] = _probe(dtype) if _use_numba(torch.empty(0, dtype=dtype)) else None
     return _MODES[dtype]
+
+
+def _probe(dtype):
+    g = torch.Generator().manual_seed(0)
+    modes = [True, False]
+    for shape in ((6, 5, 3, 7), (40, 3)):   # a conv's output and a linear layer's
+        y = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1
+        w, b = (torch.randn(shape[1], generator=g, dtype=dtype) for _ in range(2))
+        z, mean, invstd = _aten.native_batch_norm(y, w, b, None, None, True, 0.0, 1e-5)
+        y3 = y.view(1, shape[0], -1)
+        for fused_madd in list(modes):
+            out = torch.empty_like(y3)
+            try:
+                src = (y3.numpy(), *_scale_shift(mean, invstd, w, b, y3.shape[2], fused_madd))
+                _kernel(("values", "bn", fused_madd))(src, out.numpy(), _consts(dtype, 0.0, 0.0))
+            except Exception:  # a numba that cannot build these kernels: torch's kernel runs again
+                return None
+            if not torch.equal(out.view(shape), z):
+                modes.remove(fused_madd)
+    return modes[0] if modes else None
 
 
 def _numba_backward(grad_s, y, weight, bias, mean, invstd, y2, weight2, bias2, mean2, invstd2, bits, bits_dtype,

@@ -24,9 +24,13 @@ the per-step loop's autograd performs, in the same dtype and order, so the resul
 bit wherever no fused multiply-add intervenes.
 
 Kernels: ``"fused"`` runs a numba kernel (one pass over memory per direction, threads over
-neurons) on CPU float32/float64 and the same loop in torch ops elsewhere; ``"triton"`` runs
+neurons) on CPU float32/float64 and the same loop in torch ops elsewhere (the numba kernels read
+their input through a *source*, :func:`_load_kernel`: the input itself, or a BatchNorm output they
+rebuild from its input as they go, for :mod:`tetsnn.kernels.bn_fused`); ``"triton"`` runs
 :mod:`tetsnn.kernels.triton_lif`. Both are ``torch.library`` custom ops, so torch.compile can trace
-models that use them. A user-callable surrogate goes through :class:`FusedLIFCustom` instead.
+models that use them (eager code calls their bodies through an ``autograd.Function``, which skips the
+dispatcher's per-call argument handling). A user-callable surrogate goes through
+:class:`FusedLIFCustom` instead.
 """
 from __future__ import annotations
 

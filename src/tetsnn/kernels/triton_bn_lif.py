@@ -12,7 +12,7 @@ inside the LIF loop. With per-channel ``alpha = invstd * weight`` and ``beta = b
 
 Forward and backward form ``z`` with the same explicit fused multiply-add, so backward rebuilds
 exactly the ``z`` the forward integrated. (It may differ by an ulp from torch's batch_norm kernel;
-the CPU path uses that kernel itself.) Neuron ``i`` of a contiguous ``[N, T, C, H, W]`` tensor
+the CPU path takes the forward's ``z`` from that kernel and rebuilds it with its rounding.) Neuron ``i`` of a contiguous ``[N, T, C, H, W]`` tensor
 (``M = C*H*W`` per step) lives at ``n*T*M + t*M + m`` with ``n = i // M, m = i % M``, and its
 channel is ``m // HW``. Scalars ``[tau, threshold, width, k]`` come in a small tensor in the compute
 dtype; ``ab`` holds ``[alpha, beta, alpha2, beta2]`` (``4 * C`` values, the last two unused unless
@@ -59,18 +59,25 @@ def _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES: tl.const
 
 
 @triton.jit
-def _bn_lif_fwd(y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, s_ptr, n_neurons, T, M, HW, C,
-                HARD: tl.constexpr, RES: tl.constexpr, BLOCK: tl.constexpr):
-    """Spikes of LIF(BN(y) [+ r | + BN2(y2)]), in s_ptr's dtype."""
+def _neurons(ab_ptr, n_neurons, T, M, HW, C, BLOCK: tl.constexpr):
+    """This program's neurons: their mask, their offsets at t = 0, and their channels' alpha, beta,
+    alpha2 and beta2."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n_neurons
     m = i % M
-    base = (i // M) * T * M + m
     ch = m // HW
     alpha = tl.load(ab_ptr + ch, mask=mask, other=0.0)
     beta = tl.load(ab_ptr + C + ch, mask=mask, other=0.0)
     alpha2 = tl.load(ab_ptr + 2 * C + ch, mask=mask, other=0.0)
     beta2 = tl.load(ab_ptr + 3 * C + ch, mask=mask, other=0.0)
+    return mask, (i // M) * T * M + m, alpha, beta, alpha2, beta2
+
+
+@triton.jit
+def _bn_lif_fwd(y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, s_ptr, n_neurons, T, M, HW, C,
+                HARD: tl.constexpr, RES: tl.constexpr, BLOCK: tl.constexpr):
+    """Spikes of LIF(BN(y) [+ r | + BN2(y2)]), in s_ptr's dtype."""
+    mask, base, alpha, beta, alpha2, beta2 = _neurons(ab_ptr, n_neurons, T, M, HW, C, BLOCK)
     tau = tl.load(c_ptr)
     th = tl.load(c_ptr + 1)
     u = tl.zeros([BLOCK], dtype=tau.dtype)
@@ -87,15 +94,7 @@ def _bn_lif_bwd(gs_ptr, y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, gz_ptr, n_neurons, 
                 BLOCK: tl.constexpr):
     """dL/dz from dL/ds: the recurrence for h (kept in gz), then BPTT back in time over it.
     The residual spikes come as packed bits."""
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < n_neurons
-    m = i % M
-    base = (i // M) * T * M + m
-    ch = m // HW
-    alpha = tl.load(ab_ptr + ch, mask=mask, other=0.0)
-    beta = tl.load(ab_ptr + C + ch, mask=mask, other=0.0)
-    alpha2 = tl.load(ab_ptr + 2 * C + ch, mask=mask, other=0.0)
-    beta2 = tl.load(ab_ptr + 3 * C + ch, mask=mask, other=0.0)
+    mask, base, alpha, beta, alpha2, beta2 = _neurons(ab_ptr, n_neurons, T, M, HW, C, BLOCK)
     tau = tl.load(c_ptr)
     th = tl.load(c_ptr + 1)
     w = tl.load(c_ptr + 2)
