@@ -4,6 +4,8 @@ The Triton kernels run on the CPU through Triton's interpreter, switched on befo
 """
 import copy
 import os
+import subprocess
+import sys
 import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -275,7 +277,6 @@ def test_triton_aot_variants_cover_every_launch():
 def test_numba_rebuild_reproduces_torch_batch_norm(dtype):
     """The CPU backward rebuilds z = BN(y) inside its kernel in the way (fused multiply-add or not) that
     reproduced torch's batch_norm on a probe; it does so bit for bit on other shapes, layouts and scales."""
-    from tetsnn.kernels import fused as F
     fused_madd = bn_fused._rebuild_mode(dtype)
     if fused_madd is None:
         pytest.skip("neither rounding reproduces this machine's batch_norm kernel: the backward re-runs it")
@@ -291,11 +292,32 @@ def test_numba_rebuild_reproduces_torch_batch_norm(dtype):
                         continue
                     yl = y.contiguous(memory_format=layout)
                     z, mean, invstd = torch.ops.aten.native_batch_norm(yl, w, b, None, None, True, 0.0, 1e-5)
-                    y3 = y.contiguous().view(1, shape[0], -1)
-                    out = torch.empty_like(y3)
-                    src = (y3.numpy(), *bn_fused._scale_shift(mean, invstd, w, b, y3.shape[2], fused_madd))
-                    F._kernel(("values", "bn", fused_madd))(src, out.numpy(), F._consts(dtype, 0.0, 0.0))
-                    assert torch.equal(out.view(shape), z), (shape, scale, affine, layout)
+                    out = bn_fused._rebuilt(y, w, b, mean, invstd, fused_madd)
+                    assert torch.equal(out, z), (shape, scale, affine, layout)
+
+
+def test_rebuild_follows_the_kernel_torch_dispatches_to():
+    """With torch's kernels forced to the default (unvectorised) build, which rounds differently from the
+    AVX2/AVX-512 ones on x86, the probe picks the rounding of that build, which reproduces it."""
+    code = """if True:
+        import torch
+        from tetsnn.kernels import bn_fused
+        g = torch.Generator().manual_seed(1)
+        for dtype in (torch.float32, torch.float64):
+            mode = bn_fused._rebuild_mode(dtype)
+            assert mode is not None, dtype
+            for shape in ((50, 8, 6, 6), (300, 7)):
+                y = torch.randn(shape, generator=g, dtype=dtype) * 5 + 2
+                w, b = torch.randn(shape[1], generator=g, dtype=dtype), torch.randn(shape[1], generator=g, dtype=dtype)
+                z, mean, invstd = torch.ops.aten.native_batch_norm(y, w, b, None, None, True, 0.0, 1e-5)
+                assert torch.equal(bn_fused._rebuilt(y, w, b, mean, invstd, mode), z), (dtype, shape)
+            print(dtype, mode)
+    """
+    if bn_fused._rebuild_mode(torch.float32) is None:
+        pytest.skip("this machine's batch_norm kernel is re-run in backward")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

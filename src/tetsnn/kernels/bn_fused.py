@@ -284,23 +284,29 @@ def _rebuild_mode(dtype):
 
 
 def _probe(dtype):
+    """The first rounding that reproduces torch's kernel on random conv-like and linear-like input."""
     g = torch.Generator().manual_seed(0)
-    modes = [True, False]
-    for shape in ((6, 5, 3, 7), (40, 3)):   # a conv's output and a linear layer's
+    cases = []
+    for shape in ((6, 5, 3, 7), (40, 3)):
         y = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1
         w, b = (torch.randn(shape[1], generator=g, dtype=dtype) for _ in range(2))
-        z, mean, invstd = _aten.native_batch_norm(y, w, b, None, None, True, 0.0, 1e-5)
-        y3 = y.view(1, shape[0], -1)
-        for fused_madd in list(modes):
-            out = torch.empty_like(y3)
-            try:
-                src = (y3.numpy(), *_scale_shift(mean, invstd, w, b, y3.shape[2], fused_madd))
-                _kernel(("values", "bn", fused_madd))(src, out.numpy(), _consts(dtype, 0.0, 0.0))
-            except Exception:  # a numba that cannot build these kernels: torch's kernel runs again
-                return None
-            if not torch.equal(out.view(shape), z):
-                modes.remove(fused_madd)
-    return modes[0] if modes else None
+        cases.append((y, w, b, *_aten.native_batch_norm(y, w, b, None, None, True, 0.0, 1e-5)))
+    for fused_madd in (True, False):
+        try:
+            if all(torch.equal(_rebuilt(y, w, b, mean, invstd, fused_madd), z) for y, w, b, z, mean, invstd in cases):
+                return fused_madd
+        except Exception:  # a numba that cannot build these kernels: torch's kernel runs again
+            return None
+    return None
+
+
+def _rebuilt(y, w, b, mean, invstd, fused_madd):
+    """``BN(y)`` of a ``[N, C, ...]`` input as the numba kernels rebuild it."""
+    y3 = y.view(1, y.shape[0], -1)
+    out = torch.empty_like(y3)
+    src = (y3.numpy(), *_scale_shift(mean, invstd, w, b, y3.shape[2], fused_madd))
+    _kernel(("values", "bn", fused_madd))(src, out.numpy(), _consts(y.dtype, 0.0, 0.0))
+    return out.view(y.shape)
 
 
 def _numba_backward(grad_s, y, weight, bias, mean, invstd, y2, weight2, bias2, mean2, invstd2, bits, bits_dtype,
