@@ -213,10 +213,10 @@ def _integrate_kernel(hard: bool, source: str, fused_madd: bool):
     return integrate
 
 
-def _forward_kernel(hard: bool, source: str = "x", fused_madd: bool = False):
+def _forward_kernel(hard: bool):
     """The numba forward: spikes only, threads over blocks of neurons."""
     numba = _numba()
-    integrate = _kernel(("integrate", hard, source, fused_madd))
+    integrate = _kernel(("integrate", hard, "x", False))
 
     @numba.njit(parallel=True)
     def fwd(src, s, c):
@@ -320,7 +320,7 @@ def _spikes(x: Tensor, tau: float, threshold: float, hard: bool, kernel: str) ->
     if _use_numba(x):
         x3 = _as3d(x)
         s = torch.empty_like(x3)
-        if _call_numba(("fwd", hard, "x", False), (x3.numpy(),), s.numpy(), _consts(x.dtype, tau, threshold)):
+        if _call_numba(("fwd", hard), (x3.numpy(),), s.numpy(), _consts(x.dtype, tau, threshold)):
             return s.view(x.shape)
     return forward_torch(x, tau, threshold, hard)[0]
 

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..surrogate import SURROGATE_IDS
-from .triton_lif import _bptt_step, _check_device, _consts, _fire
+from .triton_lif import _bptt, _check_device, _consts, _fire
 
 BLOCK = 1024
 _TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
@@ -74,44 +74,41 @@ def _neurons(ab_ptr, n_neurons, T, M, HW, C, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bn_lif_fwd(y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, s_ptr, n_neurons, T, M, HW, C,
-                HARD: tl.constexpr, RES: tl.constexpr, BLOCK: tl.constexpr):
-    """Spikes of LIF(BN(y) [+ r | + BN2(y2)]), in s_ptr's dtype."""
-    mask, base, alpha, beta, alpha2, beta2 = _neurons(ab_ptr, n_neurons, T, M, HW, C, BLOCK)
+def _bn_integrate(y_ptr, y2_ptr, r_ptr, c_ptr, out_ptr, mask, base, alpha, beta, alpha2, beta2, T, M,
+                  HARD: tl.constexpr, RES: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward recurrence on z: stores the spikes (in out_ptr's dtype), or for BACKWARD the
+    pre-reset membranes (the residual spikes then come as packed bits)."""
     tau = tl.load(c_ptr)
     th = tl.load(c_ptr + 1)
     u = tl.zeros([BLOCK], dtype=tau.dtype)
     for t in range(T):
         at = base + t * M
-        h = tau * u + _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES, False)
+        h = tau * u + _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES, BACKWARD)
         s, u = _fire(h, th, HARD)
-        tl.store(s_ptr + at, s.to(s_ptr.dtype.element_ty), mask=mask)
+        if BACKWARD:
+            tl.store(out_ptr + at, h, mask=mask)
+        else:
+            tl.store(out_ptr + at, s.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_lif_fwd(y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, s_ptr, n_neurons, T, M, HW, C,
+                HARD: tl.constexpr, RES: tl.constexpr, BLOCK: tl.constexpr):
+    """Spikes of LIF(BN(y) [+ r | + BN2(y2)]), in s_ptr's dtype."""
+    mask, base, alpha, beta, alpha2, beta2 = _neurons(ab_ptr, n_neurons, T, M, HW, C, BLOCK)
+    _bn_integrate(y_ptr, y2_ptr, r_ptr, c_ptr, s_ptr, mask, base, alpha, beta, alpha2, beta2, T, M,
+                  HARD, RES, False, BLOCK)
 
 
 @triton.jit
 def _bn_lif_bwd(gs_ptr, y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, gz_ptr, n_neurons, T, M, HW, C,
                 HARD: tl.constexpr, DETACH: tl.constexpr, KIND: tl.constexpr, RES: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """dL/dz from dL/ds: the recurrence for h (kept in gz), then BPTT back in time over it.
-    The residual spikes come as packed bits."""
+    """dL/dz from dL/ds: the recurrence for h (kept in gz), then BPTT back in time over it."""
     mask, base, alpha, beta, alpha2, beta2 = _neurons(ab_ptr, n_neurons, T, M, HW, C, BLOCK)
-    tau = tl.load(c_ptr)
-    th = tl.load(c_ptr + 1)
-    w = tl.load(c_ptr + 2)
-    k = tl.load(c_ptr + 3)
-    u = tl.zeros([BLOCK], dtype=tau.dtype)
-    for t in range(T):
-        at = base + t * M
-        h = tau * u + _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES, True)
-        s, u = _fire(h, th, HARD)
-        tl.store(gz_ptr + at, h, mask=mask)
-    gu = tl.zeros([BLOCK], dtype=tau.dtype)
-    for j in range(T):
-        at = base + (T - 1 - j) * M
-        h = tl.load(gz_ptr + at, mask=mask, other=0.0)
-        gh = _bptt_step(h, tl.load(gs_ptr + at, mask=mask, other=0.0).to(h.dtype), gu, th, w, k, HARD, DETACH, KIND)
-        tl.store(gz_ptr + at, gh, mask=mask)
-        gu = tau * gh
+    _bn_integrate(y_ptr, y2_ptr, r_ptr, c_ptr, gz_ptr, mask, base, alpha, beta, alpha2, beta2, T, M,
+                  HARD, RES, True, BLOCK)
+    _bptt(gs_ptr, gz_ptr, c_ptr, base, mask, T, M, HARD, DETACH, KIND, BLOCK)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -92,7 +92,14 @@ def _lif_bwd(gs_ptr, gx_ptr, c_ptr, n_neurons, T, M, HARD: tl.constexpr, DETACH:
     """Reverse-time BPTT reading the membranes from gx (where _integrate put them), writing dL/dx."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n_neurons
-    base = (i // M) * T * M + i % M
+    _bptt(gs_ptr, gx_ptr, c_ptr, (i // M) * T * M + i % M, mask, T, M, HARD, DETACH, KIND, BLOCK)
+
+
+@triton.jit
+def _bptt(gs_ptr, g_ptr, c_ptr, base, mask, T, M, HARD: tl.constexpr, DETACH: tl.constexpr, KIND: tl.constexpr,
+          BLOCK: tl.constexpr):
+    """Reverse-time BPTT over the neurons at offsets ``base`` (+ t*M): reads the pre-reset membranes
+    from g_ptr and overwrites them with dL/dh."""
     tau = tl.load(c_ptr)
     th = tl.load(c_ptr + 1)
     w = tl.load(c_ptr + 2)
@@ -100,9 +107,9 @@ def _lif_bwd(gs_ptr, gx_ptr, c_ptr, n_neurons, T, M, HARD: tl.constexpr, DETACH:
     gu = tl.zeros([BLOCK], dtype=tau.dtype)
     for j in range(T):
         at = base + (T - 1 - j) * M
-        h = tl.load(gx_ptr + at, mask=mask, other=0.0)
+        h = tl.load(g_ptr + at, mask=mask, other=0.0)
         gh = _bptt_step(h, tl.load(gs_ptr + at, mask=mask, other=0.0).to(h.dtype), gu, th, w, k, HARD, DETACH, KIND)
-        tl.store(gx_ptr + at, gh, mask=mask)
+        tl.store(g_ptr + at, gh, mask=mask)
         gu = tau * gh
 
 
