@@ -206,3 +206,26 @@ def test_flag_check_catches_a_wrong_flag():
     assert found == [("train", ["--confg", "x", "--lr", "1"]), ("preprocess", ["n-mnist", "--cache", "DIR"])]
     assert "--confg" not in parser_of("train")._option_string_actions
     assert "--cache" not in parser_of("preprocess")._option_string_actions
+
+
+# flags of other tools that the pages name on their own in the prose
+OTHER_TOOLS = {"--strict": "mkdocs", "--requeue": "sbatch", "--logdir": "tensorboard", "--budget": "gpu_check.py",
+               "--only": "gpu_check.py", "--render": "gpu_check.py", "--dry-run": "gpu_check.py"}
+
+
+def test_flags_named_in_prose_exist(capsys):
+    """A flag named on its own (`--cache-dir`) is a flag of some subcommand, of `tetsnn` itself, or of
+    one of a few other tools."""
+    known = set().union(*(parser_of(sub)._option_string_actions for sub in cli.SUBCOMMANDS))
+    checked = 0
+    for page in PAGES:
+        for span in re.findall(r"`([^`\n]+)`", prose(page)):
+            if list(commands(span)):
+                continue                                   # a whole command: checked above
+            for flag in re.findall(r"(?<![\w-])(--[a-zA-Z][\w-]*)", span):
+                checked += 1
+                if flag in known or flag in OTHER_TOOLS:
+                    continue
+                assert cli.main([flag]) == 0, f"{rel(page)}: `{span}` names no flag of tetsnn"
+                capsys.readouterr()
+    assert checked >= 20, checked
