@@ -84,14 +84,17 @@ class CustomSpike(torch.autograd.Function):
 
 
 def zif(v: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Spikes ``(v > 0)`` with TET's triangle surrogate (:func:`zif_grad`) in backward."""
     return ZIF.apply(v, gamma)
 
 
 def sigmoid_spike(v: torch.Tensor, alpha: float = 4.0) -> torch.Tensor:
+    """Spikes ``(v > 0)`` with the sigmoid-derivative surrogate (:func:`sigmoid_grad`) in backward."""
     return SigmoidSpike.apply(v, alpha)
 
 
 def atan_spike(v: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """Spikes ``(v > 0)`` with the arctan surrogate (:func:`atan_grad`) in backward."""
     return AtanSpike.apply(v, alpha)
 
 

@@ -201,7 +201,8 @@ def profile(model: nn.Module, inputs: Union[torch.Tensor, Iterable[torch.Tensor]
         model: a spiking model whose neurons are ``tetsnn.LIF`` / ``tetsnn.IF`` modules.
         inputs: a batch ``[N, C, H, W]`` / ``[N, T, C, H, W]``, or an iterable of such batches.
         T: time steps per sample; by default ``x.shape[1]`` of a sequence input, else ``model.T``.
-        mac_pj, ac_pj: energy of one MAC and one accumulate in pJ.
+        mac_pj: energy of one multiply-accumulate (MAC) in pJ.
+        ac_pj: energy of one accumulate in pJ.
         raster: also return the spikes of the first sample (``result["raster"]``:
             {layer: uint8 tensor [T, neurons]}).
 

@@ -76,7 +76,7 @@ def evaluate(model, loader, criterion=None, amp: str = "none", should_stop=None)
                 top5=sums[2].item() / n, per_step_top1=per_step)
 
 
-def _parser():
+def build_parser():
     from .config import ConfigError
 
     class Parser(argparse.ArgumentParser):
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     from ..data import DataError
 
     try:
-        args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+        args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
         res = run_test(args)
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"tetsnn test: error: {e}", file=sys.stderr)

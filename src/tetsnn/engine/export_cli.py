@@ -34,7 +34,7 @@ def _shape(text: str):
     return shape
 
 
-def _args(argv):
+def build_parser():
     from .profile_cli import make_parser
 
     p = make_parser("tetsnn export", "Export a trained model to another format (NIR).")
@@ -48,7 +48,11 @@ def _args(argv):
                         "SpikingJelly's; Norse's from_nir takes dt=)")
     p.add_argument("--avgpool", choices=["avg", "sum"], default="avg",
                    help="write average pooling as AvgPool2d, or as SumPool2d with 1/k^2 in the next layer (Norse)")
-    return p.parse_args(argv)
+    return p
+
+
+def _args(argv):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

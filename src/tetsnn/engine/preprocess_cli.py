@@ -15,7 +15,7 @@ def _sensor_size(text):
     return H, W
 
 
-def parse_args(argv):
+def build_parser():
     parser = argparse.ArgumentParser(
         prog="tetsnn preprocess",
         description="Frame an event-camera dataset's original recordings into the cache that "
@@ -24,7 +24,7 @@ def parse_args(argv):
     parser.add_argument("--root", required=True,
                         help="the original recordings: CIFAR10-DVS or N-Caltech101 class folders, the DvsGesture "
                              "folder, the N-MNIST folder holding Train/ and Test/, or <class>/<recording> folders")
-    parser.add_argument("--cache", default=None, help="cache directory (default ~/.cache/tetsnn)")
+    parser.add_argument("--cache-dir", dest="cache", default=None, help="cache directory (default ~/.cache/tetsnn)")
     parser.add_argument("--T", type=int, default=None, help="frames per sample (default 16 Gesture, 10 the others)")
     parser.add_argument("--split", choices=("tet", "tebn"), default="tet",
                         help="train/test split of CIFAR10-DVS, N-Caltech101 and event-folder "
@@ -41,7 +41,11 @@ def parse_args(argv):
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                         help="stop at an unreadable file (default) or skip it and list it in the manifest")
     parser.add_argument("--workers", type=int, default=None, help="threads framing files (default: all CPUs)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

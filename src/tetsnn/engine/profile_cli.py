@@ -24,7 +24,7 @@ def make_parser(prog, description):
     return Parser(prog=prog, description=description)
 
 
-def _args(argv):
+def build_parser():
     p = make_parser("tetsnn profile", "Firing rates, synaptic operations and energy of a checkpoint on test batches.")
     p.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by tetsnn train")
     p.add_argument("--data-dir", default=None, help="where the dataset lives (default: the run's data_dir)")
@@ -35,7 +35,11 @@ def _args(argv):
     p.add_argument("--ac-pj", type=float, default=0.9, help="energy of one accumulate in pJ (default 0.9, 45 nm)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--plot", default=None, metavar="PNG", help="write firing rates and a spike raster to this file")
-    args = p.parse_args(argv)
+    return p
+
+
+def _args(argv):
+    args = build_parser().parse_args(argv)
     from .config import ConfigError
     if args.batches < 1:
         raise ConfigError(f"--batches must be >= 1, got {args.batches}")

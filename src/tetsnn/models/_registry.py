@@ -17,6 +17,7 @@ def register_model(name: str, num_classes: Optional[int]):
 
 
 def list_models():
+    """The registered model names, sorted (the names :func:`create_model` takes)."""
     return sorted(_MODELS)
 
 
