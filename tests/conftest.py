@@ -11,7 +11,7 @@ import pytest
 QUICK = ["--limit-train", "256", "--limit-test", "128", "--batch-size", "64"]
 
 
-def run_cli(*args, cwd=None, timeout=120, module="tetsnn", env=None):
+def run_cli(*args, cwd=None, timeout=600, module="tetsnn", env=None):
     """Run ``python -m tetsnn ARGS`` (or another module) in a fresh process; output is not a terminal."""
     full_env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=full_env,
