@@ -34,6 +34,7 @@ from .checkpoint import (CheckpointError, CheckpointWriteError, build_model, loa
                          rng_state, save_checkpoint, set_rng_state)
 from .config import ConfigError, T_at_epoch, load_config, parse_T_schedule, parse_train_args, resolve
 from . import distributed as _distributed
+from .. import utils as _utils
 from .distributed import all_reduce_max, all_reduce_sum, cleanup, pause_point, setup, share
 from .evaluate import autocast, evaluate
 from ..loss import half_to_float, sdt_loss, tet_loss
@@ -151,12 +152,16 @@ class StopRequest:
         for s in self.SIGNALS:
             self.previous[s] = signal.signal(s, self._handle)
         self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
-        _distributed.poll_signals = self.poll
+        _utils.poll_signals = self.poll
+        _utils.stop_checks.append(self._check)      # a frame-cache build stops too
         return self
+
+    def _check(self):
+        return self.requested
 
     def _handle(self, signum, frame):
         self._requested = True
-        _distributed.signals_received += 1
+        _utils.signals_received += 1
 
     def poll(self):
         """Take every pending stop signal (without waiting)."""
@@ -170,7 +175,9 @@ class StopRequest:
 
     def __exit__(self, *exc):
         self.poll()
-        _distributed.poll_signals = None
+        _utils.poll_signals = None
+        if self._check in _utils.stop_checks:
+            _utils.stop_checks.remove(self._check)
         for s, handler in self.previous.items():
             signal.signal(s, signal.SIG_IGN if self.keep_ignoring else handler)
         if not self.keep_ignoring:
