@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 __all__ = ["seed_all", "atomic_path", "remove_stale_temps", "FileWriteError", "os_error_text", "write_error",
-           "make_folder", "FolderLock", "LockHeld", "Interrupted", "stop_on_signals", "stop_checks", "pause_point"]
+           "make_folder", "io_error_line", "FolderLock", "LockHeld", "Interrupted", "stop_on_signals", "stop_checks", "pause_point"]
 
 
 def seed_all(seed: int) -> None:
@@ -98,6 +98,13 @@ def os_error_text(e: BaseException) -> str:
 def write_error(path, e: BaseException, what: str = "write") -> FileWriteError:
     """``cannot WHAT PATH: REASON`` as a FileWriteError (one line)."""
     return FileWriteError(f"cannot {what} {os.fspath(path)}: {os_error_text(e)}")
+
+
+def io_error_line(e: OSError) -> str:
+    """One line for any OSError: the FileWriteError's message, or ``PATH: what failed``."""
+    if isinstance(e, FileWriteError) or not getattr(e, "filename", None):
+        return os_error_text(e)
+    return f"{os.fspath(e.filename)}: {os_error_text(e)}"
 
 
 def make_folder(path) -> None:
