@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 __all__ = ["seed_all", "atomic_path", "remove_stale_temps", "FileWriteError", "os_error_text", "write_error",
-           "make_folder", "io_error_line", "FolderLock", "LockHeld", "Interrupted", "stop_on_signals", "stop_checks", "pause_point"]
+           "make_folder", "io_error_line", "error_line", "FolderLock", "LockHeld", "Interrupted", "stop_on_signals", "stop_checks", "pause_point"]
 
 
 def seed_all(seed: int) -> None:
@@ -105,6 +105,15 @@ def io_error_line(e: OSError) -> str:
     if isinstance(e, FileWriteError) or not getattr(e, "filename", None):
         return os_error_text(e)
     return f"{os.fspath(e.filename)}: {os_error_text(e)}"
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an error a command reports: ``io_error_line`` for an OSError, else its message's
+    first line."""
+    if isinstance(e, OSError):
+        return io_error_line(e)
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def make_folder(path) -> None:
@@ -234,8 +243,9 @@ poll_signals = None
 def pause_point(name: str, index=None) -> None:
     """Test hook. With ``TETSNN_TEST_PAUSE="NAME[@RANK][#INDEX]:SECONDS,..."`` set, the matching rank
     prints ``tetsnn-pause NAME RANK`` to stderr and waits until it receives a signal or SECONDS have
-    passed, so a test can deliver a signal inside that moment (``save``: inside a checkpoint write,
-    before the rename, INDEX = the file name; ``eval``: before each evaluation batch; ``start``:
+    passed, so a test can deliver a signal inside that moment; SIGCONT ends the wait without asking
+    for a stop (``save``: inside a checkpoint write, before the rename, INDEX = ``FILE/EPOCHS``, e.g.
+    ``best.pt/2``; ``eval``: before each evaluation batch; ``start``:
     before the first optimizer step; ``step``: after each optimizer step, INDEX = optimizer steps
     since the start of the run; ``cache``: in a frame-cache build, after INDEX recordings are
     written). Only the first attempt of a torchrun job pauses (not the workers it restarts)."""
@@ -248,9 +258,16 @@ def pause_point(name: str, index=None) -> None:
         where, _, at = where.partition("#")
         point, _, only_rank = where.partition("@")
         if point == name and only_rank in ("", rank) and (not at or at == str(index)):
-            print(f"tetsnn-pause {name} {rank}", file=sys.stderr, flush=True)
-            seen, end = signals_received, time.monotonic() + float(seconds or 1)
-            while signals_received == seen and time.monotonic() < end:
-                time.sleep(0.01)
-                if poll_signals is not None:
-                    poll_signals()
+            released = []
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGCONT, lambda *a: released.append(1)) if main else None
+            try:
+                print(f"tetsnn-pause {name} {rank}", file=sys.stderr, flush=True)
+                seen, end = signals_received, time.monotonic() + float(seconds or 1)
+                while signals_received == seen and not released and time.monotonic() < end:
+                    time.sleep(0.01)
+                    if poll_signals is not None:
+                        poll_signals()
+            finally:
+                if main:
+                    signal.signal(signal.SIGCONT, previous)

@@ -42,7 +42,7 @@ def save_checkpoint(state: dict, path) -> None:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:      # through Python's file: a failed write keeps its errno
                 torch.save(state, f)
-            pause_point("save", os.path.basename(os.fspath(path)))
+            pause_point("save", f"{os.path.basename(os.fspath(path))}/{state.get('epoch')}")
     except (OSError, RuntimeError) as e:
         raise CheckpointWriteError(f"cannot write checkpoint {os.fspath(path)}: {_write_reason(e)}") from None
 

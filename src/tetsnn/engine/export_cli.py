@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from ..export import export_nir
     from .checkpoint import load_trained_model
+    from ..utils import error_line
 
     try:
         args = _args(list(sys.argv[1:] if argv is None else argv))
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         shape = _shape(args.input_shape) if args.input_shape else INPUT_SHAPES[cfg["dataset"]]
         graph = export_nir(model, args.out, shape, dt=args.dt, avgpool=args.avgpool)
     except (ConfigError, CheckpointError, ValueError, OSError, ImportError) as e:   # ImportError: no nir
-        print(f"tetsnn export: error: {e}", file=sys.stderr)
+        print(f"tetsnn export: error: {error_line(e)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: NIR graph of {cfg['model']} ({len(graph.nodes)} nodes, {len(graph.edges)} edges), "
           f"input {'x'.join(map(str, shape))} per time step, T = {cfg['T']}, dt = {args.dt:g}")
