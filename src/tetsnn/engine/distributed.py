@@ -14,8 +14,6 @@ import contextlib
 import datetime
 import os
 import signal
-import sys
-import time
 
 import torch
 import torch.distributed as dist

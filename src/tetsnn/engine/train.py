@@ -23,7 +23,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import sys
 import time
 import warnings
@@ -43,7 +42,7 @@ from .evaluate import autocast, evaluate
 from ..loss import half_to_float, sdt_loss, tet_loss
 from .transfer import freeze, load_ann_weights
 from ..utils import (FileWriteError, FolderLock, Interrupted, atomic_path, io_error_line, make_folder,
-                     remove_stale_temps, seed_all, write_error)
+                     os_error_text, remove_stale_temps, seed_all, write_error)
 
 __all__ = ["build_model", "build_criterion", "build_optimizer", "compile_model", "resolve_run_config", "fit",
            "main", "NonFiniteLoss"]
@@ -245,7 +244,7 @@ def _on_rank0(main: bool, what):
         except (ConfigError, CheckpointError, FileWriteError) as e:
             error = (type(e), str(e))
         except OSError as e:
-            error = (FileWriteError, str(e))
+            error = (FileWriteError, io_error_line(e))
     result, error = share((result, error))
     if error:
         raise error[0](error[1])
@@ -304,7 +303,7 @@ def _recover_best(out: str, last: dict, say) -> dict | None:
             with atomic_path(best_path) as tmp:
                 shutil.copyfile(os.path.join(out, "last.pt"), tmp)
         except OSError as e:
-            raise CheckpointWriteError(f"cannot write checkpoint {best_path}: {_plain(e)}") from None
+            raise CheckpointWriteError(f"cannot write checkpoint {best_path}: {os_error_text(e)}") from None
         say(f"best.pt recovered from last.pt (epoch {wanted['epoch']}, test accuracy "
             f"{100 * wanted['test_acc']:.2f}%): its write had been interrupted")
         return wanted
@@ -312,11 +311,6 @@ def _recover_best(out: str, last: dict, say) -> dict | None:
     say(f"warning: best.pt holds {what}, but the best test accuracy was {100 * wanted['test_acc']:.2f}% at "
         f"epoch {wanted['epoch']}, whose weights are no longer saved; best.pt keeps the best epoch it can hold")
     return held
-
-
-def _plain(e):
-    from ..utils import os_error_text
-    return os_error_text(e)
 
 
 class RunFiles:
@@ -437,7 +431,7 @@ class Trainer:
             except (CheckpointWriteError, FileWriteError) as e:
                 error = str(e)
             except OSError as e:
-                error = f"cannot write to {out}: {_plain(e)}"
+                error = f"cannot write to {out}: {os_error_text(e)}"
         error = share(error)
         if error:
             raise CheckpointWriteError(error)
