@@ -619,7 +619,11 @@ def _loop(trainer, files, cfg, world, stop) -> dict:
     resume_hint = f"continue with: tetsnn train --resume {files.out if files else ''}"
     pause_point("start")
     if all_reduce_max(torch.tensor([float(stop.requested)], device=trainer.device))[0]:
-        say(f"stopped by signal before the first step; nothing new to save. {resume_hint}")
+        if not cfg["resume"]:      # a new run: its start is saved, so that the hint works
+            trainer.save(files)
+            say(f"stopped by signal before the first step; saved last.pt (the run's start). {resume_hint}")
+        else:
+            say(f"stopped by signal before the first step; nothing new to save. {resume_hint}")
         return dict(interrupted=True, epoch=trainer.epoch, step=trainer.step)
     every = cfg["checkpoint_every"]
 
