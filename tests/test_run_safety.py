@@ -114,16 +114,23 @@ def test_a_second_start_on_a_live_run_is_refused_and_the_run_finishes_unharmed(t
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
 
 
-def test_two_starts_on_one_new_out_one_refused_and_a_dead_owner_is_taken_over(tmp_path, capsys):
+def test_two_starts_on_one_new_out_one_refused_and_a_stop_before_the_first_step_resumes(tmp_path, capsys):
+    """The refused start leaves the first one intact; SIGTERM before the first step saves the new
+    run's start, and the printed command continues it (a killed owner's lock is taken over in
+    test_kill_during_the_best_write_then_resume_recovers_best)."""
     out = tmp_path / "r"
     first = Cli(tmp_path, ["train", *QUICK, "--epochs", "1", "--out", out], "first", pause="start:600")
     first.wait_line("tetsnn-pause start 0")
     second = run(["train", *QUICK, "--epochs", "1", "--out", out, "--seed", "7"])
     assert second.returncode == 2 and f"pid {first.proc.pid}" in one_line(second.stderr)
-    first.kill(signal.SIGKILL)                      # its lock dies with it
-    first.finish()
-    assert main(QUICK + ["--epochs", "1", "--out", str(out), "--seed", "7"]) == 0
-    assert load_checkpoint(out / "last.pt")["config"]["seed"] == 7
+    first.kill(signal.SIGTERM)
+    assert first.finish() == 0, first.stderr()
+    printed = first.stdout().strip().splitlines()[-1]
+    assert "stopped by signal before the first step; saved last.pt" in printed
+    command = shlex.split(printed.split("continue with: ")[1])
+    assert command[:2] == ["tetsnn", "train"] and main(command[2:]) == 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["config"]["seed"] == 1000
     assert (out / ".lock").read_text().split() == [socket.gethostname(), str(os.getpid())]   # the last holder
 
 
