@@ -371,3 +371,17 @@ def test_folder_lock_is_exclusive_and_names_its_holder(tmp_path):
     a.release()
     assert b.try_acquire()
     b.release()
+
+
+def test_under_torchrun_rank_0_holds_the_run_lock(tmp_path):
+    from test_ddp import TINY, Torchrun
+
+    out = tmp_path / "r"
+    job = Torchrun(tmp_path, TINY + ["--epochs", "1", "--out", out], pause="start@0:600")
+    job.wait_line("tetsnn-pause start 0")
+    second = run(["train", "--resume", "auto", "--out", out])
+    assert second.returncode == 2, second.stderr
+    assert f"({'host ' + socket.gethostname()} pid {job.worker(0)})" in one_line(second.stderr)
+    os.kill(job.worker(0), signal.SIGCONT)
+    assert job.finish() == 0, job.stderr()[-3000:]
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
