@@ -385,3 +385,22 @@ def test_under_torchrun_rank_0_holds_the_run_lock(tmp_path):
     os.kill(job.worker(0), signal.SIGCONT)
     assert job.finish() == 0, job.stderr()[-3000:]
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
+
+
+def test_permission_denied_is_one_line_naming_the_folder(dvs_root, tmp_path, monkeypatch, capsys):
+    """A folder the user may not write (simulated: the tests may run as root, which may write anywhere)."""
+    locked = tmp_path / "locked"
+    real_mkdir = os.mkdir
+
+    def no_write(path, *a, **k):
+        if str(path).startswith(str(locked)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_mkdir(path, *a, **k)
+    monkeypatch.setattr(os, "mkdir", no_write)
+    assert main(QUICK + ["--epochs", "1", "--out", str(locked / "r")]) == 1
+    assert one_line(capsys.readouterr().err) == (f"tetsnn train: error: cannot create the folder {locked / 'r'}: "
+                                                 f"permission denied")
+    real_mkdir(locked)
+    assert preprocess_main([str(a) for a in preprocess(dvs_root, locked, 2)[1:]]) == 1
+    assert one_line(capsys.readouterr().err) == (f"tetsnn preprocess: error: cannot build the frame cache in "
+                                                 f"{locked}: permission denied")
