@@ -122,7 +122,7 @@ def run_lock(rng, work: Path):
 
 def run_best(rng, work: Path):
     out = work / "r"
-    args = ["train", *LEARNS, "--epochs", "3", "--out", out]
+    args = ["train", *LEARNS, "--epochs", "3", "--resume", "auto", "--out", out]    # the same command again
     epoch = rng.choice([1, 2, 3])
     if rng.random() < 0.5:
         what = f"SIGKILL inside the best.pt write of epoch {epoch} (if it is a best)"
@@ -140,9 +140,9 @@ def run_best(rng, work: Path):
         time.sleep(delay)
     os.killpg(job.pid, signal.SIGKILL)
     finish(job)
-    rc, text, err = finish(start(["train", "--resume", "auto", "--out", out]))
+    rc, text, err = finish(start(args))
     if rc != 0:
-        return False, f"{what}: resume exited {rc}: {err[-2000:]}"
+        return False, f"{what}: resume exited {rc}: {text[-1000:]} {err[-2000:]}"
     history = load_checkpoint(out / "last.pt")["history"]
     best = max(history, key=lambda m: m["test_acc"])["epoch"]
     held = load_checkpoint(out / "best.pt")["epoch"]
