@@ -560,8 +560,12 @@ def fit(cfg: dict, stop: StopRequest = None) -> dict:
     say = print if main else (lambda *a, **k: None)
     ordered, files, lock = False, None, None
     try:
-        if cfg["resume"] or cfg["out"]:
-            lock = _lock_run(cfg["resume"] or cfg["out"], main)
+        # an existing run directory is locked before anything else (a live owner refuses the start at
+        # once); a new one is created only once the data and the model are ready (a bad config or
+        # an interrupted cache build leaves nothing behind)
+        existing = cfg["resume"] or (cfg["out"] if share(main and os.path.isdir(cfg["out"] or "")) else None)
+        if existing:
+            lock = _lock_run(existing, main)
         ckpt = load_checkpoint(os.path.join(cfg["resume"], "last.pt")) if cfg["resume"] else None
         best = None
         if ckpt is not None:
@@ -570,8 +574,8 @@ def fit(cfg: dict, stop: StopRequest = None) -> dict:
             say(f"{cfg['resume']} holds a finished run ({ckpt['epoch']} epochs)")
             ordered = True
             return _summary(ckpt["history"], best, cfg["resume"], say)
-        if ckpt is None and cfg["out"]:
-            _check_fresh(cfg["out"], main)
+        if ckpt is None and existing:
+            _check_fresh(existing, main)
         trainer = Trainer(cfg, rank, world, device)
         if ckpt is not None:
             trainer.load(ckpt)   # load_state_dict moves it
@@ -579,6 +583,9 @@ def fit(cfg: dict, stop: StopRequest = None) -> dict:
             out = cfg["resume"]
         else:
             out = cfg["out"]
+            if out and lock is None:
+                lock = _lock_run(out, main)
+                _check_fresh(out, main)
             if not out:       # a new auto-named directory, locked by its creator
                 made = []
 
