@@ -6,6 +6,7 @@ only when used, so ``tetsnn --help`` stays fast.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 # name -> (module, one-line description)
@@ -33,5 +34,8 @@ def main(argv=None) -> int:
     if argv[0] not in SUBCOMMANDS:
         print(f"tetsnn: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    # a write over the file-size limit (ulimit -f) fails with "file too large" instead of killing
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     module, _ = SUBCOMMANDS[argv[0]]
     return importlib.import_module(module).main(argv[1:]) or 0

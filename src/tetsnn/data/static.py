@@ -61,6 +61,14 @@ def load_cifar(name: str, root: str, train: bool, download: bool = False):
         ds = cls(root, train=train, download=download)
     except RuntimeError as e:
         raise DataError(f"{name} under {root}: {e}") from None
+    except OSError as e:     # no network (URLError), or the folder cannot be written
+        from urllib.error import URLError
+
+        from ..utils import error_line
+        if isinstance(e, URLError):
+            reason = getattr(e, "reason", e)
+            raise DataError(f"cannot download {name} to {root}: no connection to {cls.url} ({reason})") from None
+        raise DataError(f"cannot download {name} to {root}: {error_line(e)}") from None
     return np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, dtype=np.int64)
 
 

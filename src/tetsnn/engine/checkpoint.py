@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..models import create_model
-from ..utils import atomic_path
+from ..utils import atomic_path, os_error_text
 from .config import ConfigError, resolve
 from .distributed import pause_point
 
@@ -40,11 +40,20 @@ def save_checkpoint(state: dict, path) -> None:
     that was there before, and no temporary file."""
     try:
         with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-            pause_point("save")
+            with open(tmp, "wb") as f:      # through Python's file: a failed write keeps its errno
+                torch.save(state, f)
+            pause_point("save", f"{os.path.basename(os.fspath(path))}/{state.get('epoch')}")
     except (OSError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointWriteError(f"cannot write checkpoint {os.fspath(path)}: {reason}") from None
+        raise CheckpointWriteError(f"cannot write checkpoint {os.fspath(path)}: {_write_reason(e)}") from None
+
+
+def _write_reason(e: BaseException) -> str:
+    """Plain words for a failed write; PyTorch's zip writer reports one as "unexpected pos", with the
+    I/O error (file too large, disk full) as its context."""
+    cause = e
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    return os_error_text(cause if cause is not None else e)
 
 
 def _load(path, map_location="cpu"):

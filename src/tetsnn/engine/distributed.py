@@ -14,12 +14,11 @@ import contextlib
 import datetime
 import os
 import signal
-import sys
-import time
 
 import torch
 import torch.distributed as dist
 
+from ..utils import pause_point  # noqa: F401  (the test hook, re-exported for the engine)
 from .config import ConfigError
 
 __all__ = ["setup", "cleanup", "is_distributed", "main_process_first", "all_reduce_sum", "all_reduce_max",
@@ -79,13 +78,39 @@ def is_distributed() -> bool:
 @contextlib.contextmanager
 def main_process_first():
     """Rank 0 runs the block first (a download, an event-frame cache build); the other ranks wait
-    for it and then run the block themselves, finding the work done."""
-    first = not is_distributed() or dist.get_rank() == 0
-    if not first:
+    for it and then run the block themselves, finding the work done. An exception of rank 0's block
+    (a failed or interrupted build) is raised on every rank."""
+    if not is_distributed():
+        yield
+        return
+    first = dist.get_rank() == 0
+    error = None
+    if first:
+        try:
+            yield
+        except Exception as e:
+            error = e
         dist.barrier()
+        share(_portable(error))
+        if error is not None:
+            raise error
+        return
+    dist.barrier()
+    error = share(None)
+    if error is not None:
+        raise error
     yield
-    if first and is_distributed():
-        dist.barrier()
+
+
+def _portable(error):
+    """``error`` if it survives pickling (to send to the other ranks), else a RuntimeError with its message."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(str(error))
 
 
 def cleanup(ordered: bool = True):
@@ -103,36 +128,6 @@ def share(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-# signals the process has received (counted by tetsnn train's stop request, which sets poll_signals
-# to its function that takes pending ones; read by pause_point)
-signals_received = 0
-poll_signals = None
-
-
-def pause_point(name: str, index: int = None) -> None:
-    """Test hook. With ``TETSNN_TEST_PAUSE="NAME[@RANK][#INDEX]:SECONDS,..."`` set, the matching rank
-    prints ``tetsnn-pause NAME RANK`` to stderr and waits until it receives a signal or SECONDS have
-    passed, so a test can deliver a signal inside that moment (``save``: inside a checkpoint write,
-    before the rename; ``eval``: before each evaluation batch; ``start``: before the first optimizer
-    step; ``step``: after each optimizer step, INDEX = optimizer steps since the start of the run).
-    Only the first attempt of a torchrun job pauses (not the workers it restarts)."""
-    spec = os.environ.get("TETSNN_TEST_PAUSE")
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    rank = os.environ.get("RANK", "0")
-    for item in spec.split(","):
-        where, _, seconds = item.partition(":")
-        where, _, at = where.partition("#")
-        point, _, only_rank = where.partition("@")
-        if point == name and only_rank in ("", rank) and (not at or int(at) == index):
-            print(f"tetsnn-pause {name} {rank}", file=sys.stderr, flush=True)
-            seen, end = signals_received, time.monotonic() + float(seconds or 1)
-            while signals_received == seen and time.monotonic() < end:
-                time.sleep(0.01)
-                if poll_signals is not None:
-                    poll_signals()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -112,13 +112,17 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from ..data import DataError
+    from ..utils import Interrupted, error_line
 
     try:
         args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
         res = run_test(args)
-    except (ConfigError, CheckpointError, DataError) as e:
-        print(f"tetsnn test: error: {e}", file=sys.stderr)
+    except (ConfigError, CheckpointError, DataError, OSError) as e:
+        print(f"tetsnn test: error: {error_line(e)}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e)
+        return 0
     if args.json:
         print(json.dumps({k: res[k] for k in ("top1", "top5", "per_step_top1")}))
         return 0

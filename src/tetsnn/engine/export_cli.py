@@ -60,14 +60,18 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from ..export import export_nir
     from .checkpoint import load_trained_model
+    from ..utils import error_line, write_error
 
     try:
         args = _args(list(sys.argv[1:] if argv is None else argv))
         cfg, model, _ = load_trained_model(args.checkpoint)
         shape = _shape(args.input_shape) if args.input_shape else INPUT_SHAPES[cfg["dataset"]]
         graph = export_nir(model, args.out, shape, dt=args.dt, avgpool=args.avgpool)
-    except (ConfigError, CheckpointError, ValueError, OSError, ImportError) as e:   # ImportError: no nir
-        print(f"tetsnn export: error: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"tetsnn export: error: {error_line(e) if e.filename else write_error(args.out, e)}", file=sys.stderr)
+        return 2
+    except (ConfigError, CheckpointError, ValueError, ImportError) as e:   # ImportError: no nir
+        print(f"tetsnn export: error: {error_line(e)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: NIR graph of {cfg['model']} ({len(graph.nodes)} nodes, {len(graph.edges)} edges), "
           f"input {'x'.join(map(str, shape))} per time step, T = {cfg['T']}, dt = {args.dt:g}")

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from ..data.events.datasets import DEFAULT_T, build_cache
+from ..utils import Interrupted, error_line
 
 
 def _sensor_size(text):
@@ -49,14 +51,21 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
         directory, manifest = build_cache(args.dataset, args.root, args.T, args.split, args.cache,
                                           args.on_error, args.split_by, args.workers, size=args.size,
                                           reader=args.reader, sensor_size=args.sensor_size)
     except (ValueError, OSError) as error:
-        print(f"tetsnn preprocess: error: {error}", file=sys.stderr)
+        print(f"tetsnn preprocess: error: {error_line(error)}", file=sys.stderr)
         return 1
+    except Interrupted as stopped:    # SIGTERM / SIGINT during the build: nothing is left behind
+        print(f"{stopped}. continue with: {shlex.join(['tetsnn', 'preprocess', *argv])}", flush=True)
+        return 0
+    except KeyboardInterrupt:         # Ctrl-C before the build started
+        print("tetsnn preprocess: interrupted; no cache was left half-written", file=sys.stderr)
+        return 130
     splits = manifest["splits"]
     print(f"{args.dataset}: {splits['train']['shape'][0]} train / {splits['test']['shape'][0]} test samples, "
           f"T={manifest['params']['T']}, in {directory}")

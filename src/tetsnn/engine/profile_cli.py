@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     from ..data import DataError
     from ..analysis import format_table
     from ..analysis.plots import plot_profile
+    from ..utils import Interrupted, error_line
 
     try:
         args = _args(list(sys.argv[1:] if argv is None else argv))
@@ -72,8 +73,11 @@ def main(argv=None) -> int:
         if args.plot:
             plot_profile(result, args.plot)
     except (ConfigError, CheckpointError, DataError, ValueError, OSError) as e:
-        print(f"tetsnn profile: error: {e}", file=sys.stderr)
+        print(f"tetsnn profile: error: {error_line(e)}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e)
+        return 0
     result.pop("raster", None)
     if args.json:
         print(json.dumps(result))

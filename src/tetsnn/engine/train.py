@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import sys
 import time
@@ -34,11 +36,13 @@ from .checkpoint import (CheckpointError, CheckpointWriteError, build_model, loa
                          rng_state, save_checkpoint, set_rng_state)
 from .config import ConfigError, T_at_epoch, load_config, parse_T_schedule, parse_train_args, resolve
 from . import distributed as _distributed
+from .. import utils as _utils
 from .distributed import all_reduce_max, all_reduce_sum, cleanup, pause_point, setup, share
 from .evaluate import autocast, evaluate
 from ..loss import half_to_float, sdt_loss, tet_loss
 from .transfer import freeze, load_ann_weights
-from ..utils import atomic_path, remove_stale_temps, seed_all
+from ..utils import (FileWriteError, FolderLock, Interrupted, atomic_path, io_error_line, make_folder,
+                     os_error_text, remove_stale_temps, seed_all, write_error)
 
 __all__ = ["build_model", "build_criterion", "build_optimizer", "compile_model", "resolve_run_config", "fit",
            "main", "NonFiniteLoss"]
@@ -105,6 +109,10 @@ def resolve_run_config(argv) -> dict:
         if not given.get("out"):
             raise ConfigError("--resume auto needs --out DIR (the run directory to continue, or to start)")
         if not os.path.exists(os.path.join(given["out"], "last.pt")):
+            damaged = _run_files(given["out"])
+            if damaged:
+                raise ConfigError(f"{given['out']} holds a run without its last.pt ({', '.join(damaged)} present): "
+                                  f"it cannot be resumed; move it away or start with another --out")
             return resolve({**load_config(config_file or "digits"), **flags, "resume": None})
         flags["resume"] = given["resume"] = given["out"]
     if flags.get("resume") is None:
@@ -151,12 +159,16 @@ class StopRequest:
         for s in self.SIGNALS:
             self.previous[s] = signal.signal(s, self._handle)
         self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
-        _distributed.poll_signals = self.poll
+        _utils.poll_signals = self.poll
+        _utils.stop_checks.append(self._check)      # a frame-cache build stops too
         return self
+
+    def _check(self):
+        return self.requested
 
     def _handle(self, signum, frame):
         self._requested = True
-        _distributed.signals_received += 1
+        _utils.signals_received += 1
 
     def poll(self):
         """Take every pending stop signal (without waiting)."""
@@ -170,7 +182,9 @@ class StopRequest:
 
     def __exit__(self, *exc):
         self.poll()
-        _distributed.poll_signals = None
+        _utils.poll_signals = None
+        if self._check in _utils.stop_checks:
+            _utils.stop_checks.remove(self._check)
         for s, handler in self.previous.items():
             signal.signal(s, signal.SIG_IGN if self.keep_ignoring else handler)
         if not self.keep_ignoring:
@@ -183,13 +197,120 @@ def _write_text(path, text):
 
 
 def _fresh_run_dir(cfg) -> str:
+    """Create ``runs/<time>-<dataset>-<model>`` (``-2``, ``-3``, ... when taken): ``os.mkdir`` fails
+    on an existing name, so runs started in the same second get different directories."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = os.path.join("runs", f"{stamp}-{cfg['dataset']}-{cfg['model']}")
-    path, i = base, 1
-    while os.path.exists(path):
-        i += 1
-        path = f"{base}-{i}"
-    return path
+    make_folder("runs")
+    i = 1
+    while True:
+        path = base if i == 1 else f"{base}-{i}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            i += 1
+        except OSError as e:
+            raise write_error(path, e, "create the run directory") from None
+
+
+RUN_LOCK = ".lock"     # the run directory's lock file (held by rank 0 for the run's life)
+
+
+class RunLocked(ConfigError):
+    """Another live process holds the run directory."""
+
+
+def _run_files(out) -> list:
+    """The files in ``out`` that only a run which has finished an epoch writes (best.pt, metrics
+    rows): a run directory holding them but no last.pt is damaged."""
+    found = []
+    if os.path.isfile(os.path.join(out, "best.pt")):
+        found.append("best.pt")
+    try:
+        if os.path.getsize(os.path.join(out, "metrics.jsonl")) > 0:
+            found.append("metrics.jsonl")
+    except OSError:
+        pass
+    return found
+
+
+def _on_rank0(main: bool, what):
+    """Rank 0 runs ``what()``; every rank gets its result, or raises the same error (one line)."""
+    result = error = None
+    if main:
+        try:
+            result = what()
+        except (ConfigError, CheckpointError, FileWriteError) as e:
+            error = (type(e), str(e))
+        except OSError as e:
+            error = (FileWriteError, io_error_line(e))
+    result, error = share((result, error))
+    if error:
+        raise error[0](error[1])
+    return result
+
+
+def _lock_run(out: str, main: bool):
+    """Rank 0 takes the lock of the run directory ``out`` (creating the directory), for the run's
+    life; a live holder is a RunLocked error naming it, on every rank, and nothing is written."""
+    def take():
+        make_folder(out)
+        lock = FolderLock(os.path.join(out, RUN_LOCK))
+        if not lock.try_acquire():
+            raise RunLocked(f"{out} is in use by a live run ({lock.holder()}); wait for it to end or give "
+                            f"another --out")
+        held.append(lock)
+    held = []
+    _on_rank0(main, take)
+    return held[0] if held else None
+
+
+def _check_fresh(out: str, main: bool):
+    """A new run may not start over a directory that holds one (its lock is held by the caller)."""
+    def check():
+        if os.path.exists(os.path.join(out, "last.pt")):
+            raise ConfigError(f"{out} already holds a run (last.pt); resume it with --resume {out} "
+                              f"(or --resume auto)")
+        damaged = _run_files(out)
+        if damaged:
+            raise ConfigError(f"{out} holds a run without its last.pt ({', '.join(damaged)} present); "
+                              f"move it away or give another --out")
+    _on_rank0(main, check)
+
+
+def _best_held(path):
+    """``dict(epoch, test_acc)`` of the best.pt at ``path``; None when it is missing or unreadable."""
+    try:
+        return load_checkpoint(path)["best"]
+    except (CheckpointError, KeyError):
+        return None
+
+
+def _recover_best(out: str, last: dict, say) -> dict | None:
+    """Make best.pt agree with the history's best epoch (``last["best"]``). When the write of best.pt
+    was killed, last.pt holds that epoch (it is written first) and is copied to best.pt. Otherwise
+    say so in one line. Returns the best that best.pt holds (rank 0 only; runs under the run lock)."""
+    wanted = last["best"]
+    if wanted is None:
+        return None
+    best_path = os.path.join(out, "best.pt")
+    held = _best_held(best_path)
+    if held is not None and held["epoch"] >= wanted["epoch"]:
+        return held
+    if last["epoch"] == wanted["epoch"] and last["step"] == 0:
+        try:
+            with atomic_path(best_path) as tmp:
+                shutil.copyfile(os.path.join(out, "last.pt"), tmp)
+        except OSError as e:
+            raise CheckpointWriteError(f"cannot write checkpoint {best_path}: {os_error_text(e)}") from None
+        say(f"best.pt recovered from last.pt (epoch {wanted['epoch']}, test accuracy "
+            f"{100 * wanted['test_acc']:.2f}%): its write had been interrupted")
+        return wanted
+    what = (f"epoch {held['epoch']} ({100 * held['test_acc']:.2f}%)" if held else "no weights")
+    say(f"warning: best.pt holds {what}, but the best test accuracy was {100 * wanted['test_acc']:.2f}% at "
+        f"epoch {wanted['epoch']}, whose weights are no longer saved; best.pt keeps the best epoch it can hold")
+    return held
 
 
 class RunFiles:
@@ -202,9 +323,9 @@ class RunFiles:
     def __init__(self, out: str, cfg: dict, data_info: dict, history: list):
         from torch.utils.tensorboard import SummaryWriter
 
-        os.makedirs(out, exist_ok=True)
+        make_folder(out)
         self.out = out
-        remove_stale_temps(out)
+        remove_stale_temps(out)     # only the holder of the run lock gets here
         _write_text(os.path.join(out, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
         _write_text(os.path.join(out, "data.json"), json.dumps(data_info) + "\n")
         self.write_metrics(history)
@@ -307,10 +428,10 @@ class Trainer:
         if self.main:
             try:
                 what(*args)
-            except CheckpointWriteError as e:
+            except (CheckpointWriteError, FileWriteError) as e:
                 error = str(e)
             except OSError as e:
-                error = f"cannot write to {out}: {e}"
+                error = f"cannot write to {out}: {os_error_text(e)}"
         error = share(error)
         if error:
             raise CheckpointWriteError(error)
@@ -406,8 +527,14 @@ def _progress(trainer, cfg):
 
 
 def _summary(history, best, out, say) -> dict:
+    """``best``: what best.pt holds (the history's best, unless its weights were lost)."""
     final = history[-1]
-    say(f"best test accuracy: {100 * best['test_acc']:.2f}% (epoch {best['epoch']}); "
+    held = f"{100 * best['test_acc']:.2f}% (epoch {best['epoch']})" if best else "none saved in best.pt"
+    lost = max(history, key=lambda m: m["test_acc"])
+    if best and lost["test_acc"] > best["test_acc"]:
+        held += (f", as held by best.pt (epoch {lost['epoch']} reached {100 * lost['test_acc']:.2f}%, "
+                 f"its weights were lost)")
+    say(f"best test accuracy: {held}; "
         f"final test accuracy: {100 * final['test_acc']:.2f}% (epoch {final['epoch']})")
     if out:
         say(f"run directory: {out}")
@@ -417,7 +544,7 @@ def _summary(history, best, out, say) -> dict:
 # errors every rank raises at the same point (decided by a collective): the ranks still leave the
 # process group together. Any other error may be one rank's alone (or a failed collective), so that
 # process leaves at once and its peers' next collective fails.
-AGREED_ERRORS = (NonFiniteLoss, CheckpointWriteError)
+AGREED_ERRORS = (NonFiniteLoss, CheckpointWriteError, Interrupted)
 
 
 def fit(cfg: dict, stop: StopRequest = None) -> dict:
@@ -428,23 +555,47 @@ def fit(cfg: dict, stop: StopRequest = None) -> dict:
             return fit(cfg, stop)
     if cfg["sync_bn"] and not (cfg["device"].startswith("cuda") or (cfg["device"] == "auto" and torch.cuda.is_available())):
         raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU)")
-    ckpt = load_checkpoint(os.path.join(cfg["resume"], "last.pt")) if cfg["resume"] else None
-    if ckpt is not None and ckpt["epoch"] >= cfg["epochs"]:     # a finished run: its summary
-        say = print if int(os.environ.get("RANK", 0)) == 0 else (lambda *a, **k: None)
-        say(f"{cfg['resume']} holds a finished run ({ckpt['epoch']} epochs)")
-        return _summary(ckpt["history"], ckpt["best"], cfg["resume"], say)
     rank, world, device = setup(cfg["device"])
-    ordered, files = False, None
+    main = rank == 0
+    say = print if main else (lambda *a, **k: None)
+    ordered, files, lock = False, None, None
     try:
+        # an existing run directory is locked before anything else (a live owner refuses the start at
+        # once); a new one is created only once the data and the model are ready (a bad config or
+        # an interrupted cache build leaves nothing behind)
+        existing = cfg["resume"] or (cfg["out"] if share(main and os.path.isdir(cfg["out"] or "")) else None)
+        if existing:
+            lock = _lock_run(existing, main)
+        ckpt = load_checkpoint(os.path.join(cfg["resume"], "last.pt")) if cfg["resume"] else None
+        best = None
+        if ckpt is not None:
+            best = _on_rank0(main, lambda: _recover_best(cfg["resume"], ckpt, say))
+        if ckpt is not None and ckpt["epoch"] >= cfg["epochs"]:     # a finished run: its summary
+            say(f"{cfg['resume']} holds a finished run ({ckpt['epoch']} epochs)")
+            ordered = True
+            return _summary(ckpt["history"], best, cfg["resume"], say)
+        if ckpt is None and existing:
+            _check_fresh(existing, main)
         trainer = Trainer(cfg, rank, world, device)
         if ckpt is not None:
             trainer.load(ckpt)   # load_state_dict moves it
+            trainer.best = best
             out = cfg["resume"]
         else:
-            out = cfg["out"] or _fresh_run_dir(cfg)
-            if os.path.exists(os.path.join(out, "last.pt")):
-                raise ConfigError(f"{out} already holds a run (last.pt); resume it with --resume {out} "
-                                  f"(or --resume auto)")
+            out = cfg["out"]
+            if out and lock is None:
+                lock = _lock_run(out, main)
+                _check_fresh(out, main)
+            if not out:       # a new auto-named directory, locked by its creator
+                made = []
+
+                def create():
+                    out = _fresh_run_dir(cfg)
+                    made.append(FolderLock(os.path.join(out, RUN_LOCK)))
+                    made[0].try_acquire()          # a new name: nobody else holds it
+                    return out
+                out = _on_rank0(main, create)
+                lock = made[0] if made else None
         del ckpt
         opened = []
         trainer.write(out, lambda: opened.append(RunFiles(out, cfg, trainer.data.info, trainer.history)))
@@ -458,6 +609,8 @@ def fit(cfg: dict, stop: StopRequest = None) -> dict:
     finally:
         if files:
             files.close()
+        if lock is not None:
+            lock.release()
         cleanup(ordered)
 
 
@@ -473,7 +626,11 @@ def _loop(trainer, files, cfg, world, stop) -> dict:
     resume_hint = f"continue with: tetsnn train --resume {files.out if files else ''}"
     pause_point("start")
     if all_reduce_max(torch.tensor([float(stop.requested)], device=trainer.device))[0]:
-        say(f"stopped by signal before the first step; nothing new to save. {resume_hint}")
+        if not cfg["resume"]:      # a new run: its start is saved, so that the hint works
+            trainer.save(files)
+            say(f"stopped by signal before the first step; saved last.pt (the run's start). {resume_hint}")
+        else:
+            say(f"stopped by signal before the first step; nothing new to save. {resume_hint}")
         return dict(interrupted=True, epoch=trainer.epoch, step=trainer.step)
     every = cfg["checkpoint_every"]
 
@@ -533,6 +690,15 @@ def main(argv=None) -> int:
             if int(os.environ.get("RANK", 0)) == 0:
                 print(f"tetsnn train: error: {e}", file=sys.stderr)
             return 1 if isinstance(e, (NonFiniteLoss, CheckpointWriteError)) else 2
+        except Interrupted as e:
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"{e}; nothing was saved in the run directory. continue with: "
+                      f"{shlex.join(['tetsnn', 'train', *argv])}", flush=True)
+            return 0
+        except OSError as e:    # a file or folder that could not be written or read (one line)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"tetsnn train: error: {io_error_line(e)}", file=sys.stderr)
+            return 1
         except RuntimeError as e:
             if not _lost_peer(e):
                 raise

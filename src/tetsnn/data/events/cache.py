@@ -8,14 +8,21 @@ the names of the ignored files, so any change builds a new cache. It holds ``tra
 ``manifest.json`` (parameters, source files, per-sample origin and label, skipped and ignored files).
 
 It is built in ``.<dataset>-<key>.tmp-<pid>/`` next to it and renamed into place (os.replace)
-only when complete, so a directory at the final name is always a finished cache.
+only when complete, so a directory at the final name is always a finished cache. A build holds the
+lock ``.<dataset>-<key>.lock`` (``fcntl.flock``): a second build of the same cache waits for it and
+then uses its result, and a build removes the temporary folders whose cache lock is free (their
+builder is gone), never one of a live build. A build removes its own temporary folder on any error
+and on SIGTERM / SIGINT, which stop it between recordings (``Interrupted``). I/O failures are
+``FileWriteError``s naming the path.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
+import time
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from ...utils import FileWriteError, FolderLock, Interrupted, make_folder, pause_point, stop_on_signals, write_error
 
 __all__ = ["Recording", "default_cache_dir", "ensure_cache", "open_split"]
 
@@ -41,7 +50,8 @@ class Recording:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("TETSNN_CACHE", Path.home() / ".cache" / "tetsnn"))
+    """``$TETSNN_CACHE`` (when set and not empty), else ``~/.cache/tetsnn``."""
+    return Path(os.environ.get("TETSNN_CACHE") or Path.home() / ".cache" / "tetsnn")
 
 
 def _fingerprint(root: Path, recordings) -> list:
@@ -96,8 +106,10 @@ def _ordered_map(fn, items, workers: int):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _build(directory: Path, dataset: str, recordings, frame_fn, on_error: str, workers: int, dtype) -> dict:
-    """Frame every recording into ``directory``; return the manifest (not yet written)."""
+def _build(directory: Path, dataset: str, recordings, frame_fn, on_error: str, workers: int, dtype,
+           should_stop=lambda: False) -> dict:
+    """Frame every recording into ``directory``; return the manifest (not yet written). Raises
+    Interrupted after the recording during which ``should_stop()`` turned true."""
     def attempt(recording):
         try:
             return frame_fn(recording), None
@@ -112,8 +124,14 @@ def _build(directory: Path, dataset: str, recordings, frame_fn, on_error: str, w
     skipped, sample_shape = [], None
     results = _ordered_map(attempt, recordings, workers)
     try:
-        for recording, (result, error) in tqdm(zip(recordings, results), total=len(recordings),
-                                               desc=f"{dataset}: framing", unit="file", disable=None):
+        for done, (recording, (result, error)) in enumerate(tqdm(
+                zip(recordings, results), total=len(recordings), desc=f"{dataset}: framing", unit="file",
+                disable=None)):
+            if done:
+                pause_point("cache", done)
+            if should_stop():
+                raise Interrupted(f"stopped by signal while building the frame cache in {directory.parent}; "
+                                  f"its temporary folder was removed")
             if error is not None:
                 if on_error == "raise":
                     raise error
@@ -156,10 +174,13 @@ def ensure_cache(dataset: str, root, recordings, frame_fn, params: dict, cache_d
     directory = base / f"{dataset}-{key}"
     manifest = _read_manifest(directory)
     if manifest is None:
-        if directory.exists():  # not a cache this code wrote: replace it
-            shutil.rmtree(directory)
-        manifest = _build_atomically(directory, dataset, root, recordings, frame_fn, params, sources,
-                                     on_error, workers, dtype, ignored)
+        make_folder(base)
+        with stop_on_signals() as should_stop, _cache_lock(directory, should_stop):
+            manifest = _read_manifest(directory)      # another process may have built it meanwhile
+            _remove_orphans(base, held=directory.name)
+            if manifest is None:
+                manifest = _build_atomically(directory, dataset, root, recordings, frame_fn, params, sources,
+                                             on_error, workers, dtype, ignored, should_stop)
     if manifest["skipped"] and on_error == "raise":
         first = manifest["skipped"][0]
         raise ValueError(f"the cache {directory} was built with on_error='skip' and left out "
@@ -168,25 +189,93 @@ def ensure_cache(dataset: str, root, recordings, frame_fn, params: dict, cache_d
     return directory, manifest
 
 
+def _lock_path(directory: Path) -> Path:
+    return directory.parent / f".{directory.name}.lock"
+
+
+class _cache_lock:
+    """Hold the build lock of the cache ``directory``, waiting (and checking ``should_stop``) while
+    another live process builds it."""
+
+    def __init__(self, directory: Path, should_stop):
+        self.lock, self.should_stop = FolderLock(_lock_path(directory)), should_stop
+        self.directory = directory
+
+    def __enter__(self):
+        said = False
+        while not self.lock.try_acquire():
+            if self.should_stop():
+                raise Interrupted(f"stopped by signal while waiting for the frame cache {self.directory}")
+            if not said:
+                print(f"waiting for the build of {self.directory} by {self.lock.holder()}", flush=True)
+                said = True
+            time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+_TEMP_FOLDER = re.compile(r"^\.(.+)\.tmp-\d+$")
+
+
+def _remove_orphans(base: Path, held: str) -> list:
+    """Remove the temporary build folders in ``base`` whose cache lock is free (their builder is
+    gone; a live build holds its lock), and those of the cache ``held``, whose lock the caller
+    holds. Returns the names removed."""
+    removed = []
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMP_FOLDER.match(name)
+        if not match or not (base / name).is_dir():
+            continue
+        if match.group(1) == held:
+            shutil.rmtree(base / name, ignore_errors=True)
+            removed.append(name)
+            continue
+        lock = FolderLock(base / f".{match.group(1)}.lock")
+        try:
+            if not lock.try_acquire():
+                continue           # a live build of that cache
+        except FileWriteError:
+            continue
+        try:
+            shutil.rmtree(base / name, ignore_errors=True)
+            removed.append(name)
+        finally:
+            lock.release()
+    return removed
+
+
 def _build_atomically(directory, dataset, root, recordings, frame_fn, params, sources, on_error, workers,
-                      dtype, ignored):
-    directory.parent.mkdir(parents=True, exist_ok=True)
+                      dtype, ignored, should_stop=lambda: False):
+    """Build into ``.<name>.tmp-<pid>`` and rename it into place; the caller holds the cache lock."""
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        if directory.exists():  # not a cache this code wrote: replace it
+            shutil.rmtree(directory)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise write_error(directory.parent, e, "build the frame cache in") from None
     try:
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        built = _build(tmp, dataset, recordings, frame_fn, on_error, max(1, int(workers)), dtype)
+        built = _build(tmp, dataset, recordings, frame_fn, on_error, max(1, int(workers)), dtype, should_stop)
         manifest = {"version": CACHE_VERSION, "dataset": dataset, "root": str(root), "params": params,
                     "sources": sources, **built, "ignored": ignored}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
-        try:
-            os.replace(tmp, directory)
-        except OSError:  # another process finished the same cache first: use theirs
-            manifest = _read_manifest(directory)
-            if manifest is None:
-                raise
+        os.replace(tmp, directory)
+    except OSError as e:
+        if isinstance(e, FileWriteError):
+            raise
+        source = getattr(e, "filename", None)
+        if source and not os.fspath(source).startswith(os.fspath(tmp)):
+            raise write_error(source, e, "read") from None     # a source recording
+        raise write_error(directory, e, "write the frame cache") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if manifest["skipped"]:
