@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import tetsnn
-from tetsnn.checkpoint import load_checkpoint, load_trained_model
-from tetsnn.config import ConfigError, load_config, resolve
-from tetsnn.train import build_model, compile_model, main, resolve_run_config
+from tetsnn.engine.checkpoint import load_checkpoint, load_trained_model
+from tetsnn.engine.config import ConfigError, load_config, resolve
+from tetsnn.engine.train import build_model, compile_model, main, resolve_run_config
 
 from conftest import QUICK
 

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from tetsnn.data import BatchLoader
-from tetsnn.evaluate import evaluate
+from tetsnn.engine.evaluate import evaluate
 
 from tetsnn.cli import main as cli_main
-from tetsnn.train import main as train_main
+from tetsnn.engine.train import main as train_main
 
 from conftest import QUICK
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import tetsnn.engine.checkpoint as ckpt_mod
-from tetsnn.checkpoint import load_checkpoint
-from tetsnn.config import resolve
+from tetsnn.engine.checkpoint import load_checkpoint
+from tetsnn.engine.config import resolve
 from tetsnn.data import BatchLoader, build_data
 from tetsnn.data.draws import SampleRandom
-from tetsnn.evaluate import main as evaluate_main
-from tetsnn.train import main
+from tetsnn.engine.evaluate import main as evaluate_main
+from tetsnn.engine.train import main
 
 from conftest import QUICK
 from test_train import _criterion_with, read_metrics

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import tetsnn.train as train_mod
-from tetsnn.checkpoint import load_checkpoint
-from tetsnn.train import main
+import tetsnn.engine.train as train_mod
+from tetsnn.engine.checkpoint import load_checkpoint
+from tetsnn.engine.train import main
 
 from conftest import QUICK, run_cli
 

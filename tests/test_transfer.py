@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import tetsnn
-import tetsnn.train as train_mod
-from tetsnn.checkpoint import CheckpointError, load_checkpoint
-from tetsnn.train import main
+import tetsnn.engine.train as train_mod
+from tetsnn.engine.checkpoint import CheckpointError, load_checkpoint
+from tetsnn.engine.train import main
 from tetsnn.engine.config import T_at_epoch, parse_T_schedule
 from tetsnn.engine.transfer import freeze, load_ann_weights
 

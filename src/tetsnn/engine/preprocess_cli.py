@@ -2,31 +2,29 @@
 
     tetsnn preprocess [--config FILE|PRESET] --dataset NAME --data-dir RAW [--KEY VALUE ...]
 
-It reads the same config keys and flags as ``tetsnn train`` (the ones that matter here: dataset,
-data_dir, cache_dir, T, split, size, reader, sensor_size, split_by and on_error), so a ``train``
-with the same keys reads the cache it builds. ``--threads N`` sets the framing threads.
+It reads the same config and flags as ``tetsnn train`` (those that decide the cache: dataset,
+data_dir, cache_dir, T, split, size, reader, sensor_size, split_by and on_error; the others are
+checked and unused), so ``train`` with the same flags reads the cache it builds. ``--threads N``
+sets the framing threads (train's ``--workers`` is its DataLoader's, and not taken here).
 """
 from __future__ import annotations
 
 import sys
 
-# the keys that decide an event cache; preprocess takes exactly these as flags
-CACHE_KEYS = ("dataset", "data_dir", "cache_dir", "T", "split", "size", "reader", "sensor_size", "split_by",
-              "on_error")
 
 # old spellings, named in the error message that replaces them
 RENAMED = {"--root": "--data-dir", "--cache": "--cache-dir", "--workers": "--threads"}
 
 
 def _parser():
-    from .config import Parser, add_config_flag, add_key_flags
+    from .config import DEFAULTS, Parser, add_config_flag, add_key_flags
 
     p = Parser(prog="tetsnn preprocess",
                description="Frame an event-camera dataset's original recordings into the cache that training "
-                           "reads (both splits). Takes the config keys of tetsnn train that decide the cache; "
-                           "a train run with the same keys reads it.")
+                           "reads (both splits). Takes the config and flags of tetsnn train (but --workers); "
+                           "a train run with the same flags reads the cache.")
     add_config_flag(p)
-    add_key_flags(p, CACHE_KEYS)
+    add_key_flags(p, [key for key in DEFAULTS if key != "workers"])
     p.add_argument("--threads", type=int, default=None, help="threads framing files (default: all CPUs)")
     return p
 
