@@ -9,7 +9,7 @@ import torch
 
 import tetsnn.data
 from tetsnn.engine.config import ConfigError, load_config, resolve
-from tetsnn.data import build_data
+from tetsnn.engine.data import build_data
 from tetsnn.data.events import (EVENT_DTYPE, EventFolder, NCaltech101, NMNIST, batch_transform, cell_sums,
                                 load_frames, read_atis_bin, read_npy)
 from tetsnn.data.events.frames import can_reduce, pool_cells

@@ -11,7 +11,8 @@ import torch
 import tetsnn.engine.checkpoint as ckpt_mod
 from tetsnn.engine.checkpoint import load_checkpoint
 from tetsnn.engine.config import resolve
-from tetsnn.data import BatchLoader, build_data
+from tetsnn.data import BatchLoader
+from tetsnn.engine.data import build_data
 from tetsnn.data.draws import SampleRandom
 from tetsnn.engine.evaluate import main as evaluate_main
 from tetsnn.engine.train import main

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tetsnn.engine.config import resolve
-from tetsnn.data import BatchLoader, DataError, build_data
+from tetsnn.data import BatchLoader, DataError
+from tetsnn.engine.data import build_data
 from tetsnn.data.static import augment, load_cifar, load_digits
 
 

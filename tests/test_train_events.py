@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tetsnn.engine.config import load_config, resolve
-from tetsnn.data import build_data
+from tetsnn.engine.data import build_data
 from tetsnn.data.events import batch_transform, load_frames
 from tetsnn.engine.train import main
 
