@@ -239,6 +239,7 @@ def _cli(args, cwd, env=None):
                             env={**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@pytest.mark.slow
 def test_stop_before_the_first_step_prints_a_command_that_works(tmp_path):
     """SIGINT before the first step; the printed command, run from another directory, finishes the
     run with the weights of an uninterrupted one."""

@@ -63,6 +63,7 @@ def test_compiled_first_step_matches_eager():
     assert list(compiled.state_dict()) == list(eager.state_dict())
 
 
+@pytest.mark.slow
 def test_compiled_run_checkpoint_is_plain_and_resumes_eager(tmp_path):
     out = tmp_path / "run"
     assert main(QUICK + ["--limit-train", "128", "--epochs", "1", "--compile", "--out", str(out)]) == 0

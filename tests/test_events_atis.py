@@ -339,6 +339,7 @@ def test_event_folder_from_a_config(nmnist_root, tmp_path):
                  "sensor_size": [34]})
 
 
+@pytest.mark.slow
 def test_presets_and_preprocess_command(nmnist_root, caltech_root, tmp_path, capsys):
     assert resolve(load_config("ncaltech101_vggsnn"))["num_classes"] == 101
     cfg = resolve(load_config("nmnist"))

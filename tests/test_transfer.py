@@ -52,6 +52,7 @@ def test_freeze_patterns():
         freeze(m, "conv9.*")
 
 
+@pytest.mark.slow
 def test_init_from_and_freeze_in_a_run(tmp_path, capsys):
     ann_run = tmp_path / "ann"
     assert main(QUICK + ["--epochs", "1", "--T", "1", "--model-kw", "{neuron: relu}", "--out", str(ann_run)]) == 0
@@ -72,6 +73,7 @@ def test_init_from_and_freeze_in_a_run(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_T_schedule_switches_at_the_right_epochs(tmp_path, monkeypatch, capsys):
     seen = []
     build = train_mod.build_criterion

@@ -16,7 +16,7 @@ import yaml
 
 __all__ = ["parse_T_schedule", "T_at_epoch", "ConfigError", "DEFAULTS", "DATASETS", "PRESET_DIR", "list_presets", "load_config",
            "resolve", "validate", "parse_train_args", "parse_sensor_size", "Parser", "checkpoint_parser", "absolute_paths", "PATH_KEYS", "HELP",
-           "did_you_mean"]
+           "did_you_mean", "DEFAULT_MEANS"]
 
 PRESET_DIR = Path(__file__).parent.parent / "configs"
 
@@ -83,21 +83,29 @@ READERS = ("aedat2", "aedat31", "atis", "npy")
 # saves them absolute, so its directory works from anywhere
 PATH_KEYS = ("data_dir", "cache_dir", "out", "resume", "init_from")
 
+# what a default of None means, where it means more than "none"
+DEFAULT_MEANS = {
+    "num_classes": "the dataset's",
+    "data_dir": "data/<dataset> for CIFAR; other datasets need one",
+    "cache_dir": "$TETSNN_CACHE or ~/.cache/tetsnn",
+    "size": "the dataset's: 48, N-MNIST 34",
+    "out": "a fresh runs/<time>-<dataset>-<model>",
+}
+
 # one line per key: the flag's --help and the manual's key table
 HELP = {
     "model": "model name (see tetsnn.list_models())",
     "model_kw": "extra keyword arguments of the model, e.g. '{neuron: if, tau: 0.5}'",
-    "num_classes": "number of classes (default: the dataset's)",
+    "num_classes": "number of classes",
     "dataset": "which data to train on",
-    "data_dir": "folder holding the dataset (default: data/<dataset> for CIFAR, else required; "
-                "the digits need none)",
+    "data_dir": "folder holding the dataset (the digits need none)",
     "download": "download CIFAR-10/100 into data_dir if missing",
     "split": "train/test split of CIFAR10-DVS, N-Caltech101 and event-folder (tet: the first 90 percent of "
              "each class trains; tebn: the TEBN split)",
-    "cache_dir": "folder of the event-frame cache (default: $TETSNN_CACHE or ~/.cache/tetsnn)",
+    "cache_dir": "folder of the event-frame cache",
     "reader": "event-folder: the recordings' file format",
     "sensor_size": "event-folder: the sensor's height and width, as H,W (e.g. 64,64)",
-    "size": "event data: side of the frames the model sees (default: 48; N-MNIST: 34)",
+    "size": "event data: side of the frames the model sees",
     "split_by": "event data: cut each recording into T frames of equal event count or of equal time",
     "on_error": "event data: stop at an unreadable recording (raise), or leave it out and list it in "
                 "the cache's manifest (skip)",
@@ -113,7 +121,7 @@ HELP = {
     "loss": "tet (TET loss) or sdt (cross-entropy of the time-averaged output)",
     "amp": "mixed precision",
     "seed": "random seed",
-    "out": "run directory (default: a fresh runs/<time>-<dataset>-<model>)",
+    "out": "run directory",
     "resume": "run directory to continue, or auto: continue --out if it holds a run, else start one there",
     "checkpoint_every": "also save last.pt every N optimizer steps (0: at epoch ends and on a stop signal)",
     "workers": "DataLoader worker processes (ImageNet only)",
@@ -328,7 +336,8 @@ def add_key_flags(p: argparse.ArgumentParser, keys=None) -> None:
         default = DEFAULTS[key]
         flag = "--" + key.replace("_", "-")
         choices = _choices(key)
-        text = HELP[key] + (": " + ", ".join(map(str, choices)) if choices else "") + f" (default {default})"
+        text = (HELP[key] + (": " + ", ".join(map(str, choices)) if choices else "")
+                + f" (default: {DEFAULT_MEANS.get(key, default)})")
         if isinstance(default, bool):
             p.add_argument(flag, dest=key, nargs="?", const=True, default=argparse.SUPPRESS,
                            type=_flag_value(key), help=text + "; the bare flag means true")
