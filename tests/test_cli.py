@@ -82,6 +82,7 @@ def test_bad_recording_is_one_line_in_train_and_preprocess(tmp_path, capsys, dam
     assert "r2.npy" in one_line_error(capsys, "tetsnn preprocess: error:")
 
 
+@pytest.mark.slow
 def test_folder_with_a_bad_file_trains_with_on_error_skip(tmp_path, capsys):
     """preprocess --on-error skip builds the cache; train with the same keys reads that very cache
     (flag or YAML key), and without on_error: skip it refuses it in one line."""
