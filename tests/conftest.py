@@ -38,6 +38,9 @@ SLOW_SWEEPS = {
     "test_models.py::test_every_model_forward_backward": ("[digits_snn]", "[vggsnn]"),
     "test_nir_import.py::test_export_then_import_computes_what_the_model_computes": ("[digits_snn", "[vggsnn"),
     "test_nir.py::test_registry_models_export": ("[digits_snn", "[vggsnn"),
+    "test_neuron.py::test_neuron_matches_loop": ("[lif-False-hard-zif-1.0-dtype1", "[lif-True-soft-atan-2.0-dtype1",
+                                                 "[if-False-soft-sigmoid-4.0-dtype1", "[lif-False-hard-custom-None-dtype1"),
+    "test_nir_simulators.py::test_simulator_reproduces_tetsnn": ("lif_net]", "if_net]", "digits_snn]"),
     "test_compile.py::test_compiled_first_step_matches_eager": (),
     "test_compact.py::test_torch_compile_matches_eager": (),
 }
