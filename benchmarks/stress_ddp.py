@@ -35,7 +35,7 @@ from report import write_results  # noqa: E402
 
 import torch  # noqa: E402
 
-from tetsnn.checkpoint import load_checkpoint  # noqa: E402
+from tetsnn.engine.checkpoint import load_checkpoint  # noqa: E402
 
 TINY = ["--limit-train", "192", "--limit-test", "65", "--batch-size", "64", "--model-kw", "{backend: loop}"]
 

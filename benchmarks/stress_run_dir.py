@@ -153,7 +153,7 @@ def run_best(rng, work: Path):
 
 def run_cache(rng, work: Path, root: Path):
     cache = work / "cache"
-    args = ["preprocess", "cifar10-dvs", "--root", root, "--cache", cache, "--T", "2", "--workers", "1"]
+    args = ["preprocess", "--dataset", "cifar10-dvs", "--data-dir", root, "--cache-dir", cache, "--T", "2", "--threads", "1"]
     jobs = [start(args), start(args)]
     sig = rng.choice([signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
     target = rng.choice([0, 1])

@@ -21,3 +21,34 @@ def run_cli(*args, cwd=None, timeout=600, module="tetsnn", env=None):
 @pytest.fixture
 def quick_args():
     return list(QUICK)
+
+
+# Grids and model-zoo sweeps whose cases take seconds each and minutes together: marked slow, except
+# the light cases named here (substrings of the test id), which keep each sweep in the fast subset
+# (``pytest -m "not slow"``). The torchrun, AOT-compile, gpu_check and training-run tests carry the
+# mark themselves.
+SLOW_SWEEPS = {
+    "test_bn_fused.py::test_matches_unfused_every_neuron_option": (),
+    "test_bn_fused.py::test_registry_models_match_unfused": ("digits_snn",),
+    "test_bn_fused.py::test_rebuild_follows_the_kernel_torch_dispatches_to": (),
+    "test_bn_fused.py::test_numba_backward_equals_batch_norm_rerun": (),
+    "test_backends.py::test_every_T_and_dtype": ("[zif-hard-dtype0-",),
+    "test_backends.py::test_matches_loop": ("[zif-skw0-False-hard-",),
+    "test_backends.py::test_channels_last_model_gradients_match_loop": (),
+    "test_models.py::test_every_model_forward_backward": ("[digits_snn]", "[vggsnn]"),
+    "test_nir_import.py::test_export_then_import_computes_what_the_model_computes": ("[digits_snn", "[vggsnn"),
+    "test_nir.py::test_registry_models_export": ("[digits_snn", "[vggsnn"),
+    "test_neuron.py::test_neuron_matches_loop": ("[lif-False-hard-zif-1.0-dtype1", "[lif-True-soft-atan-2.0-dtype1",
+                                                 "[if-False-soft-sigmoid-4.0-dtype1", "[lif-False-hard-custom-None-dtype1"),
+    "test_nir_simulators.py::test_simulator_reproduces_tetsnn": ("lif_net]", "if_net]", "digits_snn]"),
+    "test_compile.py::test_compiled_first_step_matches_eager": (),
+    "test_compact.py::test_torch_compile_matches_eager": (),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.nodeid.split("/")[-1]
+        for test, keep in SLOW_SWEEPS.items():
+            if name.split("[")[0] == test and not any(k in name for k in keep):
+                item.add_marker(pytest.mark.slow)

@@ -103,6 +103,7 @@ def _bundled_ptxas():
     return path if path and os.path.isfile(path) and os.access(path, os.X_OK) else None
 
 
+@pytest.mark.slow
 def test_every_declared_variant_compiles_for_sm80_and_sm90(tmp_path):
     if _bundled_ptxas() is None:
         pytest.skip("the triton wheel's ptxas is not there")

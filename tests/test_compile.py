@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import tetsnn
-from tetsnn.checkpoint import load_checkpoint, load_trained_model
-from tetsnn.config import ConfigError, load_config, resolve
-from tetsnn.train import build_model, compile_model, main, resolve_run_config
+from tetsnn.engine.checkpoint import load_checkpoint, load_trained_model
+from tetsnn.engine.config import ConfigError, load_config, resolve
+from tetsnn.engine.train import build_model, compile_model, main, resolve_run_config
 
 from conftest import QUICK
 
@@ -63,6 +63,7 @@ def test_compiled_first_step_matches_eager():
     assert list(compiled.state_dict()) == list(eager.state_dict())
 
 
+@pytest.mark.slow
 def test_compiled_run_checkpoint_is_plain_and_resumes_eager(tmp_path):
     out = tmp_path / "run"
     assert main(QUICK + ["--limit-train", "128", "--epochs", "1", "--compile", "--out", str(out)]) == 0

@@ -3,8 +3,8 @@ import pytest
 import torch
 import yaml
 
-from tetsnn.config import DEFAULTS, ConfigError, list_presets, load_config, resolve
-from tetsnn.train import main, resolve_run_config
+from tetsnn.engine.config import DEFAULTS, ConfigError, list_presets, load_config, resolve
+from tetsnn.engine.train import main, resolve_run_config
 
 PRESETS = {"digits", "cifar10_resnet19", "cifar100_resnet19", "cifar10dvs_vggsnn", "dvsgesture_vggsnn",
            "imagenet_resnet34", "imagenet_sew_resnet34"}

@@ -14,9 +14,11 @@ import time
 import pytest
 import torch
 
-from tetsnn.checkpoint import load_checkpoint
-from tetsnn.evaluate import main as evaluate_main
-from tetsnn.train import main
+from tetsnn.engine.checkpoint import load_checkpoint
+from tetsnn.engine.evaluate import main as evaluate_main
+from tetsnn.engine.train import main
+
+pytestmark = pytest.mark.slow   # every test here launches torchrun jobs
 
 # 3 optimizer steps per epoch (global batch 64); 65 test samples: 2 evaluation batches on rank 0,
 # 1 on rank 1; the per-step loop backend (no kernel compilation in every new process)

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from tetsnn.data import BatchLoader
-from tetsnn.evaluate import evaluate
+from tetsnn.engine.evaluate import evaluate
 
 from tetsnn.cli import main as cli_main
-from tetsnn.train import main as train_main
+from tetsnn.engine.train import main as train_main
 
 from conftest import QUICK
 
@@ -57,6 +57,7 @@ def test_evaluate_matches_reference(world):
     assert totals["loss"] / n == pytest.approx(nn.functional.cross_entropy(logits.mean(1), y).item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_test_json(tmp_path, capsys):
     out = tmp_path / "run"
     assert train_main(QUICK + ["--epochs", "1", "--T", "3", "--out", str(out)]) == 0

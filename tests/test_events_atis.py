@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import tetsnn.data
-from tetsnn.config import ConfigError, load_config, resolve
-from tetsnn.data import build_data
+from tetsnn.engine.config import ConfigError, load_config, resolve
+from tetsnn.engine.data import build_data
 from tetsnn.data.events import (EVENT_DTYPE, EventFolder, NCaltech101, NMNIST, batch_transform, cell_sums,
                                 load_frames, read_atis_bin, read_npy)
 from tetsnn.data.events.frames import can_reduce, pool_cells
 from tetsnn.data.loader import EventFrames
 from tetsnn.engine.preprocess_cli import main as preprocess_main
-from tetsnn.train import main as train_main
+from tetsnn.engine.train import main as train_main
 
 MARKER = None   # an overflow marker in an event list
 
@@ -339,6 +339,7 @@ def test_event_folder_from_a_config(nmnist_root, tmp_path):
                  "sensor_size": [34]})
 
 
+@pytest.mark.slow
 def test_presets_and_preprocess_command(nmnist_root, caltech_root, tmp_path, capsys):
     assert resolve(load_config("ncaltech101_vggsnn"))["num_classes"] == 101
     cfg = resolve(load_config("nmnist"))
@@ -349,15 +350,16 @@ def test_presets_and_preprocess_command(nmnist_root, caltech_root, tmp_path, cap
                        "--device", "cpu", "--out", str(out)]) == 0
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 1
     capsys.readouterr()
-    assert preprocess_main(["n-caltech101", "--root", str(caltech_root), "--cache-dir", str(tmp_path), "--T", "2"]) == 0
+    assert preprocess_main(["--dataset", "n-caltech101", "--data-dir", str(caltech_root), "--cache-dir", str(tmp_path),
+                            "--T", "2"]) == 0
     printed = capsys.readouterr().out
     assert "21 train / 2 test samples, T=2" in printed and "ignored 1 entries" in printed
-    assert preprocess_main(["n-mnist", "--root", str(caltech_root), "--cache-dir", str(tmp_path)]) == 1
+    assert preprocess_main(["--dataset", "n-mnist", "--data-dir", str(caltech_root), "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tetsnn preprocess: error:") and "missing Train and Test" in err and "\n" not in err
     mine = make_npy_folder(tmp_path / "mine")
-    assert preprocess_main(["event-folder", "--root", str(mine), "--cache-dir", str(tmp_path), "--T", "2", "--size", "16",
-                            "--reader", "npy", "--sensor-size", "40,60"]) == 0
+    assert preprocess_main(["--dataset", "event-folder", "--data-dir", str(mine), "--cache-dir", str(tmp_path),
+                            "--T", "2", "--size", "16", "--reader", "npy", "--sensor-size", "40,60"]) == 0
     assert "10 train / 0 test samples" in capsys.readouterr().out
     frames, _ = load_frames("event-folder", mine, train=True, T=2, cache_dir=tmp_path, size=16, reader="npy",
                             sensor_size=(40, 60))

@@ -309,10 +309,11 @@ def test_bad_gesture_roots(tmp_path):
 # --- tetsnn preprocess ----------------------------------------------------------------------------
 
 def test_preprocess_command(cifar_root, tmp_path, capsys):
-    assert preprocess_main(["cifar10-dvs", "--root", str(cifar_root), "--cache-dir", str(tmp_path), "--T", "4"]) == 0
+    assert preprocess_main(["--dataset", "cifar10-dvs", "--data-dir", str(cifar_root), "--cache-dir", str(tmp_path),
+                            "--T", "4"]) == 0
     assert "90 train / 10 test samples, T=4" in capsys.readouterr().out
     frames, _ = load_frames("cifar10-dvs", cifar_root, train=False, T=4, cache_dir=tmp_path)
     assert frames.shape[1] == 4
-    assert preprocess_main(["dvs-gesture", "--root", str(cifar_root), "--cache-dir", str(tmp_path)]) == 1
+    assert preprocess_main(["--dataset", "dvs-gesture", "--data-dir", str(cifar_root), "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tetsnn preprocess: error:") and "trials_to_train.txt" in err and "\n" not in err

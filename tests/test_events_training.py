@@ -1,11 +1,14 @@
 """DVS128 Gesture through the training command: a byte-built DvsGesture root, one tiny epoch."""
 import json
 
+import pytest
+
 from tetsnn.cli import main as tetsnn_main
 
 from test_events_datasets import make_gesture_root
 
 
+@pytest.mark.slow
 def test_train_dvsgesture_preset_on_a_byte_built_root(tmp_path):
     root = make_gesture_root(tmp_path / "DvsGesture")
     out = tmp_path / "run"

@@ -26,6 +26,7 @@ def dry_run(tmp_path_factory):
     return res, out
 
 
+@pytest.mark.slow
 def test_dry_run_passes_every_section(dry_run):
     res, out = dry_run
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -48,6 +49,7 @@ def test_dry_run_passes_every_section(dry_run):
     assert train["resumed vs uninterrupted weights (deterministic algorithms on)"] == "equal"
 
 
+@pytest.mark.slow
 def test_render_rewrites_only_its_own_section(dry_run, tmp_path):
     _, out = dry_run
     doc = tmp_path / "performance.md"

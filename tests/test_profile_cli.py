@@ -7,10 +7,10 @@ import torch
 
 import tetsnn
 from tetsnn.analysis import profile
-from tetsnn.checkpoint import load_checkpoint
+from tetsnn.engine.checkpoint import load_checkpoint
 from tetsnn.cli import main
-from tetsnn.config import resolve
-from tetsnn.data import build_data
+from tetsnn.engine.config import resolve
+from tetsnn.engine.data import build_data
 
 
 @pytest.fixture(scope="module")

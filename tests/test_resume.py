@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import tetsnn.engine.checkpoint as ckpt_mod
-from tetsnn.checkpoint import load_checkpoint
-from tetsnn.config import resolve
-from tetsnn.data import BatchLoader, build_data
+from tetsnn.engine.checkpoint import load_checkpoint
+from tetsnn.engine.config import resolve
+from tetsnn.data import BatchLoader
+from tetsnn.engine.data import build_data
 from tetsnn.data.draws import SampleRandom
-from tetsnn.evaluate import main as evaluate_main
-from tetsnn.train import main
+from tetsnn.engine.evaluate import main as evaluate_main
+from tetsnn.engine.train import main
 
 from conftest import QUICK
 from test_train import _criterion_with, read_metrics
@@ -99,6 +100,7 @@ def test_last_batch_smaller_than_the_process_count_is_dropped():
     assert len(BatchLoader(26, 6, fetch, train=True, world_size=2)) == 3  # 2 samples for 2 ranks: kept
 
 
+@pytest.mark.slow
 def test_checkpoint_every_and_a_hard_kill_resume_bit_identical(tmp_path, monkeypatch):
     """last.pt every 3 steps (4 steps per epoch): after a crash at step 8 the run continues from
     step 6 (epoch 2, step 2), drops the stale temporary file and metrics row a killed process
@@ -177,6 +179,7 @@ def test_unreadable_checkpoints_are_one_line_errors(tmp_path, capsys):
     assert f"cannot load checkpoint {out / 'last.pt'}: not a PyTorch checkpoint file" in _one_line_error(capsys)
 
 
+@pytest.mark.slow
 def test_failed_write_keeps_the_previous_checkpoints(tmp_path, monkeypatch, capsys):
     """A disk that fills up half-way through a checkpoint: the run stops with an error naming the
     file; last.pt and best.pt keep the previous epoch's bytes and no temporary file is left."""

@@ -221,7 +221,7 @@ def finished(cache):
 
 
 def preprocess(root, cache, T):
-    return ["preprocess", "cifar10-dvs", "--root", root, "--cache", cache, "--T", T, "--workers", "1"]
+    return ["preprocess", "--dataset", "cifar10-dvs", "--data-dir", root, "--cache-dir", cache, "--T", T, "--threads", "1"]
 
 
 def test_cache_builds_clean_up_orphans_never_a_live_build_and_stop_on_sigterm(dvs_root, tmp_path):

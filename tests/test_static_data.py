@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from tetsnn.config import resolve
-from tetsnn.data import BatchLoader, DataError, build_data
+from tetsnn.engine.config import resolve
+from tetsnn.data import BatchLoader, DataError
+from tetsnn.engine.data import build_data
 from tetsnn.data.static import augment, load_cifar, load_digits
 
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-import tetsnn.train as train_mod
-from tetsnn.checkpoint import load_checkpoint
-from tetsnn.train import main
+import tetsnn.engine.train as train_mod
+from tetsnn.engine.checkpoint import load_checkpoint
+from tetsnn.engine.train import main
 
 from conftest import QUICK, run_cli
 
@@ -22,6 +22,7 @@ def read_metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_default_run_shortened(tmp_path):
     """The no-argument default, on 3 epochs instead of 15, as a user runs it (a fresh process)."""
     res = run_cli("train", "--epochs", "3", cwd=tmp_path)
@@ -70,6 +71,7 @@ def _criterion_with(monkeypatch, on_call):
     monkeypatch.setattr(train_mod, "build_criterion", wrapped_build)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch):
     args = QUICK + ["--epochs", "2", "--seed", "7"]
     assert main(args + ["--out", str(tmp_path / "full")]) == 0
@@ -116,6 +118,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     assert len(read_metrics(out)) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_runs(tmp_path, amp):
     out = tmp_path / amp

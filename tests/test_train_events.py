@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from tetsnn.config import load_config, resolve
-from tetsnn.data import build_data
+from tetsnn.engine.config import load_config, resolve
+from tetsnn.engine.data import build_data
 from tetsnn.data.events import batch_transform, load_frames
-from tetsnn.train import main
+from tetsnn.engine.train import main
 
 from test_events_datasets import make_cifar_root
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import tetsnn
-import tetsnn.train as train_mod
-from tetsnn.checkpoint import CheckpointError, load_checkpoint
-from tetsnn.train import main
+import tetsnn.engine.train as train_mod
+from tetsnn.engine.checkpoint import CheckpointError, load_checkpoint
+from tetsnn.engine.train import main
 from tetsnn.engine.config import T_at_epoch, parse_T_schedule
 from tetsnn.engine.transfer import freeze, load_ann_weights
 
@@ -52,6 +52,7 @@ def test_freeze_patterns():
         freeze(m, "conv9.*")
 
 
+@pytest.mark.slow
 def test_init_from_and_freeze_in_a_run(tmp_path, capsys):
     ann_run = tmp_path / "ann"
     assert main(QUICK + ["--epochs", "1", "--T", "1", "--model-kw", "{neuron: relu}", "--out", str(ann_run)]) == 0
@@ -72,6 +73,7 @@ def test_init_from_and_freeze_in_a_run(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_T_schedule_switches_at_the_right_epochs(tmp_path, monkeypatch, capsys):
     seen = []
     build = train_mod.build_criterion

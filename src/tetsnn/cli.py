@@ -5,6 +5,7 @@ only when used, so ``tetsnn --help`` stays fast.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import signal
 import sys
@@ -20,7 +21,7 @@ SUBCOMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: tetsnn <command> [options]", "", "commands:"]
+    lines = ["usage: tetsnn <command> [options]    (tetsnn --version: the installed version)", "", "commands:"]
     lines += [f"  {name:<12}{desc}" for name, (_, desc) in SUBCOMMANDS.items()]
     lines += ["", "Run 'tetsnn <command> --help' for a command's options."]
     return "\n".join(lines)
@@ -31,8 +32,15 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"tetsnn {__version__}")
+        return 0
     if argv[0] not in SUBCOMMANDS:
-        print(f"tetsnn: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(argv[0], list(SUBCOMMANDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        print(f"tetsnn: unknown command {argv[0]!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     # a write over the file-size limit (ulimit -f) fails with "file too large" instead of killing
     if hasattr(signal, "SIGXFSZ"):

@@ -1,6 +1,6 @@
 """Datasets: static images (``static``) and event-camera recordings (``events``), and the batch
-iterators over them (``loader``). ``tetsnn.data.build_data`` (a run's loaders from its config) is the
-training engine's ``tetsnn.engine.data.build_data``.
+iterators over them (``loader``). A run's loaders from its config come from the training engine's
+``tetsnn.build_data`` (``tetsnn.engine.data.build_data``).
 """
 from .loader import BatchLoader
 from .static import DataError

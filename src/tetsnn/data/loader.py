@@ -118,12 +118,13 @@ class EventFrames:
     a reduced cache of a ``sensor_size`` sensor): index on the CPU, move the batch to the device,
     resize, scale and (training only) flip and roll there, as the dataset's spec says."""
 
-    def __init__(self, frames, labels, dataset: str, device, sensor_size=None):
+    def __init__(self, frames, labels, dataset: str, device, sensor_size=None, size=None):
         from .events import SPECS
 
         self.frames, self.labels, self.device = frames, torch.as_tensor(labels, dtype=torch.int64), device
         self.spec = SPECS[dataset]
         self.sensor_size = sensor_size or self.spec.sensor_size
+        self.size = size or self.spec.size
 
     def __len__(self):
         return len(self.labels)
@@ -133,6 +134,6 @@ class EventFrames:
 
         x = torch.from_numpy(np.asarray(self.frames[idx.numpy()])).to(self.device)
         train = generator is not None
-        x = batch_transform(x, size=self.spec.size, norm="max", flip=train and self.spec.flip,
+        x = batch_transform(x, size=self.size, norm="max", flip=train and self.spec.flip,
                             roll=self.spec.roll if train else 0, generator=generator, sensor_size=self.sensor_size)
         return x, self.labels[idx].to(self.device)

@@ -8,12 +8,15 @@ The presets live in ``tetsnn/configs/*.yaml`` (the repository's ``configs/`` poi
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 from pathlib import Path
 
 import yaml
 
 __all__ = ["parse_T_schedule", "T_at_epoch", "ConfigError", "DEFAULTS", "DATASETS", "PRESET_DIR", "list_presets", "load_config",
-           "resolve", "validate", "parse_train_args"]
+           "resolve", "validate", "parse_train_args", "parse_sensor_size", "Parser", "checkpoint_parser", "absolute_paths", "PATH_KEYS", "HELP",
+           "did_you_mean", "DEFAULT_MEANS"]
 
 PRESET_DIR = Path(__file__).parent.parent / "configs"
 
@@ -28,7 +31,10 @@ DEFAULTS = {
     "split": "tet",           # train/test split of datasets without an official one ("tet" or "tebn")
     "cache_dir": None,        # event-frame cache; None: the event loader's default
     "reader": None,           # event-folder: aedat2, aedat31, atis or npy
-    "sensor_size": None,      # event-folder: [H, W] of the sensor
+    "sensor_size": None,      # event-folder: H,W of the sensor
+    "size": None,             # event data: model input side (None: the dataset's)
+    "split_by": "count",      # event data: T frames of equal event count or equal time
+    "on_error": "raise",      # event data: stop at an unreadable recording, or skip it
     "T": 4,
     "epochs": 15,
     "batch_size": 64,         # global: split evenly across the DDP ranks
@@ -69,11 +75,103 @@ DATASETS = {
 }
 
 CHOICES = {"optimizer": ("adam", "sgd"), "loss": ("tet", "sdt"), "amp": ("bf16", "fp16", "none"),
-           "dataset": tuple(DATASETS), "split": ("tet", "tebn")}
+           "dataset": tuple(DATASETS), "split": ("tet", "tebn"), "split_by": ("count", "time"),
+           "on_error": ("raise", "skip")}
+READERS = ("aedat2", "aedat31", "atis", "npy")
+
+# keys that name files or folders: relative values are taken from the current directory, and a run
+# saves them absolute, so its directory works from anywhere
+PATH_KEYS = ("data_dir", "cache_dir", "out", "resume", "init_from")
+
+# what a default of None means, where it means more than "none"
+DEFAULT_MEANS = {
+    "num_classes": "the dataset's",
+    "data_dir": "data/<dataset> for CIFAR; other datasets need one",
+    "cache_dir": "$TETSNN_CACHE or ~/.cache/tetsnn",
+    "size": "the dataset's: 48, N-MNIST 34",
+    "out": "a fresh runs/<time>-<dataset>-<model>",
+}
+
+# one line per key: the flag's --help and the manual's key table
+HELP = {
+    "model": "model name (see tetsnn.list_models())",
+    "model_kw": "extra keyword arguments of the model, e.g. '{neuron: if, tau: 0.5}'",
+    "num_classes": "number of classes",
+    "dataset": "which data to train on",
+    "data_dir": "folder holding the dataset (the digits need none)",
+    "download": "download CIFAR-10/100 into data_dir if missing",
+    "split": "train/test split of CIFAR10-DVS, N-Caltech101 and event-folder (tet: the first 90 percent of "
+             "each class trains; tebn: the TEBN split)",
+    "cache_dir": "folder of the event-frame cache",
+    "reader": "event-folder: the recordings' file format",
+    "sensor_size": "event-folder: the sensor's height and width, as H,W (e.g. 64,64)",
+    "size": "event data: side of the frames the model sees",
+    "split_by": "event data: cut each recording into T frames of equal event count or of equal time",
+    "on_error": "event data: stop at an unreadable recording (raise), or leave it out and list it in "
+                "the cache's manifest (skip)",
+    "T": "time steps per sample",
+    "epochs": "number of training epochs",
+    "batch_size": "global batch size (split evenly across processes)",
+    "lr": "initial learning rate (cosine schedule to 0)",
+    "optimizer": "optimizer",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay",
+    "lamb": "TET's lambda: weight of the MSE regulariser on the outputs",
+    "means": "TET's target of that regulariser",
+    "loss": "tet (TET loss) or sdt (cross-entropy of the time-averaged output)",
+    "amp": "mixed precision",
+    "seed": "random seed",
+    "out": "run directory",
+    "resume": "run directory to continue, or auto: continue --out if it holds a run, else start one there",
+    "checkpoint_every": "also save last.pt every N optimizer steps (0: at epoch ends and on a stop signal)",
+    "workers": "DataLoader worker processes (ImageNet only)",
+    "device": "auto (cuda when available), cpu, cuda or cuda:N",
+    "sync_bn": "synchronise BatchNorm statistics across GPUs",
+    "compile": "torch.compile the model",
+    "init_from": "checkpoint of a ReLU twin to start from (ANN-to-SNN transfer)",
+    "freeze": "comma-separated glob patterns of parameter names not to train",
+    "T_schedule": "T per epoch range, e.g. 2:5,4:5,6 (static data only)",
+    "limit_train": "use only the first N training samples (0: all), for quick checks. Few optimizer steps "
+                   "leave the BatchNorm running statistics near their initial values, so the test accuracy "
+                   "(which uses them) can be near chance while the training accuracy is high",
+    "limit_test": "use only the first N test samples (0: all)",
+}
 
 
 class ConfigError(ValueError):
     """A bad configuration: unknown key, bad value or missing file (one-line message)."""
+
+
+def did_you_mean(word: str, candidates) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_key(key: str, where: str = "") -> ConfigError:
+    return ConfigError(f"{where}unknown config key {key!r}{did_you_mean(key, DEFAULTS)}")
+
+
+def parse_sensor_size(value):
+    """``"64,64"`` (flags and YAML) or ``[64, 64]`` (YAML) -> ``[64, 64]``; other values unchanged
+    (``validate`` names them)."""
+    if isinstance(value, str):
+        parts = [v.strip() for v in value.strip().strip("[]()").split(",")]
+        try:
+            return [int(v) for v in parts]
+        except ValueError:
+            return value
+    return list(value) if isinstance(value, tuple) else value
+
+
+def absolute_paths(cfg: dict) -> dict:
+    """``cfg`` with its PATH_KEYS (but ``resume: auto``) made absolute against the current directory
+    (``~`` expanded)."""
+    out = dict(cfg)
+    for key in PATH_KEYS:
+        if isinstance(out.get(key), str) and not (key == "resume" and out[key] == "auto"):
+            out[key] = os.path.abspath(os.path.expanduser(out[key]))
+    return out
 
 
 def list_presets():
@@ -97,7 +195,7 @@ def load_config(path) -> dict:
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     unknown = sorted(set(data) - set(DEFAULTS))
     if unknown:
-        raise ConfigError(f"{path}: unknown config key {unknown[0]!r}")
+        raise _unknown_key(unknown[0], f"{path}: ")
     return data
 
 
@@ -120,7 +218,7 @@ def validate(cfg: dict) -> dict:
 
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}")
+        raise _unknown_key(unknown[0])
     for key, choices in CHOICES.items():
         _check(cfg, key, lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
     _check(cfg, "model", lambda v: v in list_models(), "one of " + ", ".join(list_models()))
@@ -143,10 +241,11 @@ def validate(cfg: dict) -> dict:
            "auto, cpu, cuda or cuda:N")
     _check(cfg, "model_kw", lambda v: isinstance(v, dict), "a mapping of model keyword arguments")
     _check(cfg, "num_classes", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    _check(cfg, "reader", lambda v: v in (None, "aedat2", "aedat31", "atis", "npy"), "aedat2, aedat31, atis or npy")
+    _check(cfg, "reader", lambda v: v is None or v in READERS, "one of " + ", ".join(READERS))
     _check(cfg, "sensor_size", lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2
                                                         and all(_is_int(s) and s >= 1 for s in v)),
-           "[H, W]: two integers >= 1")
+           "H,W: two integers >= 1")
+    _check(cfg, "size", lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1")
     return cfg
 
 
@@ -168,6 +267,7 @@ def _event_folder(cfg: dict) -> None:
 def resolve(overrides: dict) -> dict:
     """Defaults <- the config's own keys; fills in num_classes from the dataset; validates."""
     cfg = {**DEFAULTS, **overrides}
+    cfg["sensor_size"] = parse_sensor_size(cfg.get("sensor_size"))
     if cfg.get("dataset") == "event-folder":
         _event_folder(cfg)
     if cfg.get("dataset") in DATASETS and cfg.get("num_classes") is None:
@@ -189,13 +289,22 @@ def resolve(overrides: dict) -> dict:
     return cfg
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one-line ConfigErrors, with a "did you mean" for a
+    misspelt flag."""
+
     def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            flags = [a for s in self._option_string_actions for a in [s] if a.startswith("--")]
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("-"):
+                    message += did_you_mean(word.split("=")[0], flags)
+                    break
         raise ConfigError(message)
 
 
 STRING_KEYS = {"model", "dataset", "data_dir", "split", "cache_dir", "reader", "optimizer", "loss", "amp", "out",
-               "resume", "device", "init_from", "freeze", "T_schedule"}
+               "resume", "device", "init_from", "freeze", "T_schedule", "split_by", "on_error"}
 
 
 def _flag_value(key):
@@ -210,25 +319,68 @@ def _flag_value(key):
     return parse
 
 
-def build_parser(prog="tetsnn train") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Train a spiking network with TET. Flags override the config's "
-                "keys of the same name (dashes for underscores).")
-    p.add_argument("--config", default=None,
-                   help="YAML file or preset name (" + ", ".join(list_presets()) + "); default: digits")
-    for key, default in DEFAULTS.items():
+def _choices(key):
+    from ..models import list_models
+
+    if key == "model":
+        return list_models()
+    if key == "reader":
+        return READERS
+    return CHOICES.get(key)
+
+
+def add_key_flags(p: argparse.ArgumentParser, keys=None) -> None:
+    """One ``--key-name`` flag per config key (all of DEFAULTS, or ``keys``), with its help, allowed
+    values and default. Given flags land in the namespace under the key; others are absent."""
+    for key in keys or DEFAULTS:
+        default = DEFAULTS[key]
         flag = "--" + key.replace("_", "-")
+        choices = _choices(key)
+        text = (HELP[key] + (": " + ", ".join(map(str, choices)) if choices else "")
+                + f" (default: {DEFAULT_MEANS.get(key, default)})")
         if isinstance(default, bool):
             p.add_argument(flag, dest=key, nargs="?", const=True, default=argparse.SUPPRESS,
-                           type=_flag_value(key), help=f"(default {default})")
+                           type=_flag_value(key), help=text + "; the bare flag means true")
         else:
             p.add_argument(flag, dest=key, default=argparse.SUPPRESS, type=_flag_value(key),
-                           metavar=key.upper(), help=f"(default {default})")
+                           metavar="H,W" if key == "sensor_size" else key.upper(), help=text)
+
+
+def add_config_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None,
+                   help="YAML file or preset name (" + ", ".join(list_presets()) + "); default: digits. "
+                        "Relative paths in it, as in flags, are taken from the current directory")
+
+
+# a trained run's keys that the checkpoint commands (test, profile) may change: where its data is
+# and where it runs
+CHECKPOINT_OVERRIDES = ("data_dir", "cache_dir", "batch_size", "device")
+
+
+def checkpoint_parser(prog: str, description: str, overrides=CHECKPOINT_OVERRIDES) -> Parser:
+    """The parser of a command that reads a ``tetsnn train`` checkpoint: ``--checkpoint`` and the
+    flags of ``overrides`` (config keys, spelt and read as in ``tetsnn train``; default: the run's)."""
+    p = Parser(prog=prog, description=description)
+    p.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by tetsnn train")
+    for key in overrides:
+        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, type=_flag_value(key),
+                       metavar=key.upper(),
+                       help=HELP[key] + (" (default auto)" if key == "device" else " (default: the run's)"))
     return p
 
 
-def parse_train_args(argv):
+def build_parser(prog="tetsnn train", description=None) -> argparse.ArgumentParser:
+    p = Parser(prog=prog, description=description or (
+        "Train a spiking network with TET. Every config key is a flag (dashes for underscores) and "
+        "overrides the config's value; flags take the same values as YAML."))
+    add_config_flag(p)
+    add_key_flags(p)
+    return p
+
+
+def parse_train_args(argv, prog="tetsnn train", description=None):
     """Command line -> (config file/preset or None, dict of the flags given)."""
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser(prog, description).parse_args(argv))
     return args.pop("config"), args
 
 

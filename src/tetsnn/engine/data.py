@@ -12,7 +12,7 @@ from ..data.static import DataError, StaticImages, imagenet_folders, load_cifar,
 from .config import DATASETS, ConfigError
 from .distributed import main_process_first
 
-__all__ = ["Data", "build_data"]
+__all__ = ["Data", "build_data", "default_data_dir", "event_cache_args"]
 
 
 class Data(NamedTuple):
@@ -26,12 +26,30 @@ def _limit(n, limit):
     return n if not limit else min(n, limit)
 
 
+def default_data_dir(dataset: str):
+    """Where a dataset lives when no data_dir is given (CIFAR: ``data/<name>``), or None."""
+    return os.path.join("data", dataset) if dataset in ("cifar10", "cifar100") else None
+
+
 def _data_dir(cfg):
     if cfg["data_dir"] is not None:
         return os.path.expanduser(cfg["data_dir"])
-    if cfg["dataset"] in ("cifar10", "cifar100"):
-        return os.path.join("data", cfg["dataset"])
+    if default_data_dir(cfg["dataset"]):
+        return default_data_dir(cfg["dataset"])
     raise DataError(f"{cfg['dataset']} needs --data-dir (the folder holding its files)")
+
+
+def event_cache_args(cfg: dict) -> dict:
+    """The ``build_cache`` / ``load_frames`` arguments of an event dataset's config: ``tetsnn
+    preprocess`` and ``tetsnn train`` with the same keys build and read the same cache."""
+    root = _data_dir(cfg)
+    if not os.path.isdir(root):
+        raise DataError(f"{cfg['dataset']}: data directory not found: {root}")
+    kw = dict(dataset=cfg["dataset"], root=root, T=cfg["T"], split=cfg["split"], cache_dir=cfg["cache_dir"],
+              on_error=cfg["on_error"], split_by=cfg["split_by"], size=cfg["size"])
+    if cfg["dataset"] == "event-folder":   # a user's folder: its reader and sensor come from the config
+        kw.update(reader=cfg["reader"], sensor_size=tuple(cfg["sensor_size"]))
+    return kw
 
 
 def _splits(cfg, device, with_train=True):
@@ -48,19 +66,18 @@ def _splits(cfg, device, with_train=True):
     elif kind == "events":
         from ..data.events import load_frames
 
-        root = _data_dir(cfg)
-        if not os.path.isdir(root):
-            raise DataError(f"{name}: data directory not found: {root}")
-        kw = dict(T=cfg["T"], split=cfg["split"], cache_dir=cfg["cache_dir"])
-        sensor = None
-        if name == "event-folder":   # a user's folder: its reader and sensor come from the config
-            sensor = tuple(cfg["sensor_size"])
-            kw.update(reader=cfg["reader"], sensor_size=sensor)
-        fte, yte = load_frames(name, root, train=False, **kw)
-        ftr, ytr = load_frames(name, root, train=True, **kw) if with_train else (None, [])
-        info = dict(root=root, split=cfg["split"], train_size=len(ytr), test_size=len(yte))
-        train = EventFrames(ftr, ytr, name, device, sensor) if with_train else None
-        return train, EventFrames(fte, yte, name, device, sensor), info
+        kw = event_cache_args(cfg)
+        try:   # a bad recording (or a cache built skipping some) is one line naming the file
+            fte, yte = load_frames(train=False, **kw)
+            ftr, ytr = load_frames(train=True, **kw) if with_train else (None, [])
+        except DataError:
+            raise
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        info = dict(root=kw["root"], split=cfg["split"], train_size=len(ytr), test_size=len(yte))
+        sensor, size = kw.get("sensor_size"), cfg["size"]
+        train = EventFrames(ftr, ytr, name, device, sensor, size) if with_train else None
+        return train, EventFrames(fte, yte, name, device, sensor, size), info
     train = StaticImages(xtr, ytr, name, device) if with_train else None
     return train, StaticImages(xte, yte, name, device), info
 

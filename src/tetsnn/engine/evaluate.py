@@ -1,6 +1,6 @@
 """Evaluation of a spiking model, and the ``tetsnn test`` command.
 
-``tetsnn test --checkpoint FILE [--data-dir DIR] [--json]`` rebuilds the model and the test set from
+``tetsnn test --checkpoint FILE [--data-dir DIR] [--cache-dir DIR] [--json]`` rebuilds the model and the test set from
 the checkpoint's config and reports top-1 and top-5 of the time-averaged logits, plus
 ``per_step_top1``: the top-1 of the average of the first t steps, for t = 1..T.
 """
@@ -77,19 +77,19 @@ def evaluate(model, loader, criterion=None, amp: str = "none", should_stop=None)
 
 
 def build_parser():
-    from .config import ConfigError
+    from .config import checkpoint_parser
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise ConfigError(message)
-
-    p = Parser(prog="tetsnn test", description="Evaluate a checkpoint on its test set.")
-    p.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by tetsnn train")
-    p.add_argument("--data-dir", default=None, help="where the dataset lives (default: the run's data_dir)")
-    p.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: the run's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p = checkpoint_parser("tetsnn test", "Evaluate a checkpoint on its test set.")
     p.add_argument("--json", action="store_true", help="print one JSON object: top1, top5, per_step_top1")
     return p
+
+
+def overrides(args) -> dict:
+    """The run's config keys a checkpoint command's flags replace."""
+    from .config import CHECKPOINT_OVERRIDES
+
+    given = {key: getattr(args, key) for key in CHECKPOINT_OVERRIDES}
+    return {**given, "device": given["device"] or "auto"}   # this machine's, not the run's
 
 
 def run_test(args) -> dict:
@@ -98,8 +98,7 @@ def run_test(args) -> dict:
     from .distributed import setup
     from .checkpoint import load_trained_model
 
-    cfg, model, ckpt = load_trained_model(
-        args.checkpoint, dict(data_dir=args.data_dir, batch_size=args.batch_size, device=args.device))
+    cfg, model, ckpt = load_trained_model(args.checkpoint, overrides(args))
     _, _, device = setup(cfg["device"])
     model = model.to(device)
     data = build_data(cfg, device, train=False)

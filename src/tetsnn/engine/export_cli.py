@@ -34,11 +34,19 @@ def _shape(text: str):
     return shape
 
 
-def build_parser():
-    from .profile_cli import make_parser
+def input_shape(cfg: dict) -> tuple:
+    """C,H,W of one input frame of a run: its dataset's, at its ``size`` for event data."""
+    shape = INPUT_SHAPES[cfg["dataset"]]
+    if cfg.get("size") and shape[0] == 2:
+        shape = (2, cfg["size"], cfg["size"])
+    return shape
 
-    p = make_parser("tetsnn export", "Export a trained model to another format (NIR).")
-    p.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by tetsnn train")
+
+def build_parser():
+    from .config import checkpoint_parser
+
+    # a model's export reads no data: of the run's keys, no flag here changes it
+    p = checkpoint_parser("tetsnn export", "Export a trained model to another format (NIR).", overrides=())
     p.add_argument("--format", choices=["nir"], default="nir", help="output format (nir)")
     p.add_argument("--out", required=True, help="file to write (e.g. model.nir)")
     p.add_argument("--input-shape", type=str, default=None,
@@ -65,7 +73,7 @@ def main(argv=None) -> int:
     try:
         args = _args(list(sys.argv[1:] if argv is None else argv))
         cfg, model, _ = load_trained_model(args.checkpoint)
-        shape = _shape(args.input_shape) if args.input_shape else INPUT_SHAPES[cfg["dataset"]]
+        shape = _shape(args.input_shape) if args.input_shape else input_shape(cfg)
         graph = export_nir(model, args.out, shape, dt=args.dt, avgpool=args.avgpool)
     except OSError as e:
         print(f"tetsnn export: error: {error_line(e) if e.filename else write_error(args.out, e)}", file=sys.stderr)

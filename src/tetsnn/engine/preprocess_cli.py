@@ -1,65 +1,70 @@
-"""``tetsnn preprocess``: build an event dataset's frame cache ahead of training."""
+"""``tetsnn preprocess``: build an event dataset's frame cache ahead of training.
+
+    tetsnn preprocess [--config FILE|PRESET] --dataset NAME --data-dir RAW [--KEY VALUE ...]
+
+It reads the same config and flags as ``tetsnn train`` (those that decide the cache: dataset,
+data_dir, cache_dir, T, split, size, reader, sensor_size, split_by and on_error; the others are
+checked and unused), so ``train`` with the same flags reads the cache it builds. ``--threads N``
+sets the framing threads (train's ``--workers`` is its DataLoader's, and not taken here).
+"""
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 
-from ..data.events.datasets import DEFAULT_T, build_cache
-from ..utils import Interrupted, error_line
 
-
-def _sensor_size(text):
-    try:
-        H, W = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected H,W (two integers), got {text!r}") from None
-    return H, W
+# old spellings, named in the error message that replaces them
+RENAMED = {"--root": "--data-dir", "--cache": "--cache-dir", "--workers": "--threads"}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="tetsnn preprocess",
-        description="Frame an event-camera dataset's original recordings into the cache that "
-                    "training reads (both splits).")
-    parser.add_argument("dataset", choices=sorted(DEFAULT_T), help="which dataset")
-    parser.add_argument("--root", required=True,
-                        help="the original recordings: CIFAR10-DVS or N-Caltech101 class folders, the DvsGesture "
-                             "folder, the N-MNIST folder holding Train/ and Test/, or <class>/<recording> folders")
-    parser.add_argument("--cache-dir", dest="cache", default=None, help="cache directory (default ~/.cache/tetsnn)")
-    parser.add_argument("--T", type=int, default=None, help="frames per sample (default 16 Gesture, 10 the others)")
-    parser.add_argument("--split", choices=("tet", "tebn"), default="tet",
-                        help="train/test split of CIFAR10-DVS, N-Caltech101 and event-folder "
-                             "(default tet: the first 90%% of each class train)")
-    parser.add_argument("--size", type=int, default=None,
-                        help="model input side; N-Caltech101 and event-folder caches are stored reduced to it "
-                             "(default 48)")
-    parser.add_argument("--reader", choices=("aedat2", "aedat31", "atis", "npy"), default=None,
-                        help="event-folder: the recordings' format")
-    parser.add_argument("--sensor-size", type=_sensor_size, default=None, metavar="H,W",
-                        help="event-folder: the sensor's height and width")
-    parser.add_argument("--split-by", choices=("count", "time"), default="count",
-                        help="cut each sample into T frames of equal event count (default) or equal time")
-    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
-                        help="stop at an unreadable file (default) or skip it and list it in the manifest")
-    parser.add_argument("--workers", type=int, default=None, help="threads framing files (default: all CPUs)")
-    return parser
+    from .config import DEFAULTS, Parser, add_config_flag, add_key_flags
+
+    p = Parser(prog="tetsnn preprocess",
+               description="Frame an event-camera dataset's original recordings into the cache that training "
+                           "reads (both splits). Takes the config and flags of tetsnn train (but --workers); "
+                           "a train run with the same flags reads the cache.")
+    add_config_flag(p)
+    add_key_flags(p, [key for key in DEFAULTS if key != "workers"])
+    p.add_argument("--threads", type=int, default=None, help="threads framing files (default: all CPUs)")
+    return p
 
 
-def parse_args(argv):
-    return build_parser().parse_args(argv)
+def resolve_cache_config(argv) -> tuple[dict, int | None]:
+    """Command line -> (the run config these flags describe, framing threads)."""
+    from .config import DATASETS, ConfigError, absolute_paths, load_config, resolve
+
+    for arg in argv:
+        name = arg.split("=")[0]
+        if name in RENAMED:
+            raise ConfigError(f"{name} is now {RENAMED[name]} (the same flag as tetsnn train's)")
+    if argv and not argv[0].startswith("-"):
+        raise ConfigError(f"give the dataset as --dataset {argv[0]} (the same flag as tetsnn train's)")
+    args = vars(build_parser().parse_args(argv))
+    config, threads = args.pop("config"), args.pop("threads")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"bad value for --threads: {threads} (expected an integer >= 1)")
+    cfg = resolve(absolute_paths({**load_config(config or "digits"), **args}))
+    if DATASETS[cfg["dataset"]]["kind"] != "events":
+        events = ", ".join(k for k, v in DATASETS.items() if v["kind"] == "events")
+        raise ConfigError(f"bad value for dataset: {cfg['dataset']!r} (preprocess builds event caches: {events})")
+    return cfg, threads
 
 
 def main(argv=None) -> int:
+    from .config import ConfigError
+    from .data import event_cache_args
+    from ..data import DataError
+    from ..data.events import build_cache
+    from ..utils import Interrupted, error_line
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
     try:
-        directory, manifest = build_cache(args.dataset, args.root, args.T, args.split, args.cache,
-                                          args.on_error, args.split_by, args.workers, size=args.size,
-                                          reader=args.reader, sensor_size=args.sensor_size)
-    except (ValueError, OSError) as error:
+        cfg, threads = resolve_cache_config(argv)
+        directory, manifest = build_cache(**event_cache_args(cfg), workers=threads)
+    except (ConfigError, DataError, ValueError, OSError) as error:
         print(f"tetsnn preprocess: error: {error_line(error)}", file=sys.stderr)
-        return 1
+        return 2
     except Interrupted as stopped:    # SIGTERM / SIGINT during the build: nothing is left behind
         print(f"{stopped}. continue with: {shlex.join(['tetsnn', 'preprocess', *argv])}", flush=True)
         return 0
@@ -67,7 +72,7 @@ def main(argv=None) -> int:
         print("tetsnn preprocess: interrupted; no cache was left half-written", file=sys.stderr)
         return 130
     splits = manifest["splits"]
-    print(f"{args.dataset}: {splits['train']['shape'][0]} train / {splits['test']['shape'][0]} test samples, "
+    print(f"{cfg['dataset']}: {splits['train']['shape'][0]} train / {splits['test']['shape'][0]} test samples, "
           f"T={manifest['params']['T']}, in {directory}")
     for skipped in manifest["skipped"]:
         print(f"skipped {skipped['file']}: {skipped['error']}")

@@ -1,6 +1,6 @@
 """``tetsnn profile``: firing rates, synaptic operations and energy of a trained model on test batches.
 
-    tetsnn profile --checkpoint FILE [--data-dir DIR] [--batches K] [--json] [--plot out.png]
+    tetsnn profile --checkpoint FILE [--data-dir DIR] [--cache-dir DIR] [--batches K] [--json] [--plot out.png]
 """
 from __future__ import annotations
 
@@ -11,26 +11,15 @@ import sys
 
 import torch
 
-__all__ = ["make_parser", "main"]
-
-
-def make_parser(prog, description):
-    from .config import ConfigError
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            raise ConfigError(message)
-
-    return Parser(prog=prog, description=description)
+__all__ = ["main"]
 
 
 def build_parser():
-    p = make_parser("tetsnn profile", "Firing rates, synaptic operations and energy of a checkpoint on test batches.")
-    p.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by tetsnn train")
-    p.add_argument("--data-dir", default=None, help="where the dataset lives (default: the run's data_dir)")
+    from .config import checkpoint_parser
+
+    p = checkpoint_parser("tetsnn profile",
+                          "Firing rates, synaptic operations and energy of a checkpoint on test batches.")
     p.add_argument("--batches", type=int, default=4, help="number of test batches to run (default 4)")
-    p.add_argument("--batch-size", type=int, default=None, help="test batch size (default: the run's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--mac-pj", type=float, default=4.6, help="energy of one MAC in pJ (default 4.6, 45 nm)")
     p.add_argument("--ac-pj", type=float, default=0.9, help="energy of one accumulate in pJ (default 0.9, 45 nm)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -39,8 +28,9 @@ def build_parser():
 
 
 def _args(argv):
-    args = build_parser().parse_args(argv)
     from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
     if args.batches < 1:
         raise ConfigError(f"--batches must be >= 1, got {args.batches}")
     return args
@@ -51,9 +41,11 @@ def run_profile(args) -> dict:
     from .checkpoint import load_trained_model
     from ..analysis import profile
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg, model, _ = load_trained_model(args.checkpoint, dict(data_dir=args.data_dir, batch_size=args.batch_size),
-                                       device)
+    from .evaluate import overrides
+
+    given = overrides(args)
+    device = given["device"] if given["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, model, _ = load_trained_model(args.checkpoint, given, device)
     data = build_data(cfg, device, train=False)
     batches = (x for x, _ in itertools.islice(iter(data.test), args.batches))
     return profile(model, batches, T=cfg["T"], mac_pj=args.mac_pj, ac_pj=args.ac_pj, raster=args.plot is not None)

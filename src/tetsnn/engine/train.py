@@ -34,7 +34,8 @@ from torch import nn
 
 from .checkpoint import (CheckpointError, CheckpointWriteError, build_model, load_checkpoint, load_trained_model,
                          rng_state, save_checkpoint, set_rng_state)
-from .config import ConfigError, T_at_epoch, load_config, parse_T_schedule, parse_train_args, resolve
+from .config import (ConfigError, T_at_epoch, absolute_paths, load_config, parse_T_schedule, parse_train_args,
+                     resolve)
 from . import distributed as _distributed
 from .. import utils as _utils
 from .distributed import all_reduce_max, all_reduce_sum, cleanup, pause_point, setup, share
@@ -100,11 +101,14 @@ def resolve_run_config(argv) -> dict:
     """Command line -> the run's config. With --resume, the saved config, where any explicitly given
     key must agree with it, except the SCHEDULE_KEYS (``epochs`` may extend the run) and the
     LOCATION_KEYS. ``--resume auto`` resumes ``--out DIR`` when it holds a last.pt, and starts a new
-    run there otherwise."""
+    run there otherwise. Relative paths (flags and config file alike) are taken from the current
+    directory and kept absolute."""
     config_file, flags = parse_train_args(argv)
-    if "T" in flags and ({**(load_config(config_file) if config_file else {}), **flags}).get("T_schedule"):
+    flags = absolute_paths(flags)
+    from_file = absolute_paths(load_config(config_file or "digits"))
+    if "T" in flags and ({**(from_file if config_file else {}), **flags}).get("T_schedule"):
         raise ConfigError("give either --T or a T schedule (--T-schedule), not both")
-    given = {**(load_config(config_file) if config_file else {}), **flags}
+    given = {**(from_file if config_file else {}), **flags}
     if given.get("resume") == "auto":
         if not given.get("out"):
             raise ConfigError("--resume auto needs --out DIR (the run directory to continue, or to start)")
@@ -113,20 +117,22 @@ def resolve_run_config(argv) -> dict:
             if damaged:
                 raise ConfigError(f"{given['out']} holds a run without its last.pt ({', '.join(damaged)} present): "
                                   f"it cannot be resumed; move it away or start with another --out")
-            return resolve({**load_config(config_file or "digits"), **flags, "resume": None})
+            return resolve({**from_file, **flags, "resume": None})
         flags["resume"] = given["resume"] = given["out"]
     if flags.get("resume") is None:
-        return resolve({**load_config(config_file or "digits"), **flags})
+        return resolve({**from_file, **flags})
     run_dir = flags["resume"]
     saved = load_checkpoint(os.path.join(run_dir, "last.pt"))["config"]
     free = {k for k, v in given.items() if k in ("resume",) + SCHEDULE_KEYS + LOCATION_KEYS
             or (k == "out" and os.path.abspath(v) == os.path.abspath(run_dir))}
-    # compare values as the run reads them (a flag "1e-3" is the saved 0.001)
-    wanted = resolve({**saved, **{k: v for k, v in given.items() if k not in free}, "resume": None})
+    # compare values as the run reads them (a flag "1e-3" is the saved 0.001; a key newer than the
+    # run has its default; a path is absolute)
+    had = resolve(absolute_paths({**saved, "resume": None}))
+    wanted = resolve({**had, **{k: v for k, v in given.items() if k not in free}})
     for key, value in given.items():
         if key in free:
             continue
-        if key not in saved or wanted[key] != saved[key]:
+        if wanted[key] != had[key]:
             flag = "--" + key.replace("_", "-")
             raise ConfigError(f"{flag} {value} contradicts the resumed run's {key}: {saved.get(key)!r}")
     moved = {k: given[k] for k in LOCATION_KEYS + SCHEDULE_KEYS if k in given}
@@ -541,6 +547,23 @@ def _summary(history, best, out, say) -> dict:
     return dict(interrupted=False, best=best, final=final, out=out)
 
 
+def short_run_note(model: nn.Module, share: float = 0.01):
+    """A one-line note when the model's BatchNorm running statistics, which evaluation uses, still
+    hold more than ``share`` of their initial values (mean 0, variance 1): after few optimizer steps
+    the test accuracy can then be near chance while the training accuracy is high. None otherwise."""
+    left, updates = 0.0, None
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.momentum is not None:
+            n = int(m.num_batches_tracked)
+            if (1 - m.momentum) ** n > left:
+                left, updates = (1 - m.momentum) ** n, n
+    if left <= share:
+        return None
+    return (f"note: the BatchNorm running statistics have seen only {updates} training batches and still hold "
+            f"{100 * left:.0f}% of their initial values; the test accuracy, which uses them, can be near chance "
+            f"until more steps run (more epochs, or a larger --limit-train)")
+
+
 # errors every rank raises at the same point (decided by a collective): the ranks still leave the
 # process group together. Any other error may be one rank's alone (or a failed collective), so that
 # process leaves at once and its peers' next collective fails.
@@ -553,6 +576,10 @@ def fit(cfg: dict, stop: StopRequest = None) -> dict:
     if stop is None:
         with StopRequest() as stop:
             return fit(cfg, stop)
+    from .data import default_data_dir
+
+    # the run records absolute paths: its directory works from any directory
+    cfg = absolute_paths({**cfg, "data_dir": cfg["data_dir"] or default_data_dir(cfg["dataset"])})
     if cfg["sync_bn"] and not (cfg["device"].startswith("cuda") or (cfg["device"] == "auto" and torch.cuda.is_available())):
         raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU)")
     rank, world, device = setup(cfg["device"])
@@ -596,6 +623,8 @@ def fit(cfg: dict, stop: StopRequest = None) -> dict:
                     return out
                 out = _on_rank0(main, create)
                 lock = made[0] if made else None
+            out = os.path.abspath(out)
+            trainer.cfg = cfg = {**cfg, "out": out}
         del ckpt
         opened = []
         trainer.write(out, lambda: opened.append(RunFiles(out, cfg, trainer.data.info, trainer.history)))
@@ -675,6 +704,9 @@ def _loop(trainer, files, cfg, world, stop) -> dict:
         if all_reduce_max(torch.tensor([float(stop.requested)], device=trainer.device))[0]:
             say(f"stopped by signal after epoch {trainer.epoch}; {resume_hint}")
             return dict(interrupted=True, epoch=trainer.epoch, step=0)
+    note = short_run_note(trainer.model)
+    if note:
+        say(note)
     return _summary(trainer.history, trainer.best, files.out if files else None, say)
 
 

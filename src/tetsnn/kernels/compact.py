@@ -111,6 +111,15 @@ _RECENT = []  # the latest packings, newest last: (key, weak ref to the owner of
 _RECENT_SIZE = 4
 
 
+def check_spikes(x: Tensor) -> None:
+    """ValueError unless every value of ``x`` is 0 or 1: the bits saved for the weight gradient
+    would not rebuild it. (Skipped while compiling.)"""
+    bad = (x != 0) & (x != 1)
+    if bad.any():
+        raise ValueError(f"a layer built for spike input (spikes=True) got the value {x[bad][0].item():g}; "
+                         f"build layers whose input is not 0/1 spikes with spikes=False")
+
+
 def _pack_once(x: Tensor) -> Tensor:
     """``pack_spikes(x)``, reusing the bits of one of the last few calls when it packed the same,
     unmodified tensor (a block's input feeds conv1, the downsample and the residual add)."""
@@ -122,6 +131,7 @@ def _pack_once(x: Tensor) -> Tensor:
     for k, owner, bits in _RECENT:
         if k == key and owner() is not None and bits() is not None:
             return bits()
+    check_spikes(x)
     bits = pack_spikes(x)
     owner = x if x._base is None else x._base  # alive => its memory cannot hold another tensor
     _RECENT.append((key, weakref.ref(owner), weakref.ref(bits)))

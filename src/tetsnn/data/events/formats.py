@@ -232,8 +232,9 @@ def read_npy(path) -> np.ndarray:
     polarity other than 0/1) are an error naming the file, never wrapped around."""
     try:
         array = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a readable .npy array ({error})") from None
+    except Exception as error:   # a damaged header can fail inside numpy's header parser (TokenError, ...)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{path}: not a readable .npy array ({reason})") from None
     names = array.dtype.names or ()
     missing = [f for f in _NPY_FIELDS if f not in names]
     if missing or array.ndim != 1:
