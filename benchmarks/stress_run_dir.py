@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from report import write_results  # noqa: E402
 
-from tetsnn.checkpoint import load_checkpoint  # noqa: E402
+from tetsnn.engine.checkpoint import load_checkpoint  # noqa: E402
 
 TINY = ["--limit-train", "192", "--limit-test", "65", "--batch-size", "64", "--model-kw", "{backend: loop}"]
 LEARNS = ["--limit-train", "192", "--limit-test", "128", "--batch-size", "32", "--lr", "0.01",

@@ -21,11 +21,11 @@ import urllib.request
 import pytest
 
 import tetsnn.engine.train as train_mod
-from tetsnn.checkpoint import load_checkpoint, save_checkpoint
+from tetsnn.engine.checkpoint import load_checkpoint, save_checkpoint
 from tetsnn.data.events import cache as cache_mod
 from tetsnn.engine.preprocess_cli import main as preprocess_main
-from tetsnn.evaluate import main as evaluate_main
-from tetsnn.train import main
+from tetsnn.engine.evaluate import main as evaluate_main
+from tetsnn.engine.train import main
 from tetsnn.utils import FolderLock
 
 from conftest import QUICK

@@ -62,9 +62,12 @@ def main(argv=None) -> int:
     try:
         cfg, threads = resolve_cache_config(argv)
         directory, manifest = build_cache(**event_cache_args(cfg), workers=threads)
-    except (ConfigError, DataError, ValueError, OSError) as error:
+    except (ConfigError, DataError, ValueError) as error:      # bad input: a usage error
         print(f"tetsnn preprocess: error: {error_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:     # the cache could not be written: the build failed, as a failed write in train
+        print(f"tetsnn preprocess: error: {error_line(error)}", file=sys.stderr)
+        return 1
     except Interrupted as stopped:    # SIGTERM / SIGINT during the build: nothing is left behind
         print(f"{stopped}. continue with: {shlex.join(['tetsnn', 'preprocess', *argv])}", flush=True)
         return 0
