@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from tetsnn import LIF, create_model, tet_loss
-from tetsnn.kernels import compact, fused
+from tetsnn import compact
+from tetsnn.kernels import numba_kernels, ops
+from tetsnn.neuron.spec import NeuronSpec
 
 from report import write_results
 
@@ -138,12 +140,12 @@ def lif_step(name, x, grad):
 
 def with_torch_ops(fn):
     def run():
-        numba = fused._NUMBA
-        fused._NUMBA = False
+        numba = numba_kernels.STATE["numba"]
+        numba_kernels.disable()
         try:
             fn()
         finally:
-            fused._NUMBA = numba
+            numba_kernels.STATE["numba"] = numba
     return run
 
 
@@ -291,9 +293,9 @@ def bench_triton_bandwidth(device, neurons=2 ** 26, T=8) -> dict:
     dst = torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
     copy = 2 * nbytes / device_seconds(lambda: dst.copy_(x), device)
-    fwd = 2 * nbytes / device_seconds(lambda: triton_lif.forward(x, 0.5, 1.0, True), device)
-    bwd = 5 * nbytes / device_seconds(lambda: triton_lif.backward(grad, x, 0.5, 1.0, True, False, "zif", 1.0),
-                                      device)
+    c = ops.constants(NeuronSpec(), x.dtype, device)
+    fwd = 2 * nbytes / device_seconds(lambda: triton_lif.forward(x, c, True), device)
+    bwd = 5 * nbytes / device_seconds(lambda: triton_lif.backward(grad, x, c, True, False, "zif"), device)
     return dict(gpu=device_name(device), neurons_per_step=neurons, T=T,
                 copy_GBps=round(copy / 1e9, 1), forward_GBps=round(fwd / 1e9, 1), backward_GBps=round(bwd / 1e9, 1),
                 forward_vs_copy=round(fwd / copy, 3), backward_vs_copy=round(bwd / copy, 3))
@@ -311,8 +313,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     result = dict(device=str(device), machine=platform.machine(), cpu=platform.processor() or platform.machine(),
                   cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                  rounds=args.rounds, numba=fused.numba_available())
-    if device.type == "cpu" and fused.numba_available():
+                  rounds=args.rounds, numba=numba_kernels.available())
+    if device.type == "cpu" and numba_kernels.available():
         result["numba_compile"] = numba_compile_cost()
     result["lif"] = bench_lif(device, args.rounds)
     if not args.skip_resnet:

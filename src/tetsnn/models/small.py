@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..kernels.compact import spike_avg_pool2d, spike_linear
+from ..compact import spike_avg_pool2d, spike_linear
 from ..layers import Layer, SeqToANNContainer
 from ..neuron import make_neuron
 from ._registry import register_model

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..kernels.compact import spike_avg_pool2d
+from ..compact import spike_avg_pool2d
 from ..layers import Layer, SeqToANNContainer
 from ._registry import register_model
 from .base import SpikingModel

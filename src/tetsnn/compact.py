@@ -8,126 +8,20 @@ gradient kernels autograd would, so every gradient is bit-identical to the plain
 Use them only where the input is truly 0/1 (right after a spiking neuron, or a max pool of
 spikes); average pooling or a SEW "ADD" join produce other values. ``compact=False`` turns a layer
 back into its plain parent class. Parameters and state_dict keys are those of ``nn.Conv2d`` /
-``nn.Linear``.
+``nn.Linear``. The bit packing itself (``pack_spikes`` / ``unpack_spikes``) is a custom op of
+:mod:`tetsnn.kernels.ops`.
 """
 from __future__ import annotations
-
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import _numba
+from .kernels.ops import pack_once, pack_spikes, unpack_spikes
 
 __all__ = ["pack_spikes", "unpack_spikes", "SpikeConv2d", "SpikeLinear", "spike_conv2d", "spike_linear",
            "ShapeOnlyAvgPool2d", "ShapeOnlyAdaptiveAvgPool2d", "SpikeMaxPool2d", "spike_avg_pool2d",
            "spike_adaptive_avg_pool2d", "spike_max_pool2d"]
-
-_PACK = {}  # numba pack / unpack kernels once built
-_PACK_BLOCK = 4096  # elements per numba work item (a multiple of 64)
-
-
-def _numba_pack_kernels():
-    if not _PACK:
-        numba = _numba()
-        if not numba:
-            return None
-        import numpy as np
-
-        @numba.njit(parallel=True)
-        def pack(x, out):  # x: flat float array; out[j] holds x[8j .. 8j+7], x[8j] in the lowest bit
-            blocks = x.shape[0] // _PACK_BLOCK
-            for j in numba.prange(blocks):
-                flags = np.empty(_PACK_BLOCK, np.uint8)
-                xs = x[j * _PACK_BLOCK:(j + 1) * _PACK_BLOCK]
-                for i in range(_PACK_BLOCK):
-                    flags[i] = xs[i] != 0
-                # eight 0/1 bytes -> one byte: the multiply moves byte k to bit 56 + k (little-endian)
-                f64 = flags.view(np.uint64)
-                o = out[j * (_PACK_BLOCK // 8):(j + 1) * (_PACK_BLOCK // 8)]
-                for i in range(_PACK_BLOCK // 8):
-                    o[i] = (f64[i] * np.uint64(0x0102040810204080)) >> np.uint64(56)
-            for i in range(blocks * _PACK_BLOCK, x.shape[0]):  # the tail, bit by bit
-                if i % 8 == 0:
-                    out[i // 8] = 0
-                if x[i] != 0:
-                    out[i // 8] |= 1 << (i % 8)
-
-        @numba.njit(parallel=True)
-        def unpack(p, out):
-            full = out.shape[0] // 8
-            for j in numba.prange(full):
-                b = numba.int32(p[j])
-                for k in range(8):
-                    out[8 * j + k] = (b >> k) & 1
-            for k in range(out.shape[0] - 8 * full):
-                out[8 * full + k] = (numba.int32(p[full]) >> k) & 1
-
-        _PACK["pack"], _PACK["unpack"] = pack, unpack
-    return _PACK
-
-
-def _cpu_fast(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and _numba_pack_kernels()
-
-
-@torch.library.custom_op("tetsnn::pack_spikes", mutates_args=())
-def pack_spikes(x: Tensor) -> Tensor:
-    """uint8 tensor of ``ceil(numel / 8)`` bytes; bit k of byte j is ``x.flatten()[8j + k] != 0``."""
-    x = x.contiguous().view(-1)
-    out = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
-    if _cpu_fast(x):
-        _PACK["pack"](x.numpy(), out.numpy())
-        return out
-    bits = torch.zeros(out.numel() * 8, dtype=torch.uint8, device=x.device)
-    bits[: x.numel()] = x != 0
-    bits = bits.view(-1, 8) << torch.arange(8, dtype=torch.uint8, device=x.device)
-    return torch.sum(bits, dim=1, dtype=torch.uint8, out=out)
-
-
-@pack_spikes.register_fake
-def _(x):
-    return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
-
-
-@torch.library.custom_op("tetsnn::unpack_spikes", mutates_args=())
-def unpack_spikes(packed: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
-    """The 0/1 tensor of ``shape`` and ``dtype`` that :func:`pack_spikes` packed."""
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
-    if _cpu_fast(out):
-        _PACK["unpack"](packed.numpy(), out.view(-1).numpy())
-        return out
-    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
-    return out.copy_(bits.view(-1)[: out.numel()].view(shape))
-
-
-@unpack_spikes.register_fake
-def _(packed, shape, dtype):
-    return packed.new_empty(shape, dtype=dtype)
-
-
-_RECENT = []  # the latest packings, newest last: (key, weak ref to the owner of the input's memory, weak ref to the bits)
-_RECENT_SIZE = 4
-
-
-def _pack_once(x: Tensor) -> Tensor:
-    """``pack_spikes(x)``, reusing the bits of one of the last few calls when it packed the same,
-    unmodified tensor (a block's input feeds conv1, the downsample and the residual add)."""
-    if torch.compiler.is_compiling():
-        return pack_spikes(x)
-    # a contiguous tensor's bits follow its memory, whatever its shape (x and x.flatten(0, 1) share them)
-    layout = ("contiguous", x.numel()) if x.is_contiguous() else (x.shape, x.stride())
-    key = (x.data_ptr(), layout, x.dtype, x.device, x._version)
-    for k, owner, bits in _RECENT:
-        if k == key and owner() is not None and bits() is not None:
-            return bits()
-    bits = pack_spikes(x)
-    owner = x if x._base is None else x._base  # alive => its memory cannot hold another tensor
-    _RECENT.append((key, weakref.ref(owner), weakref.ref(bits)))
-    del _RECENT[:-_RECENT_SIZE]
-    return bits
-
 
 class _SpikeConv2dFn(torch.autograd.Function):
     @staticmethod
@@ -136,7 +30,7 @@ class _SpikeConv2dFn(torch.autograd.Function):
         ctx.x_meta = (list(x.shape), x.dtype)
         ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(_pack_once(x), weight)
+        ctx.save_for_backward(pack_once(x), weight)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
@@ -157,7 +51,7 @@ class _SpikeLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.x_meta = (list(x.shape), x.dtype)
-        ctx.save_for_backward(_pack_once(x), weight, bias)
+        ctx.save_for_backward(pack_once(x), weight, bias)
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -276,7 +170,7 @@ class _SpikeMaxPool2dFn(torch.autograd.Function):
         ctx.args = args
         ctx.x_meta = (list(x.shape), x.dtype)
         ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        ctx.save_for_backward(_pack_once(x))
+        ctx.save_for_backward(pack_once(x))
         return torch.ops.aten.max_pool2d_with_indices(x, *args)[0]
 
     @staticmethod
