@@ -1,7 +1,7 @@
 """tetsnn: spiking neural networks trained with Temporal Efficient Training (TET, ICLR 2022)."""
 import sys
 
-from .neuron import (IF, LIF, PLIF, AtanSpike, CustomSpike, NeuronSpec, ReLUNeuron, SigmoidSpike, ZIF, atan_grad,
+from .neuron import (IF, ILIF, LIF, PLIF, AtanSpike, CustomSpike, NeuronSpec, ReLUNeuron, SigmoidSpike, ZIF, atan_grad,
                      atan_spike, make_neuron, sigmoid_grad, sigmoid_spike, zif, zif_grad)
 from .kernels.plan import Path, plan
 from .layers import Layer, SeqToANNContainer, Threshold, add_time_dim, to_batch_first, to_time_first
@@ -28,7 +28,7 @@ del _module, _evaluate_module
 __version__ = "0.1.0"
 
 __all__ = [
-    "LIF", "PLIF", "IF", "ReLUNeuron", "make_neuron", "NeuronSpec", "Path", "plan",
+    "LIF", "PLIF", "IF", "ILIF", "ReLUNeuron", "make_neuron", "NeuronSpec", "Path", "plan",
     "ZIF", "SigmoidSpike", "AtanSpike", "CustomSpike", "zif", "sigmoid_spike", "atan_spike",
     "zif_grad", "sigmoid_grad", "atan_grad",
     "SeqToANNContainer", "Layer", "Threshold", "add_time_dim", "to_time_first", "to_batch_first",

@@ -10,7 +10,7 @@ from torch import nn
 from .compact import spike_conv2d
 from .kernels.ops import bn_neuron
 from .kernels.plan import Path, plan
-from .neuron import make_neuron, resolve_surrogate
+from .neuron import make_neuron, resolve_surrogate, spike_levels
 
 __all__ = ["SeqToANNContainer", "ConvBN", "Layer", "ConvBNSpike", "Threshold", "add_time_dim", "to_time_first",
            "to_batch_first", "check_T", "fuses_bn", "conv_bn_spike", "bn_path", "bn_spikes", "per_step"]
@@ -167,7 +167,7 @@ class Layer(nn.Module):
         super().__init__()
         self.fwd = ConvBN(
             spike_conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=True,
-                         spikes=spikes and neuron != "relu"),
+                         spikes=spike_levels(neuron, **neuron_kw) if spikes else 0),
             nn.BatchNorm2d(out_channels),
         )
         self.act = make_neuron(neuron, **neuron_kw)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..compact import spike_adaptive_avg_pool2d, spike_conv2d, spike_linear, spike_max_pool2d
 from ..layers import ConvBN, ConvBNSpike, SeqToANNContainer, bn_path, bn_spikes, conv_bn_spike, per_step
-from ..neuron import make_neuron
+from ..neuron import make_neuron, spike_levels
 from ._registry import register_model
 from .base import SpikingModel
 
@@ -25,7 +25,7 @@ class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride=1, neuron="lif", fuse_bn=True, **neuron_kw):
         super().__init__()
         self.fuse_bn = fuse_bn
-        spikes = neuron != "relu"  # the block's input and sn1's output are spikes
+        spikes = spike_levels(neuron, **neuron_kw)  # the block's input and sn1's output are spikes
         self.conv1 = ConvBN(conv3x3(cin, cout, stride, spikes), nn.BatchNorm2d(cout))
         self.sn1 = make_neuron(neuron, **neuron_kw)
         self.conv2 = ConvBN(conv3x3(cout, cout, 1, spikes), nn.BatchNorm2d(cout))
@@ -60,7 +60,7 @@ def imagenet_stem(neuron="lif", fuse_bn=True, **neuron_kw):
     return ConvBNSpike(
         ConvBN(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)),
         make_neuron(neuron, **neuron_kw),
-        SeqToANNContainer(spike_max_pool2d(3, 2, 1, spikes=neuron != "relu")),
+        SeqToANNContainer(spike_max_pool2d(3, 2, 1, spikes=spike_levels(neuron, **neuron_kw))),
         fuse_bn=fuse_bn,
     )
 
@@ -86,10 +86,10 @@ class ResNet19(SpikingModel):
         self.layer1 = make_stage(BasicBlock, 64, 128, 3, 1, **kw)
         self.layer2 = make_stage(BasicBlock, 128, 256, 3, 2, **kw)
         self.layer3 = make_stage(BasicBlock, 256, 512, 2, 2, **kw)
-        self.pool = SeqToANNContainer(spike_adaptive_avg_pool2d(1, spikes=neuron != "relu"), nn.Flatten())
+        self.pool = SeqToANNContainer(spike_adaptive_avg_pool2d(1, spikes=spike_levels(neuron, **neuron_kw)), nn.Flatten())
         self.fc1 = SeqToANNContainer(nn.Linear(512, 256))
         self.sn_fc = make_neuron(neuron, **neuron_kw)
-        self.fc2 = SeqToANNContainer(spike_linear(256, num_classes, spikes=neuron != "relu"))
+        self.fc2 = SeqToANNContainer(spike_linear(256, num_classes, spikes=spike_levels(neuron, **neuron_kw)))
 
     def forward_seq(self, x):
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
@@ -109,7 +109,7 @@ class ImageNetResNet(SpikingModel):
             stages.append(make_stage(block, cin, cout, n, s, **kw))
             cin = cout
         self.stages = nn.Sequential(*stages)
-        self.pool = SeqToANNContainer(spike_adaptive_avg_pool2d(1, spikes=neuron != "relu"), nn.Flatten())
+        self.pool = SeqToANNContainer(spike_adaptive_avg_pool2d(1, spikes=spike_levels(neuron, **neuron_kw)), nn.Flatten())
         self.fc = SeqToANNContainer(nn.Linear(cin, num_classes))
         kaiming_init(self)
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..surrogate import (SURROGATES, AtanSpike, CustomSpike, SigmoidSpike, ZIF, atan_grad, atan_spike,
                          resolve_surrogate, sigmoid_grad, sigmoid_spike, zif, zif_grad)
-from .lif import IF, LIF, PLIF, ReLUNeuron, SpikingNeuron, lif_loop
+from .lif import IF, ILIF, LIF, PLIF, ReLUNeuron, SpikingNeuron, lif_loop
 from .spec import NeuronSpec
 
 __all__ = [
@@ -14,10 +14,10 @@ __all__ = [
     "zif", "sigmoid_spike", "atan_spike",
     "zif_grad", "sigmoid_grad", "atan_grad",
     "SURROGATES", "resolve_surrogate", "lif_loop", "NeuronSpec", "SpikingNeuron",
-    "LIF", "PLIF", "IF", "ReLUNeuron", "make_neuron", "NEURONS",
+    "LIF", "PLIF", "IF", "ILIF", "ReLUNeuron", "make_neuron", "NEURONS", "spike_levels",
 ]
 
-NEURONS = {"lif": LIF, "plif": PLIF, "if": IF, "relu": ReLUNeuron}
+NEURONS = {"lif": LIF, "plif": PLIF, "if": IF, "ilif": ILIF, "relu": ReLUNeuron}
 
 
 def make_neuron(neuron: str = "lif", **kw) -> nn.Module:
@@ -29,3 +29,13 @@ def make_neuron(neuron: str = "lif", **kw) -> nn.Module:
     if neuron == "if":
         kw.pop("tau", None)
     return NEURONS[neuron](**kw)
+
+
+def spike_levels(neuron: str = "lif", **kw) -> int:
+    """The largest value neuron ``neuron`` emits (what spike-fed layers keep bits for): 0 for "relu" (no
+    spikes), ``max_level`` for "ilif", 1 otherwise."""
+    if neuron == "relu":
+        return 0
+    if neuron == "ilif":
+        return int(kw.get("max_level", 4))
+    return 1

@@ -27,7 +27,7 @@ from ..kernels.torch_kernels import charge, fire, reset
 from ..surrogate import resolve_surrogate
 from .spec import NeuronSpec
 
-__all__ = ["lif_loop", "SpikingNeuron", "LIF", "PLIF", "IF", "ReLUNeuron"]
+__all__ = ["lif_loop", "SpikingNeuron", "LIF", "PLIF", "IF", "ILIF", "ReLUNeuron"]
 
 
 # --------------------------------------------------------------------------- reference dynamics
@@ -59,7 +59,7 @@ class SpikingNeuron(nn.Module):
     :attr:`spec` (and a learnable decay by :meth:`decay_tensor`); ``forward`` asks the planner for the
     path and runs it."""
 
-    backends = {"loop", "fused", "triton"}
+    backends = set(BACKENDS) - {"auto"}
     spike_fn: Optional[Callable] = None
 
     def _check_backend(self, backend: str) -> None:
@@ -193,6 +193,39 @@ class IF(LIF):
     def __init__(self, threshold: float = 1.0, gamma: float = 1.0, surrogate="zif", alpha=None,
                  reset: str = "hard", detach_reset: bool = False, backend: str = "auto"):
         super().__init__(1.0, threshold, gamma, surrogate, alpha, reset, detach_reset, backend)
+
+
+class ILIF(SpikingNeuron):
+    """Integer-valued LIF (I-LIF, the neuron of the Spike-driven Transformer v3), as SpikingJelly's
+    ``ILIFNode``: per step ``h = tau * u + x``, ``s = round(clip(h / threshold, 0, max_level))`` (an
+    integer count 0..max_level, ties to even), soft reset ``u = h - threshold * s``. Backward is a
+    straight-through rectangle: ``ds/dh = 1 / threshold`` where ``h / threshold`` is in ``[0, max_level]``.
+
+    ``tau`` is the decay factor (SpikingJelly's default ``tau=4/3`` is ``tau=0.25`` here).
+    """
+
+    def __init__(self, max_level: int = 4, tau: float = 0.25, threshold: float = 1.0, detach_reset: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        if isinstance(max_level, bool) or not isinstance(max_level, int) or max_level < 1:
+            raise ValueError(f"ILIF max_level must be an integer >= 1, got {max_level!r}")
+        if not threshold > 0:
+            raise ValueError(f"ILIF threshold must be > 0, got {threshold!r}")
+        self._check_backend(backend)
+        self.max_level = max_level
+        self.tau = float(tau)
+        self.threshold = float(threshold)
+        self.detach_reset = bool(detach_reset)
+        self.backend = backend
+
+    @property
+    def spec(self) -> NeuronSpec:
+        return NeuronSpec(dynamics="ilif", decay=self.tau, threshold=self.threshold, reset="soft",
+                          detach_reset=self.detach_reset, max_level=self.max_level)
+
+    def extra_repr(self) -> str:
+        return (f"max_level={self.max_level}, tau={self.tau}, threshold={self.threshold}, "
+                f"detach_reset={self.detach_reset}, backend={self.backend}")
 
 
 class ReLUNeuron(nn.Module):
