@@ -225,3 +225,20 @@ def test_compiled_op_with_a_learnable_decay():
     args = ops.flatten_neuron(NeuronSpec(decay=0.6, learnable_decay=True), "fused", d)
     torch.library.opcheck(torch.ops.tetsnn.lif_forward.default, (x, *args),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_nir_export_of_plif_uses_the_trained_decay():
+    nir = pytest.importorskip("nir")
+    model = tetsnn.create_model("digits_snn", neuron="plif", tau=0.5, T=2, size=8)
+    plifs = [m for m in model.modules() if isinstance(m, PLIF)]
+    with torch.no_grad():
+        for k, m in enumerate(plifs):
+            m.w.fill_(0.3 * (k + 1))   # "trained": decay = 1 - sigmoid(w)
+    graph = tetsnn.to_nir(model, (1, 8, 8), dt=1e-4)
+    lifs = [n for n in graph.nodes.values() if isinstance(n, nir.LIF)]
+    assert len(lifs) == len(plifs)
+    expected = sorted(1e-4 / (1 - m.tau) for m in plifs)
+    got = sorted(float(n.tau.flat[0]) for n in lifs)
+    assert got == pytest.approx(expected, rel=1e-6) and len(set(got)) == len(plifs)
+    with pytest.raises(ValueError, match="decay_input"):
+        tetsnn.to_nir(tetsnn.create_model("digits_snn", neuron="lif", decay_input=True, T=2, size=8), (1, 8, 8))

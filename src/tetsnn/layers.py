@@ -111,9 +111,11 @@ def fuses_bn(bn: nn.Module, neuron: nn.Module, fuse_bn: bool = True, x: Optional
 def bn_path(bn: nn.Module, neuron: nn.Module, fuse_bn: bool = True, x: Optional[torch.Tensor] = None) -> Path:
     """The planner's path for ``neuron(bn(...))`` on ``x`` (see :func:`fuses_bn`); ``path.fuses_bn`` says
     whether the BatchNorm runs inside the neuron."""
-    spec = getattr(neuron, "spec", None)
-    if spec is None or not (fuse_bn and bn.training and torch.is_grad_enabled()) or _hooked(bn) or _hooked(neuron):
+    if not (fuse_bn and bn.training and torch.is_grad_enabled()) or _hooked(bn) or _hooked(neuron):
         return Path.LOOP   # not fused (eval and no-grad run the modules as they are)
+    spec = getattr(neuron, "spec", None)   # a ReLU twin has none
+    if spec is None:
+        return Path.LOOP
     if isinstance(bn, nn.SyncBatchNorm):
         global _warned_sync_bn
         if not _warned_sync_bn:
