@@ -2,6 +2,8 @@
 
     python benchmarks/bench_lif.py [--rounds 5] [--batches 8 16] [--skip-resnet]
 
+    python benchmarks/bench_lif.py --zoo [--rounds 7]    # PLIF, ILIF and the vggsnn step with PLIF only
+
 (a) LIF forward + backward on [32, T, 128, 16, 16], T = 2, 4, 8: every backend against "loop".
 (b) A ResNet19 CIFAR training step (T = 4) against its ANN twin (ReLU in place of LIF, N*T images),
     and against the per-step loop without compact spikes (the network before the fast backends).
@@ -11,7 +13,9 @@ device-to-device copy, and (d) a bf16 ResNet19 step at batch 64 against its ANN 
 Variants are interleaved round by round and the medians compared. Saved bytes: every tensor that
 ``saved_tensors_hooks`` packs during the forward, each distinct storage once at its full size.
 Peak memory: the rise of peak RSS over the starting RSS (CPU) or of CUDA max allocated.
-Writes benchmarks/results/bench_lif.json and its own section of docs/performance.md.
+Writes benchmarks/results/bench_lif.json and its own section of docs/performance.md; ``--zoo``
+(PLIF and ILIF forward + backward at T = 8 against their loop path and SpikingJelly 2.0's modules, and
+a vggsnn training step with neuron="plif" against "lif") writes bench_lif_zoo.json and its section.
 """
 from __future__ import annotations
 
@@ -27,8 +31,10 @@ from pathlib import Path
 
 import torch
 
-from tetsnn import LIF, create_model, tet_loss
-from tetsnn.kernels import compact, fused
+from tetsnn import ILIF, LIF, PLIF, create_model, tet_loss
+from tetsnn import compact
+from tetsnn.kernels import numba_kernels, ops
+from tetsnn.neuron.spec import NeuronSpec
 
 from report import write_results
 
@@ -138,12 +144,12 @@ def lif_step(name, x, grad):
 
 def with_torch_ops(fn):
     def run():
-        numba = fused._NUMBA
-        fused._NUMBA = False
+        numba = numba_kernels.STATE["numba"]
+        numba_kernels.disable()
         try:
             fn()
         finally:
-            fused._NUMBA = numba
+            numba_kernels.STATE["numba"] = numba
     return run
 
 
@@ -291,12 +297,124 @@ def bench_triton_bandwidth(device, neurons=2 ** 26, T=8) -> dict:
     dst = torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
     copy = 2 * nbytes / device_seconds(lambda: dst.copy_(x), device)
-    fwd = 2 * nbytes / device_seconds(lambda: triton_lif.forward(x, 0.5, 1.0, True), device)
-    bwd = 5 * nbytes / device_seconds(lambda: triton_lif.backward(grad, x, 0.5, 1.0, True, False, "zif", 1.0),
-                                      device)
+    c = ops.constants(NeuronSpec(), x.dtype, device)
+    fwd = 2 * nbytes / device_seconds(lambda: triton_lif.forward(x, c, True), device)
+    bwd = 5 * nbytes / device_seconds(lambda: triton_lif.backward(grad, x, c, True, False, "zif"), device)
     return dict(gpu=device_name(device), neurons_per_step=neurons, T=T,
                 copy_GBps=round(copy / 1e9, 1), forward_GBps=round(fwd / 1e9, 1), backward_GBps=round(bwd / 1e9, 1),
                 forward_vs_copy=round(fwd / copy, 3), backward_vs_copy=round(bwd / copy, 3))
+
+
+# --------------------------------------------------------------------------- (e) PLIF, ILIF and the PLIF vggsnn
+
+ZOO_SHAPE = (16, 8, 64, 16, 16)   # [N, T=8, C, H, W] float32
+
+
+def zoo_modules(kind):
+    """name -> (module, time_first): tetsnn's loop and fused paths and SpikingJelly's module, same parameters."""
+    from spikingjelly.activation_based import neuron as sjn, surrogate as sjs
+    if kind == "plif":
+        sj = sjn.ParametricLIFNode(init_tau=2.0, decay_input=False, v_reset=0.0,
+                                   surrogate_function=sjs.Sigmoid(alpha=4.0), step_mode="m")
+        make = lambda b: PLIF(tau=0.5, surrogate="sigmoid", backend=b)  # noqa: E731
+    else:
+        sj = sjn.ILIFNode(tau=4.0 / 3.0, step_mode="m")
+        make = lambda b: ILIF(max_level=4, tau=0.25, backend=b)  # noqa: E731
+    return {"loop": (make("loop"), False), "fused": (make("fused"), False), "spikingjelly": (sj, True)}
+
+
+def zoo_step(module, time_first, x, grad):
+    from spikingjelly.activation_based import functional as sjf
+
+    def run():
+        xx = x.detach().requires_grad_()
+        if time_first:
+            sjf.reset_net(module)
+            y = module(xx.transpose(0, 1)).transpose(0, 1)
+        else:
+            y = module(xx)
+        y.backward(grad)
+    return run
+
+
+def bench_zoo(rounds) -> dict:
+    results = {}
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(ZOO_SHAPE, generator=g) * 0.8 + 0.5
+    grad = torch.randn(ZOO_SHAPE, generator=g)
+    for kind in ("plif", "ilif"):
+        variants = {k: zoo_step(m, tf, x, grad) for k, (m, tf) in zoo_modules(kind).items()}
+        for fn in variants.values():
+            fn()   # warm-up: compiles
+        times = interleave(variants, rounds, torch.device("cpu"))
+        res = {}
+        for k, v in times.items():
+            res[k] = dict(median_ms=round(statistics.median(v) * 1e3, 2))
+        for base in ("loop", "spikingjelly"):
+            per_round = sorted(b / f for b, f in zip(times[base], times["fused"]))
+            res["fused"][f"speedup_vs_{base}"] = round(statistics.median(per_round), 2)
+            res["fused"][f"round_speedups_vs_{base}"] = [round(r, 2) for r in per_round]
+        results[kind] = res
+        print(kind, json.dumps(res))
+    results["vggsnn_plif_vs_lif"] = bench_vgg_plif(rounds)
+    return results
+
+
+def bench_vgg_plif(rounds, n=2, T=8, size=32) -> dict:
+    """A vggsnn training step (T = 8, 2 x 32 x 32 frames) with neuron="plif" against the same with "lif"."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, T, 2, size, size, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    steps = {}
+    for neuron in ("lif", "plif"):
+        torch.manual_seed(0)
+        steps[neuron] = train_step(create_model("vggsnn", T=T, size=size, neuron=neuron).train(), x, y)[0]
+    for step in steps.values():
+        step()
+    times = interleave(steps, rounds, torch.device("cpu"))
+    per_round = sorted(p / l_ for l_, p in zip(times["lif"], times["plif"]))
+    return dict(shape=[n, T, 2, size, size], lif_ms=round(statistics.median(times["lif"]) * 1e3, 1),
+                plif_ms=round(statistics.median(times["plif"]) * 1e3, 1),
+                plif_vs_lif=round(statistics.median(per_round), 3), round_ratios=[round(r, 3) for r in per_round])
+
+
+def zoo_markdown(res: dict) -> str:
+    lines = [f"## PLIF and ILIF (`benchmarks/bench_lif.py --zoo`, cpu, {res['cpu_count']} CPUs, "
+             f"{res['torch_threads']} torch threads, torch {res['torch']}, commit {res['commit']})", "",
+             f"Forward + backward on {list(ZOO_SHAPE)} float32 (T = 8), {res['rounds']} interleaved rounds; each "
+             "speed-up is the median of the per-round ratios (bracket: lowest and highest round). SpikingJelly "
+             "2.0's modules run in its [T, N, ...] layout on the same values (`ParametricLIFNode(init_tau=2, "
+             "decay_input=False)`, `ILIFNode()`), tetsnn's as `PLIF(tau=0.5)` and `ILIF()`.", "",
+             "| neuron | variant | time | fused speed-up |", "|---|---|---|---|"]
+    goals = []
+    for kind in ("plif", "ilif"):
+        r = res["zoo"][kind]
+        f = r["fused"]
+        for k in ("loop", "spikingjelly", "fused"):
+            extra = ""
+            if k != "fused":
+                rr = f[f"round_speedups_vs_{k}"]
+                extra = f"{f[f'speedup_vs_{k}']}x [{rr[0]}-{rr[-1]}]"
+            lines.append(f"| {kind.upper()} | {k} | {r[k]['median_ms']} ms | {extra} |")
+        goals.append(f"| {kind.upper()} fused vs its loop | >= 4x | {f['speedup_vs_loop']}x | "
+                     f"{verdict(f['speedup_vs_loop'], 4.0, False)} |")
+        goals.append(f"| {kind.upper()} fused vs SpikingJelly | >= 2x | {f['speedup_vs_spikingjelly']}x | "
+                     f"{verdict(f['speedup_vs_spikingjelly'], 2.0, False)} |")
+    v = res["zoo"]["vggsnn_plif_vs_lif"]
+    goals.append(f"| vggsnn step {v['shape']}, plif vs lif | <= 1.05x | {v['plif_vs_lif']}x "
+                 f"[{v['round_ratios'][0]}-{v['round_ratios'][-1]}] ({v['plif_ms']} vs {v['lif_ms']} ms) | "
+                 f"{verdict(v['plif_vs_lif'], 1.05)} |")
+    lines += ["", "| measure | goal | measured | verdict |", "|---|---|---|---|", *goals]
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=30).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 # --------------------------------------------------------------------------- report
@@ -307,12 +425,18 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[8, 16], help="ResNet19 batch sizes (default 8 16)")
     p.add_argument("--skip-resnet", action="store_true", help="only the LIF comparisons")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--zoo", action="store_true", help="only PLIF, ILIF and the vggsnn PLIF step (CPU)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.zoo:
+        result = dict(device="cpu", cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                      torch=torch.__version__, rounds=args.rounds, commit=git_commit(), zoo=bench_zoo(args.rounds))
+        write_results(f"{NAME}_zoo", result, zoo_markdown(result))
+        return 0
     result = dict(device=str(device), machine=platform.machine(), cpu=platform.processor() or platform.machine(),
                   cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                  rounds=args.rounds, numba=fused.numba_available())
-    if device.type == "cpu" and fused.numba_available():
+                  rounds=args.rounds, numba=numba_kernels.available())
+    if device.type == "cpu" and numba_kernels.available():
         result["numba_compile"] = numba_compile_cost()
     result["lif"] = bench_lif(device, args.rounds)
     if not args.skip_resnet:

@@ -79,8 +79,8 @@ class Context:
         self.size = SIZES["dry" if dry else "gpu"]
         self.deadline = time.monotonic() + budget
         if dry:   # the GPU never runs numba; on the CPU, the torch-op kernels spare its compiles
-            from tetsnn.kernels import fused
-            fused._NUMBA = False
+            from tetsnn.kernels import numba_kernels
+            numba_kernels.disable()
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -206,11 +206,7 @@ def bn_neuron_cases(ctx, sec):
 
     from tetsnn import LIF
 
-    try:
-        from tetsnn.kernels.bn_fused import bn_lif
-    except ImportError:
-        sec.skip("fused BatchNorm neuron", "tetsnn.kernels has no bn_fused.bn_lif")
-        return
+    from tetsnn.kernels.ops import bn_neuron
     n = 0
     for backend in ["fused"] + (["triton"] if _has("triton") else []):
         for dtype in (torch.float32, torch.bfloat16):
@@ -228,7 +224,7 @@ def bn_neuron_cases(ctx, sec):
                             bn.bias.uniform_(-0.2, 0.8)
                         neuron = LIF(reset=reset, backend=backend if fused else "loop")
                         yy = y.clone().requires_grad_()
-                        s = bn_lif(yy, bn, neuron, T) if fused else neuron(bn(yy).view(2, T, 8, 5, 5))
+                        s = bn_neuron(yy, bn, neuron.spec, backend, T) if fused else neuron(bn(yy).view(2, T, 8, 5, 5))
                         gy, gw, gb = torch.autograd.grad(s, (yy, bn.weight, bn.bias), grad)
                         runs.append((s, gy, gw, gb, bn.running_mean.clone(), bn.running_var.clone()))
                     n += 1
@@ -363,9 +359,9 @@ import os, signal, sys
 import torch
 torch.use_deterministic_algorithms(os.environ["GPU_CHECK_DETERMINISTIC"] == "1")
 import tetsnn.engine.train as train
-import tetsnn.kernels.fused as fused
+import tetsnn.kernels.numba_kernels as numba_kernels
 if os.environ["GPU_CHECK_DRY_RUN"] == "1":   # as in the dry run's own process
-    fused._NUMBA = False
+    numba_kernels.disable()
 stop_at = int(os.environ.get("GPU_CHECK_STOP_AT", "0"))
 build = train.build_criterion
 

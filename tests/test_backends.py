@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 import tetsnn  # noqa: E402
 from tetsnn import IF, LIF  # noqa: E402
-from tetsnn.kernels import fused  # noqa: E402
+from tetsnn.kernels import numba_kernels, ops  # noqa: E402
 
 BACKENDS = ["fused", "triton"]
 SURROGATES = [("zif", {}), ("zif", {"gamma": 0.5}), ("sigmoid", {}), ("atan", {"alpha": 3.0})]
@@ -133,8 +133,8 @@ def test_auto_is_fused_on_cpu():
 
 
 def test_torch_op_fallback_matches_loop(monkeypatch):
-    monkeypatch.setattr(fused, "_NUMBA", False)  # as if numba were missing
-    assert not fused.numba_available()
+    monkeypatch.setitem(numba_kernels.STATE, "numba", False)  # as if numba were missing
+    assert not numba_kernels.available()
     for reset in ["hard", "soft"]:
         compare("fused", random_input((3, 5, 4, 6), torch.float32), reset=reset, surrogate="sigmoid")
 
@@ -143,11 +143,11 @@ def test_kernel_failure_warns_and_falls_back(monkeypatch):
     def broken(key):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(fused, "_NUMBA", fused._NUMBA)  # restored after the test
-    monkeypatch.setattr(fused, "_kernel", broken)
+    monkeypatch.setitem(numba_kernels.STATE, "numba", numba_kernels.STATE["numba"])  # restored after the test
+    monkeypatch.setattr(numba_kernels, "kernel", broken)
     with pytest.warns(RuntimeWarning, match="falling back to torch ops"):
         compare("fused", random_input((2, 4, 9), torch.float32))
-    assert not fused.numba_available()
+    assert not numba_kernels.available()
 
 
 def saved_bytes(fn, x):
@@ -184,7 +184,7 @@ def test_custom_op_registration():
 def test_eager_path_equals_the_op():
     """Eager code runs the op's body through an autograd.Function (torch.compile traces the op): the
     same spikes and input gradient, bit for bit."""
-    from tetsnn.kernels.fused import _LIFFunction
+    _LIFFunction = ops._NeuronFunction
     x = random_input((3, 5, 7), torch.float64)
     g = torch.randn(3, 5, 7, dtype=torch.float64)
     for args in ((0.5, 1.0, "hard", False, "zif", 1.0, "fused"), (0.7, 0.4, "soft", True, "atan", 2.0, "fused")):

@@ -17,7 +17,8 @@ from torch import nn  # noqa: E402
 import tetsnn  # noqa: E402
 from tetsnn import Layer, create_model  # noqa: E402
 from tetsnn import layers  # noqa: E402
-from tetsnn.kernels import bn_fused, compact  # noqa: E402
+from tetsnn import compact  # noqa: E402
+from tetsnn.kernels import ops as bn_fused  # noqa: E402
 from tetsnn.models.resnet import BasicBlock  # noqa: E402
 
 # (neuron, its options): every option takes a non-default value in some case; T runs over 1..8
@@ -186,9 +187,9 @@ def test_eval_no_grad_hooks_and_loop_run_unfused():
     handle.remove()
     assert seen == [1, 2]
     calls = []
-    orig = bn_fused._forward   # the body of the op and of its eager path
+    orig = bn_fused._bn_forward   # the body of the op and of its eager path
     try:
-        bn_fused._forward = lambda *a: calls.append(1) or orig(*a)
+        bn_fused._bn_forward = lambda *a: calls.append(1) or orig(*a)
         layer(x)
         assert calls == [1]
         with torch.no_grad():
@@ -200,7 +201,7 @@ def test_eval_no_grad_hooks_and_loop_run_unfused():
         layer(x)
         assert calls == [1]
     finally:
-        bn_fused._forward = orig
+        bn_fused._bn_forward = orig
 
 
 def test_sync_batchnorm_runs_unfused_and_warns_once(monkeypatch):
@@ -301,7 +302,7 @@ def test_rebuild_follows_the_kernel_torch_dispatches_to():
     AVX2/AVX-512 ones on x86, the probe picks the rounding of that build, which reproduces it."""
     code = """if True:
         import torch
-        from tetsnn.kernels import bn_fused
+        from tetsnn.kernels import ops as bn_fused
         g = torch.Generator().manual_seed(1)
         for dtype in (torch.float32, torch.float64):
             mode = bn_fused._rebuild_mode(dtype)
@@ -341,12 +342,14 @@ def test_numba_backward_equals_batch_norm_rerun(dtype, monkeypatch):
     for (name, (a2, aw, ab, am, ai, r)), other in zip(cases.items(), others):
         for lif in ((0.5, 1.0, "hard", False, "zif", 1.0), other):   # the default and other options
             args = (grad_s, y, w, b, mean, invstd, 1e-5, a2, aw, ab, am, ai, 1e-5, r, dtype, T, *lif, "fused")
-            assert bn_fused._numba_backward(grad_s, y, w, b, mean, invstd, a2, aw, ab, am, ai, r, dtype, T,
-                                            *lif) is not None
-            gz = torch.ops.tetsnn.bn_lif_backward(*args)
+            spec = bn_fused.unflatten_neuron(*lif, "fused")[0]
+            second = None if a2 is None else bn_fused.SavedBN(a2, aw, ab, am, ai, 1e-5)
+            assert bn_fused._numba_backward(grad_s, bn_fused.SavedBN(y, w, b, mean, invstd, 1e-5), second, r, dtype, T,
+                                            spec, None) is not None
+            gz = torch.ops.tetsnn.bn_lif_backward(*args)[0]
             with monkeypatch.context() as m:
                 m.setitem(bn_fused._MODES, dtype, None)  # as on a machine whose kernel is not reproduced
-                ref = torch.ops.tetsnn.bn_lif_backward(*args)
+                ref = torch.ops.tetsnn.bn_lif_backward(*args)[0]
             assert gz.abs().sum() > 0 and torch.equal(gz, ref), (name, lif)
 
 
@@ -386,7 +389,7 @@ def test_eager_path_equals_the_op():
             args = (*leaves[:3], running[0], running[1], 0.1, 1e-5, *second,
                     leaves[6] if residual is not None else None, *lif)
             if eager:
-                s = bn_fused._BNLIFFunction.apply(*args)
+                s = bn_fused._BNNeuronFunction.apply(*args)
                 stats = running if downsample else running[:2]      # updated in place
             else:
                 out = torch.ops.tetsnn.bn_lif_forward(*args)

@@ -5,8 +5,9 @@ from torch import nn
 
 import tetsnn
 from tetsnn import LIF, Layer, SeqToANNContainer, create_model
-from tetsnn.kernels import compact
-from tetsnn.kernels.compact import SpikeConv2d, SpikeLinear, pack_spikes, unpack_spikes
+from tetsnn import compact
+from tetsnn.compact import SpikeConv2d, SpikeLinear, pack_spikes, unpack_spikes
+from tetsnn.kernels import ops
 
 
 def spikes(*shape, seed=0, dtype=torch.float32):
@@ -18,7 +19,7 @@ def spikes(*shape, seed=0, dtype=torch.float32):
 def kernels(request, monkeypatch):
     """Run a test with the numba pack kernels and again with the torch-op ones."""
     if request.param == "torch":
-        monkeypatch.setattr(compact, "_cpu_fast", lambda t: False)
+        monkeypatch.setattr(ops, "_cpu_fast", lambda t: False)
     return request.param
 
 

@@ -64,9 +64,9 @@ def test_render_rewrites_only_its_own_section(dry_run, tmp_path):
 
 
 def test_a_mismatch_fails_the_run(tmp_path, monkeypatch):
-    from tetsnn.kernels import fused
+    from tetsnn.kernels import numba_kernels
 
-    monkeypatch.setattr(fused, "_NUMBA", fused._NUMBA)          # the dry run switches numba off
+    monkeypatch.setitem(numba_kernels.STATE, "numba", numba_kernels.STATE["numba"])   # the dry run switches numba off
     monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
     monkeypatch.setitem(gpu_check.SIZES["dry"], "lif_T", (2,))
     compare = gpu_check._compare_lif

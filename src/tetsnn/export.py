@@ -48,7 +48,7 @@ import torch.fx as fx
 from torch import nn
 
 from .layers import SeqToANNContainer, Threshold
-from .neuron import LIF
+from .neuron import LIF, SpikingNeuron
 from .utils import atomic_path
 
 __all__ = ["export_nir", "to_nir", "ENCODING", "DEFAULT_DT"]
@@ -92,7 +92,7 @@ class _Tracer(fx.Tracer):
     """Keeps neurons and per-step containers whole: they become graph nodes of their own."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (LIF, SeqToANNContainer, Threshold)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (SpikingNeuron, SeqToANNContainer, Threshold)) or super().is_leaf_module(m, qualname)
 
 
 class _Steps(nn.Module):
@@ -145,6 +145,12 @@ def neuron_node(name: str, neuron: LIF, shape, dt: float = DEFAULT_DT):
     """The NIR neuron that, integrated by forward Euler with step ``dt``, matches ``neuron`` (membrane
     scaled by ``1 - decay``)."""
     nir = nir_module()
+    if not isinstance(neuron, LIF):
+        raise ValueError(f"layer {name!r}: {type(neuron).__name__} has no NIR neuron (NIR's neurons emit binary "
+                         f"spikes); export a model of LIF, PLIF or IF neurons")
+    if neuron.decay_input:
+        raise ValueError(f"layer {name!r}: decay_input=True scales the input by 1 - tau, which tetsnn's NIR "
+                         f"mapping does not express; export a model trained with decay_input=False")
     if neuron.reset != "hard":
         raise ValueError(f"layer {name!r}: {neuron.reset} reset cannot be expressed in NIR, whose LIF/IF "
                          f"neurons reset to v_reset (hard reset); train with reset='hard' to export")
@@ -302,7 +308,7 @@ def to_nir(model: nn.Module, input_shape: Sequence[int], dt: float = DEFAULT_DT,
             elif node.op == "call_module":
                 name = node.target.removeprefix("model.")
                 m, arg = modules[name], env[node.args[0]]
-                if isinstance(m, LIF):
+                if isinstance(m, SpikingNeuron):
                     _unscaled(arg, f"layer {name!r}")
                     env[node] = _Value(b.add(name, neuron_node(name, m, arg.shape, dt), arg.sources), arg.shape, True)
                 elif isinstance(m, Threshold):

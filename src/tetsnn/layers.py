@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .kernels.bn_fused import bn_lif
-from .kernels.compact import spike_conv2d
-from .neuron import LIF, make_neuron, resolve_surrogate
+from .compact import spike_conv2d
+from .kernels.ops import bn_neuron
+from .kernels.plan import Path, plan
+from .neuron import make_neuron, resolve_surrogate, spike_levels
 
-__all__ = ["SeqToANNContainer", "Layer", "ConvBNSpike", "Threshold", "add_time_dim", "to_time_first",
-           "to_batch_first", "check_T", "fuses_bn", "conv_bn_spike", "per_step"]
+__all__ = ["SeqToANNContainer", "ConvBN", "Layer", "ConvBNSpike", "Threshold", "add_time_dim", "to_time_first",
+           "to_batch_first", "check_T", "fuses_bn", "conv_bn_spike", "bn_path", "bn_spikes", "per_step"]
 
 
 def check_T(T) -> int:
@@ -60,6 +62,22 @@ class SeqToANNContainer(nn.Module):
         return y.view(n, t, *y.shape[1:])
 
 
+class ConvBN(SeqToANNContainer):
+    """``SeqToANNContainer(conv, batchnorm)`` with the two named: ``.conv`` and ``.bn`` (the children stay
+    ``module.0`` / ``module.1``, so state_dict keys are those of the plain container)."""
+
+    def __init__(self, conv: nn.Module, bn: nn.Module):
+        super().__init__(conv, bn)
+
+    @property
+    def conv(self) -> nn.Module:
+        return self.module[0]
+
+    @property
+    def bn(self) -> nn.Module:
+        return self.module[1]
+
+
 class Threshold(nn.Module):
     """A stateless spike ``s = H(x - threshold)`` (NIR's Threshold node), with a surrogate gradient
     as the neurons have (``surrogate``, ``gamma``, ``alpha`` as in :class:`tetsnn.LIF`)."""
@@ -81,27 +99,39 @@ class Threshold(nn.Module):
 _warned_sync_bn = False
 
 
-def fuses_bn(bn: nn.Module, neuron: nn.Module, fuse_bn: bool = True) -> bool:
-    """Whether ``neuron(bn(...))`` runs as one fused op (:mod:`tetsnn.kernels.bn_fused`).
-
-    Only in training mode with gradients enabled (eval and no-grad run the modules as they are), for
-    a plain ``nn.BatchNorm1d/2d/3d`` feeding a
-    :class:`tetsnn.LIF` / :class:`tetsnn.IF` with a built-in surrogate and a fused backend, neither of them
-    hooked (a forward hook on either still sees its module run). A
-    ``SyncBatchNorm`` runs unfused: its statistics are gathered across processes; it says so once.
+def fuses_bn(bn: nn.Module, neuron: nn.Module, fuse_bn: bool = True, x: Optional[torch.Tensor] = None) -> bool:
+    """Whether ``neuron(bn(...))`` runs as one fused op (:func:`tetsnn.kernels.ops.bn_neuron`) on input ``x``:
+    the planner's decision (:func:`tetsnn.kernels.plan.plan`) for the neuron's spec, where ``fuse_bn`` is on
+    and no forward hook on either module needs to see it run (eval and no-grad run the modules as they are).
+    A ``SyncBatchNorm`` runs unfused: its statistics are gathered across processes; it says so once.
     """
-    if not (fuse_bn and bn.training and torch.is_grad_enabled()):
-        return False
+    return bn_path(bn, neuron, fuse_bn, x).fuses_bn
+
+
+def bn_path(bn: nn.Module, neuron: nn.Module, fuse_bn: bool = True, x: Optional[torch.Tensor] = None) -> Path:
+    """The planner's path for ``neuron(bn(...))`` on ``x`` (see :func:`fuses_bn`); ``path.fuses_bn`` says
+    whether the BatchNorm runs inside the neuron."""
+    if not (fuse_bn and bn.training and torch.is_grad_enabled()) or _hooked(bn) or _hooked(neuron):
+        return Path.LOOP   # not fused (eval and no-grad run the modules as they are)
+    spec = getattr(neuron, "spec", None)   # a ReLU twin has none
+    if spec is None:
+        return Path.LOOP
     if isinstance(bn, nn.SyncBatchNorm):
         global _warned_sync_bn
         if not _warned_sync_bn:
             _warned_sync_bn = True
             warnings.warn("SyncBatchNorm layers run unfused from their neuron (their statistics are gathered "
                           "across processes), keeping the normalised input for backward", RuntimeWarning,
-                          stacklevel=3)
-        return False
-    return (type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and isinstance(neuron, LIF)
-            and neuron.backend != "loop" and not callable(neuron.surrogate) and not _hooked(bn) and not _hooked(neuron))
+                          stacklevel=4)
+        return Path.LOOP
+    probe = x if x is not None else (bn.weight if bn.weight is not None else torch.empty(0))
+    return plan(spec, probe, bn, neuron.backend)
+
+
+def bn_spikes(path: Path, y: torch.Tensor, bn: nn.Module, neuron: nn.Module, T: int, **residual) -> torch.Tensor:
+    """Spikes of ``neuron(bn(y))`` by the fused ``path`` (``residual``: ``residual=`` spikes, or ``y2=`` and
+    ``bn2=`` a downsample branch's conv output and BatchNorm)."""
+    return bn_neuron(y, bn, neuron.spec, path.kernel, T, neuron.decay_tensor(), **residual)
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -120,8 +150,9 @@ def conv_bn_spike(seq: SeqToANNContainer, neuron: nn.Module, x: torch.Tensor, fu
     """``neuron(seq(x))`` for ``seq = SeqToANNContainer(conv, batchnorm)``; the BatchNorm runs inside the
     neuron (keeping only the conv output for backward) where :func:`fuses_bn` allows."""
     conv, bn = seq.module
-    if fuses_bn(bn, neuron, fuse_bn):
-        return bn_lif(per_step(conv, x), bn, neuron, x.shape[1])
+    path = bn_path(bn, neuron, fuse_bn, x)
+    if path.fuses_bn:
+        return bn_spikes(path, per_step(conv, x), bn, neuron, x.shape[1])
     return neuron(seq(x))
 
 
@@ -129,16 +160,16 @@ class Layer(nn.Module):
     """Conv2d (with bias) + BatchNorm2d applied per step, then a spiking neuron.
 
     ``spikes=True`` declares that the input is 0/1 spikes: with a spiking ``neuron`` the conv then
-    keeps it for backward as packed bits (:class:`tetsnn.kernels.compact.SpikeConv2d`).
+    keeps it for backward as packed bits (:class:`tetsnn.compact.SpikeConv2d`).
     ``fuse_bn`` runs the BatchNorm inside the neuron in training (:func:`conv_bn_spike`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  padding: int = 1, neuron: str = "lif", spikes: bool = False, fuse_bn: bool = True, **neuron_kw):
         super().__init__()
-        self.fwd = SeqToANNContainer(
+        self.fwd = ConvBN(
             spike_conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=True,
-                         spikes=spikes and neuron != "relu"),
+                         spikes=spike_levels(neuron, **neuron_kw) if spikes else 0),
             nn.BatchNorm2d(out_channels),
         )
         self.act = make_neuron(neuron, **neuron_kw)

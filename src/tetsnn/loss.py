@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels.fused import half_to_float
+from .kernels.ops import half_to_float
 
 __all__ = ["tet_loss", "sdt_loss", "LOSSES", "half_to_float"]
 

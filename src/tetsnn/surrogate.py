@@ -6,6 +6,11 @@ a smooth stand-in for its derivative ds/dv backward.
 - ``atan``: ``alpha / 2 / (1 + (pi/2 * alpha * v)^2)``, default alpha = 2;
 - or any callable ``v -> ds/dv``.
 
+Each built-in surrogate is written here once in each language that runs it, side by side: the torch
+form (``*_grad``), the scalar form the numba kernels compile (:func:`numba_grad`) and the Triton form
+(:func:`triton_grad`, built by :func:`triton_surrogate` on first use so that importing tetsnn never
+imports triton). The kernels read the width ``w`` and the derived constant
+``k = surrogate_constant(name, w)`` from the one constant array of :mod:`tetsnn.neuron.spec`.
 The neurons (:mod:`tetsnn.neuron`) and the kernels (:mod:`tetsnn.kernels`) both read this table.
 """
 from __future__ import annotations
@@ -16,7 +21,8 @@ from typing import Callable, Union
 import torch
 
 __all__ = ["ZIF", "SigmoidSpike", "AtanSpike", "CustomSpike", "zif", "sigmoid_spike", "atan_spike",
-           "zif_grad", "sigmoid_grad", "atan_grad", "SURROGATES", "SURROGATE_IDS", "resolve_surrogate"]
+           "zif_grad", "sigmoid_grad", "atan_grad", "SURROGATES", "SURROGATE_IDS", "resolve_surrogate",
+           "surrogate_constant", "numba_grad", "triton_surrogate"]
 
 # Each surrogate is the derivative ds/dv of the spike s = H(v), v = u - threshold.
 
@@ -131,3 +137,50 @@ def resolve_surrogate(surrogate: Union[str, Callable], gamma: float = 1.0, alpha
 
 # the kernels' integer code of each built-in surrogate
 SURROGATE_IDS = {"zif": 0, "sigmoid": 1, "atan": 2}
+
+
+def surrogate_constant(name: str, width: float) -> float:
+    """The constant ``k`` the kernel forms use: ``(1/w)^2`` for zif, ``pi/2 * w`` for atan (and sigmoid,
+    which does not read it), formed as the torch forms form them."""
+    return (1.0 / width) ** 2 if name == "zif" else math.pi / 2 * width
+
+
+# --------------------------------------------------------------------------- kernel forms
+# The same three derivatives as scalar code. ``zero`` and ``one`` come from the constant array, so a
+# float32 kernel computes in float32 as the torch forms do.
+
+def numba_grad(v, kind, w, k, zero, one):
+    """ds/dv of surrogate ``kind`` (SURROGATE_IDS) at ``v``: the numba kernels inline this function."""
+    if kind == 0:    # zif: (1/w)^2 * max(0, w - |v|)
+        a = w - abs(v)
+        return (a if a > zero else zero) * k
+    if kind == 1:    # sigmoid: w * sig(w v) * (1 - sig(w v))
+        sg = one / (one + math.exp(-(w * v)))
+        return w * sg * (one - sg)
+    z = k * v        # atan: (w/2) / (1 + (pi/2 w v)^2)
+    return (w / (one + one)) / (one + z * z)
+
+
+def _triton_grad(v, w, k, KIND: tl.constexpr):  # noqa: F821 - tl is bound by triton_surrogate()
+    if KIND == 0:  # zif
+        g = tl.maximum(w - tl.abs(v), 0.0) * k  # noqa: F821
+    elif KIND == 1:  # sigmoid
+        sg = 1 / (1 + tl.exp(-(w * v)))  # noqa: F821
+        g = w * sg * (1 - sg)
+    else:  # atan
+        z = k * v
+        g = (w / 2) / (1 + z * z)
+    return g
+
+
+_TRITON = []
+
+
+def triton_surrogate():
+    """:func:`_triton_grad` as a ``triton.jit`` function (imports triton on first call)."""
+    if not _TRITON:
+        import triton
+        import triton.language
+        globals()["tl"] = triton.language
+        _TRITON.append(triton.jit(_triton_grad))
+    return _TRITON[0]

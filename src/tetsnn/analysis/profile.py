@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..neuron import LIF
+from ..neuron import ILIF, SpikingNeuron
 
 __all__ = ["profile", "format_table", "conv_synops", "linear_synops", "dense_macs", "MAC_PJ", "AC_PJ"]
 
@@ -92,19 +92,29 @@ def dense_macs(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return y.numel() * layer.weight[0].numel()
 
 
+def _events(x: torch.Tensor, counts: bool) -> torch.Tensor:
+    """Accumulates each input element causes per weight: 1 where nonzero; with ``counts`` (a model with
+    integer-valued spikes, ILIF) an integer value v causes v (C unit events accumulate per weight)."""
+    indicator = (x != 0).double()
+    if not counts:
+        return indicator
+    xd = x.double()
+    return torch.where(xd == xd.round(), xd.abs(), indicator)
+
+
 @torch.no_grad()
-def conv_synops(conv: nn.Module, x: torch.Tensor) -> int:
+def conv_synops(conv: nn.Module, x: torch.Tensor, counts: bool = False) -> int:
     """Number of (nonzero input element, weight) pairs a convolution multiplies for input ``x``:
     the convolution of the indicator ``x != 0`` with an all-ones kernel, summed. Stride, padding
     (any padding mode), dilation, groups and the borders are those of ``conv`` itself."""
-    indicator = (x != 0).double()
+    indicator = _events(x, counts)
     ones = torch.ones(conv.weight.shape, dtype=torch.float64, device=x.device)
     return int(round(conv._conv_forward(indicator, ones, None).sum().item()))
 
 
-def linear_synops(linear: nn.Linear, x: torch.Tensor) -> int:
+def linear_synops(linear: nn.Linear, x: torch.Tensor, counts: bool = False) -> int:
     """(nonzero input element, weight) pairs of a Linear layer: ``nnz(x) * out_features``."""
-    return int((x != 0).sum().item()) * linear.out_features
+    return int(round(_events(x, counts).sum().item())) * linear.out_features
 
 
 def is_binary(x: torch.Tensor) -> bool:
@@ -135,10 +145,11 @@ class _Profiler:
         self.tracker = SpikeTracker()
         self.stats: Dict[str, LayerStats] = {}
         for name, m in model.named_modules():
-            if isinstance(m, LIF):
+            if isinstance(m, SpikingNeuron):
                 self.stats[name] = LayerStats(name, "neuron")
             elif isinstance(m, SYNAPSE_TYPES):
                 self.stats[name] = LayerStats(name, "linear" if isinstance(m, nn.Linear) else "conv")
+        self.counts = any(isinstance(m, ILIF) for m in model.modules())
         if not any(s.kind == "neuron" for s in self.stats.values()):
             raise ValueError(f"{type(model).__name__} has no LIF/IF layer to profile")
 
@@ -162,7 +173,8 @@ class _Profiler:
             st.dense += dense
             if self.tracker.is_marked(x) or is_binary(x):
                 st.spike_calls += 1
-                st.synops += linear_synops(module, x) if st.kind == "linear" else conv_synops(module, x)
+                synops = linear_synops if st.kind == "linear" else conv_synops
+                st.synops += synops(module, x, self.counts)
             else:
                 st.macs += dense
         return hook

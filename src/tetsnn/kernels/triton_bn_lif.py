@@ -1,6 +1,6 @@
 """BatchNorm + (residual) + LIF as Triton kernels: the normalised input is never written to memory.
 
-The math is that of :mod:`tetsnn.kernels.bn_fused` (see its docstring) with the normalisation done
+The math is that of :mod:`tetsnn.kernels.ops` (see its BatchNorm section) with the normalisation done
 inside the LIF loop. With per-channel ``alpha = invstd * weight`` and ``beta = bias - mean * alpha``
 (computed once from the batch statistics, in the compute dtype)::
 
@@ -14,7 +14,7 @@ Forward and backward form ``z`` with the same explicit fused multiply-add, so ba
 exactly the ``z`` the forward integrated. (It may differ by an ulp from torch's batch_norm kernel;
 the CPU path takes the forward's ``z`` from that kernel and rebuilds it with its rounding.) Neuron ``i`` of a contiguous ``[N, T, C, H, W]`` tensor
 (``M = C*H*W`` per step) lives at ``n*T*M + t*M + m`` with ``n = i // M, m = i % M``, and its
-channel is ``m // HW``. Scalars ``[tau, threshold, width, k]`` come in a small tensor in the compute
+channel is ``m // HW``. Scalars come in the constant array of :mod:`tetsnn.neuron.spec`, in the compute
 dtype; ``ab`` holds ``[alpha, beta, alpha2, beta2]`` (``4 * C`` values, the last two unused unless
 RES == 2). On the CPU the kernels run under ``TRITON_INTERPRET=1``.
 
@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..surrogate import SURROGATE_IDS
-from .triton_lif import _bptt, _check_device, _consts, _fire
+from .triton_lif import bptt, check_device, consts, fire
 
 BLOCK = 1024
 _TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
@@ -78,13 +78,12 @@ def _bn_integrate(y_ptr, y2_ptr, r_ptr, c_ptr, out_ptr, mask, base, alpha, beta,
                   HARD: tl.constexpr, RES: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
     """The forward recurrence on z: stores the spikes (in out_ptr's dtype), or for BACKWARD the
     pre-reset membranes (the residual spikes then come as packed bits)."""
-    tau = tl.load(c_ptr)
-    th = tl.load(c_ptr + 1)
-    u = tl.zeros([BLOCK], dtype=tau.dtype)
+    decay, th, w, k, cin, levels = consts(c_ptr)
+    u = tl.zeros([BLOCK], dtype=decay.dtype)
     for t in range(T):
         at = base + t * M
-        h = tau * u + _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES, BACKWARD)
-        s, u = _fire(h, th, HARD)
+        h = decay * u + cin * _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES, BACKWARD)
+        s, u = fire(h, th, levels, HARD, False)
         if BACKWARD:
             tl.store(out_ptr + at, h, mask=mask)
         else:
@@ -101,14 +100,18 @@ def _bn_lif_fwd(y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, s_ptr, n_neurons, T, M, HW,
 
 
 @triton.jit
-def _bn_lif_bwd(gs_ptr, y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, gz_ptr, n_neurons, T, M, HW, C,
+def _bn_lif_bwd(gs_ptr, y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, gz_ptr, gd_ptr, n_neurons, T, M, HW, C, grad_decay,
                 HARD: tl.constexpr, DETACH: tl.constexpr, KIND: tl.constexpr, RES: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """dL/dz from dL/ds: the recurrence for h (kept in gz), then BPTT back in time over it."""
+    """dL/dz from dL/ds: the recurrence for h (kept in gz), then BPTT back in time over it; with
+    ``grad_decay`` each neuron's dL/d decay into gd (without decay_input: the input is not re-read)."""
     mask, base, alpha, beta, alpha2, beta2 = _neurons(ab_ptr, n_neurons, T, M, HW, C, BLOCK)
     _bn_integrate(y_ptr, y2_ptr, r_ptr, c_ptr, gz_ptr, mask, base, alpha, beta, alpha2, beta2, T, M,
                   HARD, RES, True, BLOCK)
-    _bptt(gs_ptr, gz_ptr, c_ptr, base, mask, T, M, HARD, DETACH, KIND, BLOCK)
+    acc = bptt(gs_ptr, gz_ptr, c_ptr, base, mask, T, M, gz_ptr, grad_decay, HARD, DETACH, KIND, BLOCK, False)
+    if grad_decay != 0:
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(gd_ptr + i, acc, mask=mask)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -129,10 +132,11 @@ def _geometry(y: Tensor, T: int):
     return n * m, m, m // max(c, 1), c, (triton.cdiv(n * m, BLOCK),)
 
 
-def forward(y: Tensor, ab: Tensor, y2, r, T: int, tau: float, threshold: float, hard: bool) -> Tensor:
+def forward(y: Tensor, ab: Tensor, y2, r, T: int, consts_: Tensor, hard: bool) -> Tensor:
     """Spikes ``[N, T, C, ...]`` (in y's dtype) of a ``[N*T, C, ...]`` conv output ``y``; ``ab`` is
-    :func:`affine` of one or (with ``y2``) two BatchNorms; ``r`` residual spikes ``[N, T, C, ...]``."""
-    _check_device(y)
+    :func:`affine` of one or (with ``y2``) two BatchNorms; ``r`` residual spikes ``[N, T, C, ...]``;
+    ``c`` the constant array in ab's dtype."""
+    check_device(y)
     y = y.contiguous()
     s = torch.empty((y.shape[0] // T, T, *y.shape[1:]), dtype=y.dtype, device=y.device)
     if y.numel():
@@ -140,25 +144,26 @@ def forward(y: Tensor, ab: Tensor, y2, r, T: int, tau: float, threshold: float, 
         other = y2.contiguous() if res == 2 else y
         rr = r.contiguous() if res == 1 else y
         neurons, m, hw, c, grid = _geometry(y, T)
-        c_ = _consts(ab.dtype, y.device, tau, threshold)
-        _bn_lif_fwd[grid](y, other, rr, _pad(ab, c), c_, s, neurons, T, m, hw, c, HARD=hard, RES=res, BLOCK=BLOCK)
+        _bn_lif_fwd[grid](y, other, rr, _pad(ab, c), consts_, s, neurons, T, m, hw, c, HARD=hard, RES=res, BLOCK=BLOCK)
     return s
 
 
-def backward(grad_s: Tensor, y: Tensor, ab: Tensor, y2, bits, T: int, tau: float, threshold: float, hard: bool,
-             detach_reset: bool, surrogate: str, width: float) -> Tensor:
-    """dL/dz ``[N, T, C, ...]`` in the compute dtype; ``bits`` are the residual spikes packed."""
+def backward(grad_s: Tensor, y: Tensor, ab: Tensor, y2, bits, T: int, consts_: Tensor, hard: bool,
+             detach_reset: bool, surrogate: str, grad_decay: bool = False):
+    """``(dL/dz [N, T, C, ...] in the compute dtype, per-neuron dL/d decay or None)``; ``bits`` are the
+    residual spikes packed."""
     y = y.contiguous()
     gz = torch.empty((y.shape[0] // T, T, *y.shape[1:]), dtype=ab.dtype, device=y.device)
+    gd = torch.zeros(gz.numel() // T if grad_decay else 1, dtype=ab.dtype, device=y.device)
     if y.numel():
         res = 2 if y2 is not None else 1 if bits is not None else 0
         other = y2.contiguous() if res == 2 else y
         rr = bits if res == 1 else y
         neurons, m, hw, c, grid = _geometry(y, T)
-        c_ = _consts(ab.dtype, y.device, tau, threshold, surrogate, width)
-        _bn_lif_bwd[grid](grad_s.contiguous(), y, other, rr, _pad(ab, c), c_, gz, neurons, T, m, hw, c, HARD=hard,
-                          DETACH=detach_reset, KIND=SURROGATE_IDS[surrogate], RES=res, BLOCK=BLOCK)
-    return gz
+        _bn_lif_bwd[grid](grad_s.contiguous(), y, other, rr, _pad(ab, c), consts_, gz, gd, neurons, T, m, hw, c,
+                          int(grad_decay), HARD=hard, DETACH=detach_reset, KIND=SURROGATE_IDS[surrogate], RES=res,
+                          BLOCK=BLOCK)
+    return gz, (gd if grad_decay else None)
 
 
 def _pad(ab: Tensor, c: int) -> Tensor:
@@ -179,7 +184,7 @@ def _aot_variants():
         out.append((_bn_lif_fwd, sig, dict(HARD=hard, RES=res, BLOCK=BLOCK)))
         for detach, kind in itertools.product((False, True), sorted(SURROGATE_IDS.values())):
             sig = dict(gs_ptr=y, y_ptr=y, y2_ptr=y, r_ptr="*u8" if res == 1 else y, ab_ptr=cd, c_ptr=cd, gz_ptr=cd,
-                       **scalars, HARD="constexpr", DETACH="constexpr", KIND="constexpr", RES="constexpr",
+                       gd_ptr=cd, **scalars, grad_decay="i32", HARD="constexpr", DETACH="constexpr", KIND="constexpr", RES="constexpr",
                        BLOCK="constexpr")
             out.append((_bn_lif_bwd, sig, dict(HARD=hard, DETACH=detach, KIND=kind, RES=res, BLOCK=BLOCK)))
     return out

@@ -3,16 +3,15 @@
 BasicBlock:  x -> conv3x3-BN-SN -> conv3x3-BN -> (+ shortcut) -> SN
 
 With ``fuse_bn`` (the default) each BatchNorm runs inside the neuron that follows it during training,
-the residual add included (:mod:`tetsnn.kernels.bn_fused`); ``fuse_bn=False`` runs the modules one by one.
+the residual add included (:func:`tetsnn.kernels.ops.bn_neuron`); ``fuse_bn=False`` runs the modules one by one.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from ..kernels.bn_fused import bn_lif
-from ..kernels.compact import spike_adaptive_avg_pool2d, spike_conv2d, spike_linear, spike_max_pool2d
-from ..layers import ConvBNSpike, SeqToANNContainer, conv_bn_spike, fuses_bn, per_step
-from ..neuron import make_neuron
+from ..compact import spike_adaptive_avg_pool2d, spike_conv2d, spike_linear, spike_max_pool2d
+from ..layers import ConvBN, ConvBNSpike, SeqToANNContainer, bn_path, bn_spikes, conv_bn_spike, per_step
+from ..neuron import make_neuron, spike_levels
 from ._registry import register_model
 from .base import SpikingModel
 
@@ -26,25 +25,25 @@ class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride=1, neuron="lif", fuse_bn=True, **neuron_kw):
         super().__init__()
         self.fuse_bn = fuse_bn
-        spikes = neuron != "relu"  # the block's input and sn1's output are spikes
-        self.conv1 = SeqToANNContainer(conv3x3(cin, cout, stride, spikes), nn.BatchNorm2d(cout))
+        spikes = spike_levels(neuron, **neuron_kw)  # the block's input and sn1's output are spikes
+        self.conv1 = ConvBN(conv3x3(cin, cout, stride, spikes), nn.BatchNorm2d(cout))
         self.sn1 = make_neuron(neuron, **neuron_kw)
-        self.conv2 = SeqToANNContainer(conv3x3(cout, cout, 1, spikes), nn.BatchNorm2d(cout))
+        self.conv2 = ConvBN(conv3x3(cout, cout, 1, spikes), nn.BatchNorm2d(cout))
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = SeqToANNContainer(spike_conv2d(cin, cout, 1, stride, bias=False, spikes=spikes),
-                                                nn.BatchNorm2d(cout))
+            self.downsample = ConvBN(spike_conv2d(cin, cout, 1, stride, bias=False, spikes=spikes),
+                                     nn.BatchNorm2d(cout))
         self.sn2 = make_neuron(neuron, **neuron_kw)
 
     def forward(self, x):
         ds = self.downsample
-        bn2 = self.conv2.module[1]
-        if fuses_bn(bn2, self.sn2, self.fuse_bn) and (ds is None or fuses_bn(ds.module[1], self.sn2)):
+        path = bn_path(self.conv2.bn, self.sn2, self.fuse_bn, x)
+        if path.fuses_bn and (ds is None or bn_path(ds.bn, self.sn2, True, x).fuses_bn):
             # the block input is spikes: the fused op keeps it as bits; a downsample keeps its conv output
-            y_ds = None if ds is None else per_step(ds.module[0], x)
-            out = per_step(self.conv2.module[0], conv_bn_spike(self.conv1, self.sn1, x))
-            return bn_lif(out, bn2, self.sn2, x.shape[1], residual=x if ds is None else None,
-                          y2=y_ds, bn2=None if ds is None else ds.module[1])
+            y_ds = None if ds is None else per_step(ds.conv, x)
+            out = per_step(self.conv2.conv, conv_bn_spike(self.conv1, self.sn1, x))
+            return bn_spikes(path, out, self.conv2.bn, self.sn2, x.shape[1], residual=x if ds is None else None,
+                             y2=y_ds, bn2=None if ds is None else ds.bn)
         identity = x if ds is None else ds(x)
         out = self.conv2(conv_bn_spike(self.conv1, self.sn1, x, self.fuse_bn))
         return self.sn2(out + identity)
@@ -59,9 +58,9 @@ def make_stage(block, cin, cout, blocks, stride, **kw):
 def imagenet_stem(neuron="lif", fuse_bn=True, **neuron_kw):
     """7x7/2 conv (64, no bias) + BN + SN + 3x3/2 max pool (of spikes: kept as bits)."""
     return ConvBNSpike(
-        SeqToANNContainer(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)),
+        ConvBN(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)),
         make_neuron(neuron, **neuron_kw),
-        SeqToANNContainer(spike_max_pool2d(3, 2, 1, spikes=neuron != "relu")),
+        SeqToANNContainer(spike_max_pool2d(3, 2, 1, spikes=spike_levels(neuron, **neuron_kw))),
         fuse_bn=fuse_bn,
     )
 
@@ -83,14 +82,14 @@ class ResNet19(SpikingModel):
         super().__init__(T)
         kw = dict(neuron=neuron, fuse_bn=fuse_bn, **neuron_kw)
         self.stem = ConvBNSpike(
-            SeqToANNContainer(conv3x3(3, 64), nn.BatchNorm2d(64)), make_neuron(neuron, **neuron_kw), fuse_bn=fuse_bn)
+            ConvBN(conv3x3(3, 64), nn.BatchNorm2d(64)), make_neuron(neuron, **neuron_kw), fuse_bn=fuse_bn)
         self.layer1 = make_stage(BasicBlock, 64, 128, 3, 1, **kw)
         self.layer2 = make_stage(BasicBlock, 128, 256, 3, 2, **kw)
         self.layer3 = make_stage(BasicBlock, 256, 512, 2, 2, **kw)
-        self.pool = SeqToANNContainer(spike_adaptive_avg_pool2d(1, spikes=neuron != "relu"), nn.Flatten())
+        self.pool = SeqToANNContainer(spike_adaptive_avg_pool2d(1, spikes=spike_levels(neuron, **neuron_kw)), nn.Flatten())
         self.fc1 = SeqToANNContainer(nn.Linear(512, 256))
         self.sn_fc = make_neuron(neuron, **neuron_kw)
-        self.fc2 = SeqToANNContainer(spike_linear(256, num_classes, spikes=neuron != "relu"))
+        self.fc2 = SeqToANNContainer(spike_linear(256, num_classes, spikes=spike_levels(neuron, **neuron_kw)))
 
     def forward_seq(self, x):
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
@@ -110,7 +109,7 @@ class ImageNetResNet(SpikingModel):
             stages.append(make_stage(block, cin, cout, n, s, **kw))
             cin = cout
         self.stages = nn.Sequential(*stages)
-        self.pool = SeqToANNContainer(spike_adaptive_avg_pool2d(1, spikes=neuron != "relu"), nn.Flatten())
+        self.pool = SeqToANNContainer(spike_adaptive_avg_pool2d(1, spikes=spike_levels(neuron, **neuron_kw)), nn.Flatten())
         self.fc = SeqToANNContainer(nn.Linear(cin, num_classes))
         kaiming_init(self)
 

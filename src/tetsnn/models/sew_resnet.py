@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..kernels.compact import spike_conv2d
-from ..layers import ConvBNSpike, SeqToANNContainer, conv_bn_spike
-from ..neuron import make_neuron
+from ..compact import spike_conv2d
+from ..layers import ConvBN, ConvBNSpike, conv_bn_spike
+from ..neuron import make_neuron, spike_levels
 from ._registry import register_model
 from .resnet import ImageNetResNet, conv3x3
 
@@ -34,17 +34,16 @@ class SEWBlock(nn.Module):
         if connect not in CONNECTS:
             raise ValueError(f"unknown connect {connect!r}: expected one of {CONNECTS}")
         self.connect = connect
-        spikes = neuron != "relu"  # sn1's output is spikes; the block's input too unless ADD made it 0/1/2
-        in_spikes = spikes and connect != "ADD"
-        self.conv1 = SeqToANNContainer(conv3x3(cin, cout, stride, in_spikes), nn.BatchNorm2d(cout))
+        spikes = spike_levels(neuron, **neuron_kw)  # sn1's output is spikes; the block's input too unless ADD made it 0/1/2
+        in_spikes = spikes if connect != "ADD" and spikes == 1 else 0   # AND / IAND of counts are no counts
+        self.conv1 = ConvBN(conv3x3(cin, cout, stride, in_spikes), nn.BatchNorm2d(cout))
         self.sn1 = make_neuron(neuron, **neuron_kw)
-        self.conv2 = SeqToANNContainer(conv3x3(cout, cout, 1, spikes), nn.BatchNorm2d(cout))
+        self.conv2 = ConvBN(conv3x3(cout, cout, 1, spikes), nn.BatchNorm2d(cout))
         self.sn2 = make_neuron(neuron, **neuron_kw)
         self.downsample = None
         if stride != 1 or cin != cout:
             self.downsample = ConvBNSpike(
-                SeqToANNContainer(spike_conv2d(cin, cout, 1, stride, bias=False, spikes=in_spikes),
-                                  nn.BatchNorm2d(cout)),
+                ConvBN(spike_conv2d(cin, cout, 1, stride, bias=False, spikes=in_spikes), nn.BatchNorm2d(cout)),
                 make_neuron(neuron, **neuron_kw), fuse_bn=fuse_bn)
 
     def forward(self, x):

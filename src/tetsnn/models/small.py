@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..kernels.compact import spike_avg_pool2d, spike_linear
+from ..compact import spike_avg_pool2d, spike_linear
 from ..layers import Layer, SeqToANNContainer
-from ..neuron import make_neuron
+from ..neuron import make_neuron, spike_levels
 from ._registry import register_model
 from .base import SpikingModel
 
@@ -18,7 +18,7 @@ class DigitsSNN(SpikingModel):
     def __init__(self, num_classes=10, T=4, in_channels=1, size=8, neuron="lif", fuse_bn=True, **neuron_kw):
         super().__init__(T)
         kw = dict(neuron=neuron, fuse_bn=fuse_bn, **neuron_kw)
-        pool = lambda: SeqToANNContainer(spike_avg_pool2d(2, spikes=neuron != "relu"))  # noqa: E731
+        pool = lambda: SeqToANNContainer(spike_avg_pool2d(2, spikes=spike_levels(neuron, **neuron_kw)))  # noqa: E731
         self.features = nn.Sequential(
             Layer(in_channels, 32, **kw), Layer(32, 64, spikes=True, **kw), pool(),
             Layer(64, 128, **kw), pool(),
@@ -26,7 +26,7 @@ class DigitsSNN(SpikingModel):
         side = size // 2 // 2
         self.fc1 = SeqToANNContainer(nn.Flatten(), nn.Linear(128 * side * side, 128))
         self.sn = make_neuron(neuron, **neuron_kw)
-        self.fc2 = SeqToANNContainer(spike_linear(128, num_classes, spikes=neuron != "relu"))
+        self.fc2 = SeqToANNContainer(spike_linear(128, num_classes, spikes=spike_levels(neuron, **neuron_kw)))
 
     def forward_seq(self, x):
         return self.fc2(self.sn(self.fc1(self.features(x))))

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..kernels.compact import spike_avg_pool2d
+from ..compact import spike_avg_pool2d
+from ..neuron import spike_levels
 from ..layers import Layer, SeqToANNContainer
 from ._registry import register_model
 from .base import SpikingModel
@@ -14,7 +15,7 @@ class VGGSNN(SpikingModel):
         super().__init__(T)
         kw = dict(neuron=neuron, fuse_bn=fuse_bn, **neuron_kw)
         # average pooling keeps nothing for backward in the SNN (its gradient needs the shape only)
-        pool = lambda: SeqToANNContainer(spike_avg_pool2d(2, spikes=neuron != "relu"))  # noqa: E731
+        pool = lambda: SeqToANNContainer(spike_avg_pool2d(2, spikes=spike_levels(neuron, **neuron_kw)))  # noqa: E731
         self.features = nn.Sequential(
             Layer(in_channels, 64, **kw), Layer(64, 128, spikes=True, **kw), pool(),
             Layer(128, 256, **kw), Layer(256, 256, spikes=True, **kw), pool(),

@@ -8,151 +8,56 @@ gradient kernels autograd would, so every gradient is bit-identical to the plain
 Use them only where the input is truly 0/1 (right after a spiking neuron, or a max pool of
 spikes); average pooling or a SEW "ADD" join produce other values. ``compact=False`` turns a layer
 back into its plain parent class. Parameters and state_dict keys are those of ``nn.Conv2d`` /
-``nn.Linear``.
+``nn.Linear``. The bit packing itself (``pack_spikes`` / ``unpack_spikes``) is a custom op of
+:mod:`tetsnn.kernels.ops`.
 """
 from __future__ import annotations
-
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import _numba
+from .kernels.ops import check_spikes, pack_once, pack_spikes, unpack_spikes
 
-__all__ = ["pack_spikes", "unpack_spikes", "SpikeConv2d", "SpikeLinear", "spike_conv2d", "spike_linear",
+__all__ = ["pack_spikes", "unpack_spikes", "bits_per_value", "SpikeConv2d", "SpikeLinear", "spike_conv2d", "spike_linear",
            "ShapeOnlyAvgPool2d", "ShapeOnlyAdaptiveAvgPool2d", "SpikeMaxPool2d", "spike_avg_pool2d",
            "spike_adaptive_avg_pool2d", "spike_max_pool2d"]
 
-_PACK = {}  # numba pack / unpack kernels once built
-_PACK_BLOCK = 4096  # elements per numba work item (a multiple of 64)
+def bits_per_value(levels: int) -> int:
+    """Bits that hold the integers 0..levels: ``ceil(log2(levels + 1))``."""
+    return max(1, int(levels).bit_length())
 
 
-def _numba_pack_kernels():
-    if not _PACK:
-        numba = _numba()
-        if not numba:
-            return None
-        import numpy as np
-
-        @numba.njit(parallel=True)
-        def pack(x, out):  # x: flat float array; out[j] holds x[8j .. 8j+7], x[8j] in the lowest bit
-            blocks = x.shape[0] // _PACK_BLOCK
-            for j in numba.prange(blocks):
-                flags = np.empty(_PACK_BLOCK, np.uint8)
-                xs = x[j * _PACK_BLOCK:(j + 1) * _PACK_BLOCK]
-                for i in range(_PACK_BLOCK):
-                    flags[i] = xs[i] != 0
-                # eight 0/1 bytes -> one byte: the multiply moves byte k to bit 56 + k (little-endian)
-                f64 = flags.view(np.uint64)
-                o = out[j * (_PACK_BLOCK // 8):(j + 1) * (_PACK_BLOCK // 8)]
-                for i in range(_PACK_BLOCK // 8):
-                    o[i] = (f64[i] * np.uint64(0x0102040810204080)) >> np.uint64(56)
-            for i in range(blocks * _PACK_BLOCK, x.shape[0]):  # the tail, bit by bit
-                if i % 8 == 0:
-                    out[i // 8] = 0
-                if x[i] != 0:
-                    out[i // 8] |= 1 << (i % 8)
-
-        @numba.njit(parallel=True)
-        def unpack(p, out):
-            full = out.shape[0] // 8
-            for j in numba.prange(full):
-                b = numba.int32(p[j])
-                for k in range(8):
-                    out[8 * j + k] = (b >> k) & 1
-            for k in range(out.shape[0] - 8 * full):
-                out[8 * full + k] = (numba.int32(p[full]) >> k) & 1
-
-        _PACK["pack"], _PACK["unpack"] = pack, unpack
-    return _PACK
+def _pack(x: Tensor, levels: int):
+    """Bit planes of integer spikes 0..levels (one plane, bit 0, for 0/1 spikes)."""
+    if levels <= 1:
+        return (pack_once(x),)
+    check_spikes(x, levels)
+    xi = x.detach().to(torch.int32)
+    return tuple(pack_spikes(((xi >> b) & 1).to(x.dtype)) for b in range(bits_per_value(levels)))
 
 
-def _cpu_fast(t: Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and _numba_pack_kernels()
-
-
-@torch.library.custom_op("tetsnn::pack_spikes", mutates_args=())
-def pack_spikes(x: Tensor) -> Tensor:
-    """uint8 tensor of ``ceil(numel / 8)`` bytes; bit k of byte j is ``x.flatten()[8j + k] != 0``."""
-    x = x.contiguous().view(-1)
-    out = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
-    if _cpu_fast(x):
-        _PACK["pack"](x.numpy(), out.numpy())
-        return out
-    bits = torch.zeros(out.numel() * 8, dtype=torch.uint8, device=x.device)
-    bits[: x.numel()] = x != 0
-    bits = bits.view(-1, 8) << torch.arange(8, dtype=torch.uint8, device=x.device)
-    return torch.sum(bits, dim=1, dtype=torch.uint8, out=out)
-
-
-@pack_spikes.register_fake
-def _(x):
-    return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
-
-
-@torch.library.custom_op("tetsnn::unpack_spikes", mutates_args=())
-def unpack_spikes(packed: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
-    """The 0/1 tensor of ``shape`` and ``dtype`` that :func:`pack_spikes` packed."""
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
-    if _cpu_fast(out):
-        _PACK["unpack"](packed.numpy(), out.view(-1).numpy())
-        return out
-    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
-    return out.copy_(bits.view(-1)[: out.numel()].view(shape))
-
-
-@unpack_spikes.register_fake
-def _(packed, shape, dtype):
-    return packed.new_empty(shape, dtype=dtype)
-
-
-_RECENT = []  # the latest packings, newest last: (key, weak ref to the owner of the input's memory, weak ref to the bits)
-_RECENT_SIZE = 4
-
-
-def check_spikes(x: Tensor) -> None:
-    """ValueError unless every value of ``x`` is 0 or 1: the bits saved for the weight gradient
-    would not rebuild it. (Skipped while compiling.)"""
-    bad = (x != 0) & (x != 1)
-    if bad.any():
-        raise ValueError(f"a layer built for spike input (spikes=True) got the value {x[bad][0].item():g}; "
-                         f"build layers whose input is not 0/1 spikes with spikes=False")
-
-
-def _pack_once(x: Tensor) -> Tensor:
-    """``pack_spikes(x)``, reusing the bits of one of the last few calls when it packed the same,
-    unmodified tensor (a block's input feeds conv1, the downsample and the residual add)."""
-    if torch.compiler.is_compiling():
-        return pack_spikes(x)
-    # a contiguous tensor's bits follow its memory, whatever its shape (x and x.flatten(0, 1) share them)
-    layout = ("contiguous", x.numel()) if x.is_contiguous() else (x.shape, x.stride())
-    key = (x.data_ptr(), layout, x.dtype, x.device, x._version)
-    for k, owner, bits in _RECENT:
-        if k == key and owner() is not None and bits() is not None:
-            return bits()
-    check_spikes(x)
-    bits = pack_spikes(x)
-    owner = x if x._base is None else x._base  # alive => its memory cannot hold another tensor
-    _RECENT.append((key, weakref.ref(owner), weakref.ref(bits)))
-    del _RECENT[:-_RECENT_SIZE]
-    return bits
+def _unpack(planes, shape, dtype) -> Tensor:
+    x = unpack_spikes(planes[0], shape, dtype)
+    for b, plane in enumerate(planes[1:], 1):
+        x = x + unpack_spikes(plane, shape, dtype) * (1 << b)
+    return x
 
 
 class _SpikeConv2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, levels=1):
         ctx.conv = (stride, padding, dilation, groups)
         ctx.x_meta = (list(x.shape), x.dtype)
         ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(_pack_once(x), weight)
+        ctx.save_for_backward(weight, *_pack(x, levels))
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
-        packed, weight = ctx.saved_tensors
-        x = unpack_spikes(packed, *ctx.x_meta)
+        weight, *packed = ctx.saved_tensors
+        x = _unpack(packed, *ctx.x_meta)
         if ctx.channels_last:   # the layout the plain convolution's backward would see
             x = x.contiguous(memory_format=torch.channels_last)
         stride, padding, dilation, groups = ctx.conv
@@ -160,26 +65,26 @@ class _SpikeConv2dFn(torch.autograd.Function):
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(stride), list(padding),
             list(dilation), False, [0, 0], groups, mask)
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 class _SpikeLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, levels=1):
         ctx.x_meta = (list(x.shape), x.dtype)
-        ctx.save_for_backward(_pack_once(x), weight, bias)
+        ctx.save_for_backward(weight, bias, *_pack(x, levels))
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         # the products autograd forms for F.linear (addmm on the flattened input)
-        packed, weight, bias = ctx.saved_tensors
-        x = unpack_spikes(packed, *ctx.x_meta).view(-1, weight.shape[1])
+        weight, bias, *packed = ctx.saved_tensors
+        x = _unpack(packed, *ctx.x_meta).view(-1, weight.shape[1])
         g = grad.reshape(-1, weight.shape[0])
         gx = g.mm(weight).view(ctx.x_meta[0]) if ctx.needs_input_grad[0] else None
         gw = g.t().mm(x) if ctx.needs_input_grad[1] else None
         gb = g.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
+        return gx, gw, gb, None
 
 
 def _apply_autocast(fn, x, weight, bias, *args):
@@ -199,40 +104,46 @@ def _compact_applies(layer: nn.Module, x: Tensor) -> bool:
 
 
 class SpikeConv2d(nn.Conv2d):
-    """``nn.Conv2d`` for 0/1 input: saves the input as packed bits (``compact=True``, zero padding)."""
+    """``nn.Conv2d`` for spike input: saves the input as packed bits (``compact=True``, zero padding);
+    ``levels`` is the largest spike value (integer spikes 0..levels keep ``ceil(log2(levels+1))`` bits)."""
 
-    def __init__(self, *args, compact: bool = True, **kw):
+    def __init__(self, *args, compact: bool = True, levels: int = 1, **kw):
         super().__init__(*args, **kw)
         self.compact = compact
+        self.levels = int(levels)
 
     def forward(self, x: Tensor) -> Tensor:
         if not _compact_applies(self, x) or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
         return _apply_autocast(_SpikeConv2dFn, x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                               self.groups)
+                               self.groups, self.levels)
 
 
 class SpikeLinear(nn.Linear):
-    """``nn.Linear`` for 0/1 input: saves the input as packed bits (``compact=True``)."""
+    """``nn.Linear`` for spike input: saves the input as packed bits (``compact=True``; ``levels`` as for
+    :class:`SpikeConv2d`)."""
 
-    def __init__(self, *args, compact: bool = True, **kw):
+    def __init__(self, *args, compact: bool = True, levels: int = 1, **kw):
         super().__init__(*args, **kw)
         self.compact = compact
+        self.levels = int(levels)
 
     def forward(self, x: Tensor) -> Tensor:
         if not _compact_applies(self, x):
             return super().forward(x)
-        return _apply_autocast(_SpikeLinearFn, x, self.weight, self.bias)
+        return _apply_autocast(_SpikeLinearFn, x, self.weight, self.bias, self.levels)
 
 
-def spike_conv2d(*args, spikes: bool, **kw) -> nn.Conv2d:
-    """A :class:`SpikeConv2d` where the input is 0/1 spikes (``spikes=True``), else a plain ``nn.Conv2d``."""
-    return SpikeConv2d(*args, **kw) if spikes else nn.Conv2d(*args, **kw)
+def spike_conv2d(*args, spikes, **kw) -> nn.Conv2d:
+    """A :class:`SpikeConv2d` where the input is spikes (``spikes``: True for 0/1, or the largest integer
+    spike value), else a plain ``nn.Conv2d``."""
+    return SpikeConv2d(*args, levels=int(spikes), **kw) if spikes else nn.Conv2d(*args, **kw)
 
 
-def spike_linear(*args, spikes: bool, **kw) -> nn.Linear:
-    """A :class:`SpikeLinear` where the input is 0/1 spikes (``spikes=True``), else a plain ``nn.Linear``."""
-    return SpikeLinear(*args, **kw) if spikes else nn.Linear(*args, **kw)
+def spike_linear(*args, spikes, **kw) -> nn.Linear:
+    """A :class:`SpikeLinear` where the input is spikes (``spikes`` as for :func:`spike_conv2d`), else a plain
+    ``nn.Linear``."""
+    return SpikeLinear(*args, levels=int(spikes), **kw) if spikes else nn.Linear(*args, **kw)
 
 
 # --------------------------------------------------------------------------- pooling
@@ -282,25 +193,29 @@ def _pair(v):
 
 class _SpikeMaxPool2dFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, args):
+    def forward(ctx, x, args, levels=1):
         ctx.args = args
         ctx.x_meta = (list(x.shape), x.dtype)
         ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        ctx.save_for_backward(_pack_once(x))
+        ctx.save_for_backward(*_pack(x, levels))
         return torch.ops.aten.max_pool2d_with_indices(x, *args)[0]
 
     @staticmethod
     def backward(ctx, grad):
-        (packed,) = ctx.saved_tensors
-        x = unpack_spikes(packed, *ctx.x_meta)
+        x = _unpack(ctx.saved_tensors, *ctx.x_meta)
         if ctx.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         indices = torch.ops.aten.max_pool2d_with_indices(x, *ctx.args)[1]  # the forward's, from the same 0/1 values
-        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *ctx.args, indices), None
+        return torch.ops.aten.max_pool2d_with_indices_backward(grad, x, *ctx.args, indices), None, None
 
 
 class SpikeMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` for 0/1 input: keeps the input as packed bits and no indices (recomputed in backward)."""
+    """``nn.MaxPool2d`` for spike input: keeps the input as packed bits and no indices (recomputed in backward);
+    ``levels`` as for :class:`SpikeConv2d`."""
+
+    def __init__(self, *args, levels: int = 1, **kw):
+        super().__init__(*args, **kw)
+        self.levels = int(levels)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.is_grad_enabled() or not x.requires_grad or self.return_indices or \
@@ -309,7 +224,7 @@ class SpikeMaxPool2d(nn.MaxPool2d):
         stride = self.stride if self.stride is not None else self.kernel_size
         args = (list(_pair(self.kernel_size)), list(_pair(stride)), list(_pair(self.padding)),
                 list(_pair(self.dilation)), self.ceil_mode)
-        return _SpikeMaxPool2dFn.apply(x, args)
+        return _SpikeMaxPool2dFn.apply(x, args, self.levels)
 
 
 def spike_avg_pool2d(*args, spikes: bool, **kw) -> nn.AvgPool2d:
@@ -323,4 +238,4 @@ def spike_adaptive_avg_pool2d(*args, spikes: bool) -> nn.AdaptiveAvgPool2d:
 
 def spike_max_pool2d(*args, spikes: bool, **kw) -> nn.MaxPool2d:
     """A :class:`SpikeMaxPool2d` where the input is 0/1 spikes, else a plain ``nn.MaxPool2d``."""
-    return SpikeMaxPool2d(*args, **kw) if spikes else nn.MaxPool2d(*args, **kw)
+    return SpikeMaxPool2d(*args, levels=int(spikes), **kw) if spikes else nn.MaxPool2d(*args, **kw)

@@ -1,0 +1,337 @@
+"""The numba kernels (CPU, float32 / float64): the neuron recurrence forward and backward, BatchNorm's
+output rebuilt inside them, and the bit packing of spikes.
+
+Every kernel reads the constant array of :mod:`tetsnn.neuron.spec` (layout ``C_*``) in the input's
+dtype, and its surrogate from :func:`tetsnn.surrogate.numba_grad`. Each operation is the one the
+per-step loop's autograd performs, in the same dtype and order (no fast-math, so no fused
+multiply-adds), so forward and backward agree with the loop bit for bit wherever none intervenes.
+
+Kernels are built on first use per configuration key and compiled on their first call; a failed build
+or compile makes :func:`call` return False (the caller then runs the torch-op kernels) and marks numba
+unusable for the process.
+"""
+from __future__ import annotations
+
+import warnings
+
+from ..neuron.spec import C_DECAY, C_INPUT, C_K, C_LEVELS, C_ONE, C_THRESHOLD, C_WIDTH, C_ZERO
+from ..surrogate import SURROGATE_IDS, numba_grad
+
+__all__ = ["available", "module", "call", "kernel", "BLOCK", "PACK_BLOCK"]
+
+STATE = {"numba": None}  # the numba module once imported, False when numba is unusable
+_KERNELS = {}  # (kind, *flags) -> numba kernel
+BLOCK = 2048  # neurons per work item
+PACK_BLOCK = 4096  # elements per work item of the bit packing (a multiple of 64)
+
+
+def module():
+    """The numba module, or False where it cannot be imported (warns once)."""
+    if STATE["numba"] is None:
+        try:
+            import numba
+            STATE["numba"] = numba
+        except ImportError:
+            warnings.warn("numba is not installed: the 'fused' LIF backend runs its loop in torch ops "
+                          "(about 2x slower)", RuntimeWarning, stacklevel=3)
+            STATE["numba"] = False
+    return STATE["numba"]
+
+
+def available() -> bool:
+    return bool(module())
+
+
+def disable() -> None:
+    STATE["numba"] = False
+
+
+def call(key, *args) -> bool:
+    """Run kernel ``key`` on ``args``; False (with a warning, numba disabled) when it cannot run."""
+    try:
+        kernel(key)(*args)
+    except Exception as e:  # a failed compile leaves the torch-op kernels in charge
+        disable()
+        warnings.warn(f"the numba LIF kernel failed ({type(e).__name__}: {e}); falling back to torch ops",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def kernel(key):
+    """The numba kernel ``key = (kind, *flags)``, built on first use."""
+    if key not in _KERNELS:
+        build = {"load": _load_kernel, "values": _values_kernel, "step": _step_kernel, "integrate": _integrate_kernel,
+                 "fwd": _forward_kernel, "bwd": _backward_kernel, "scale_shift": _scale_shift_kernel,
+                 "pack": _pack_kernel, "unpack": _unpack_kernel}[key[0]]
+        _KERNELS[key] = build(*key[1:])
+    return _KERNELS[key]
+
+
+def _fma():
+    """``fma(a, b, c)``: ``a * b + c`` rounded once (LLVM's ``llvm.fma``)."""
+    numba = module()
+
+    @numba.extending.intrinsic
+    def fma(typingctx, a, b, c):
+        return a(a, b, c), lambda context, builder, sig, args: builder.fma(*args)
+    return fma
+
+
+# --------------------------------------------------------------------------- input sources
+
+def _load_kernel(source: str, fused_madd: bool):
+    """How a kernel reads its input ``x[n, t, m]`` from the arrays ``src`` (a tuple): ``rows(src, n, t,
+    m0, w, c)`` takes the rows of step t for neurons ``m0 .. m0+w``, ``value(rows, i)`` gives neuron
+    ``m0 + i``'s input from them. The sources:
+
+    - ``"x"``: ``src = (x,)``, the input itself;
+    - ``"bn"``: ``src = (y, a, b)``, BatchNorm's output ``y * a[m] + b[m]`` rebuilt from its input
+      ``y`` and the per-neuron scale ``a`` and shift ``b`` (``fused_madd``: rounded once, by fma);
+    - ``"bn+bn"``: ``src = (y, a, b, y2, a2, b2)``, the sum of two such outputs;
+    - ``"bn+bits"``: ``src = (y, a, b, bits)``, one such output plus 0/1 spikes packed as bits
+      (bit ``f % 8`` of byte ``f // 8`` for the flat index ``f`` of ``[n, t, m]``).
+    """
+    numba = module()
+    fma = _fma()
+    njit = numba.njit(inline="always")
+
+    @njit
+    def bn(y, a, b, i):
+        return fma(y[i], a[i], b[i]) if fused_madd else y[i] * a[i] + b[i]
+
+    if source == "x":
+        @njit
+        def rows(src, n, t, m0, w, c):
+            return (src[0][n, t, m0:m0 + w],)
+
+        @njit
+        def value(r, i):
+            return r[0][i]
+    elif source == "bn":
+        @njit
+        def rows(src, n, t, m0, w, c):
+            return src[0][n, t, m0:m0 + w], src[1][m0:m0 + w], src[2][m0:m0 + w]
+
+        @njit
+        def value(r, i):
+            return bn(r[0], r[1], r[2], i)
+    elif source == "bn+bn":
+        @njit
+        def rows(src, n, t, m0, w, c):
+            return (src[0][n, t, m0:m0 + w], src[1][m0:m0 + w], src[2][m0:m0 + w],
+                    src[3][n, t, m0:m0 + w], src[4][m0:m0 + w], src[5][m0:m0 + w])
+
+        @njit
+        def value(r, i):
+            return bn(r[0], r[1], r[2], i) + bn(r[3], r[4], r[5], i)
+    else:  # "bn+bits"
+        @njit
+        def rows(src, n, t, m0, w, c):
+            f0 = (n * src[0].shape[1] + t) * src[0].shape[2] + m0   # the flat index of neuron m0
+            return (src[0][n, t, m0:m0 + w], src[1][m0:m0 + w], src[2][m0:m0 + w], src[3][f0 >> 3:],
+                    f0 & 7, c[C_ZERO], c[C_ONE])
+
+        @njit
+        def value(r, i):
+            k = r[4] + i
+            return bn(r[0], r[1], r[2], i) + (r[6] if (r[3][k >> 3] >> (k & 7)) & 1 else r[5])
+    return rows, value
+
+
+def _values_kernel(source: str, fused_madd: bool):
+    """``out[n, t, :]`` = the input a kernel reads through :func:`_load_kernel` (for checks)."""
+    numba = module()
+    rows, value = kernel(("load", source, fused_madd))
+
+    @numba.njit
+    def values(src, out, c):
+        for n in range(out.shape[0]):
+            for t in range(out.shape[1]):
+                r = rows(src, n, t, 0, out.shape[2], c)
+                for i in range(out.shape[2]):
+                    out[n, t, i] = value(r, i)
+    return values
+
+
+# --------------------------------------------------------------------------- the neuron recurrence
+
+def _step_kernel(dynamics: str, hard: bool):
+    """One step of the neuron from its pre-reset membrane ``h``, given the scalars ``p = params(c)``
+    (read once per block, so the loops vectorise): ``fire(h, p) -> (s, u)``, and ``grad(h, gs, gu, p,
+    kind, detach) -> dL/dh`` from dL/ds and dL/du (the BPTT step; see :mod:`tetsnn.kernels.ops`)."""
+    numba, np = module(), __import__("numpy")
+    njit = numba.njit(inline="always")
+    sgrad = njit(numba_grad)
+
+    @njit
+    def params(c):
+        return (c[C_DECAY], c[C_THRESHOLD], c[C_WIDTH], c[C_K], c[C_ZERO], c[C_ONE], c[C_INPUT], c[C_LEVELS])
+
+    if dynamics == "ilif":
+        @njit
+        def fire(h, p):
+            th, zero, levels = p[1], p[4], p[7]
+            s = np.rint(min(max(h / th, zero), levels))
+            return s, h - th * s
+
+        @njit
+        def grad(h, gs, gu, p, kind, detach):
+            th, zero, levels = p[1], p[4], p[7]
+            q = h / th
+            g = gs if detach else gs - gu * th
+            gh = g / th if zero <= q and q <= levels else zero
+            return gh + gu
+        return params, fire, grad
+
+    @njit
+    def fire(h, p):
+        th, zero, one = p[1], p[4], p[5]
+        s = one if h - th > zero else zero
+        return s, (h * (one - s) if hard else h - th * s)
+
+    @njit
+    def grad(h, gs, gu, p, kind, detach):
+        th, zero, one = p[1], p[4], p[5]
+        v = h - th
+        g = gs
+        if not detach:
+            g = g - gu * h if hard else g - gu * th
+        gh = g * sgrad(v, kind, p[2], p[3], zero, one)
+        return gh + gu * (one - (one if v > zero else zero)) if hard else gh + gu
+    return params, fire, grad
+
+
+def _integrate_kernel(dynamics: str, hard: bool, decay_input: bool, source: str, fused_madd: bool):
+    """The forward recurrence for one block of neurons (inlined into the kernels below), reading its
+    input through :func:`_load_kernel`."""
+    numba, np = module(), __import__("numpy")
+    rows, value = kernel(("load", source, fused_madd))
+    params, fire, _ = kernel(("step", dynamics, hard))
+
+    @numba.njit(inline="always")
+    def integrate(src, n, m0, w, c, out, to_h):
+        # neurons m0 .. m0+w of sample n: spikes into out[n, t, m0 + i], or (to_h) pre-reset membranes
+        # into out[t, i]
+        p = params(c)
+        decay, cin = p[0], p[6]
+        u = np.zeros(w, c.dtype)
+        for t in range(src[0].shape[1]):
+            xt = rows(src, n, t, m0, w, c)
+            ot = out[t] if to_h else out[n, t, m0:m0 + w]
+            for i in range(w):
+                ht = decay * u[i] + cin * value(xt, i) if decay_input else decay * u[i] + value(xt, i)
+                st, ut = fire(ht, p)
+                u[i] = ut
+                ot[i] = ht if to_h else st
+    return integrate
+
+
+def _forward_kernel(dynamics: str, hard: bool, decay_input: bool):
+    """Spikes of ``src = (x,)`` into ``s``; threads over blocks of neurons."""
+    numba = module()
+    integrate = kernel(("integrate", dynamics, hard, decay_input, "x", False))
+
+    @numba.njit(parallel=True)
+    def fwd(src, s, c):
+        n_, t_, m_ = src[0].shape
+        nb = (m_ + BLOCK - 1) // BLOCK
+        for job in numba.prange(n_ * nb):
+            n, m0 = job // nb, (job % nb) * BLOCK
+            integrate(src, n, m0, min(BLOCK, m_ - m0), c, s, False)
+    return fwd
+
+
+def _backward_kernel(dynamics: str, hard: bool, detach: bool, surrogate: str, decay_input: bool, grad_decay: bool,
+                     source: str = "x", fused_madd: bool = False):
+    """BPTT: ``gx`` (dL/d input) from ``gs`` (dL/ds) and the input source; with ``grad_decay`` also
+    ``gd[job]``, each work item's share of dL/d decay."""
+    numba, np = module(), __import__("numpy")
+    kind = SURROGATE_IDS.get(surrogate, 0)
+    rows, value = kernel(("load", source, fused_madd))
+    integrate = kernel(("integrate", dynamics, hard, decay_input, source, fused_madd))
+    params, fire, grad = kernel(("step", dynamics, hard))
+
+    @numba.njit(parallel=True)
+    def bwd(gs, src, gx, gd, c):
+        n_, t_, m_ = src[0].shape
+        nb = (m_ + BLOCK - 1) // BLOCK
+        for job in numba.prange(n_ * nb):
+            n, m0 = job // nb, (job % nb) * BLOCK
+            w = min(BLOCK, m_ - m0)
+            h = np.empty((t_, w), c.dtype)
+            integrate(src, n, m0, w, c, h, True)
+            p = params(c)
+            decay, cin, zero = p[0], p[6], p[4]
+            gu = np.zeros(w, c.dtype)
+            acc = zero
+            for t in range(t_ - 1, -1, -1):
+                ht_, gs_, gx_ = h[t], gs[n, t, m0:m0 + w], gx[n, t, m0:m0 + w]
+                if grad_decay:
+                    xt = rows(src, n, t, m0, w, c)
+                for i in range(w):
+                    gh = grad(ht_[i], gs_[i], gu[i], p, kind, detach)
+                    gx_[i] = gh * cin if decay_input else gh
+                    if grad_decay:   # dh[t]/d decay = u[t-1] (- x[t] with decay_input)
+                        up = fire(h[t - 1, i], p)[1] if t > 0 else zero
+                        acc += gh * (up - value(xt, i)) if decay_input else gh * up
+                    gu[i] = decay * gh
+            if grad_decay:
+                gd[job] = acc
+    return bwd
+
+
+# --------------------------------------------------------------------------- BatchNorm scale and shift
+
+def _scale_shift_kernel(fused_madd: bool):
+    """``a = invstd * weight`` and ``b = bias - mean * a`` per channel, rounded as ``fused_madd`` says."""
+    numba = module()
+    fma = _fma()
+
+    @numba.njit
+    def scale_shift(mean, invstd, weight, bias, a, b):
+        for c in range(mean.shape[0]):
+            a[c] = invstd[c] * weight[c]
+            b[c] = fma(-mean[c], a[c], bias[c]) if fused_madd else bias[c] - mean[c] * a[c]
+    return scale_shift
+
+
+# --------------------------------------------------------------------------- bit packing
+
+def _pack_kernel():
+    numba, np = module(), __import__("numpy")
+
+    @numba.njit(parallel=True)
+    def pack(x, out):  # x: flat float array; out[j] holds x[8j .. 8j+7], x[8j] in the lowest bit
+        blocks = x.shape[0] // PACK_BLOCK
+        for j in numba.prange(blocks):
+            flags = np.empty(PACK_BLOCK, np.uint8)
+            xs = x[j * PACK_BLOCK:(j + 1) * PACK_BLOCK]
+            for i in range(PACK_BLOCK):
+                flags[i] = xs[i] != 0
+            # eight 0/1 bytes -> one byte: the multiply moves byte k to bit 56 + k (little-endian)
+            f64 = flags.view(np.uint64)
+            o = out[j * (PACK_BLOCK // 8):(j + 1) * (PACK_BLOCK // 8)]
+            for i in range(PACK_BLOCK // 8):
+                o[i] = (f64[i] * np.uint64(0x0102040810204080)) >> np.uint64(56)
+        for i in range(blocks * PACK_BLOCK, x.shape[0]):  # the tail, bit by bit
+            if i % 8 == 0:
+                out[i // 8] = 0
+            if x[i] != 0:
+                out[i // 8] |= 1 << (i % 8)
+    return pack
+
+
+def _unpack_kernel():
+    numba = module()
+
+    @numba.njit(parallel=True)
+    def unpack(p, out):
+        full = out.shape[0] // 8
+        for j in numba.prange(full):
+            b = numba.int32(p[j])
+            for k in range(8):
+                out[8 * j + k] = (b >> k) & 1
+        for k in range(out.shape[0] - 8 * full):
+            out[8 * full + k] = (numba.int32(p[full]) >> k) & 1
+    return unpack
