@@ -1,4 +1,4 @@
-"""Cost of checking that a spike-fed layer's input is 0/1 (``tetsnn.kernels.compact.check_spikes``).
+"""Cost of checking that a spike-fed layer's input is 0/1 (``tetsnn.kernels.ops.check_spikes``).
 
 A layer built with ``spikes=True`` saves its input as packed bits for the weight gradient; the check
 is one reduction over that input per training forward. Measured: a spike-fed ``Layer`` (conv +
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import tetsnn
-from tetsnn.kernels import compact
+from tetsnn.kernels import ops as compact
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [  # (N, T, C_in, C_out, H=W)

@@ -289,7 +289,7 @@ def test_short_run_batchnorm_note(tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_spike_fed_layer_rejects_non_binary_input(kind):
-    from tetsnn.kernels.compact import SpikeConv2d, SpikeLinear
+    from tetsnn.compact import SpikeConv2d, SpikeLinear
 
     torch.manual_seed(0)
     if kind == "conv":
