@@ -310,9 +310,9 @@ def test_spike_fed_layer_rejects_non_binary_input(kind):
 
 
 def test_readme_layer_row_uses_the_real_arguments():
-    text = README.read_text()
+    text = "\n".join(p.read_text() for p in [README, *sorted((README.parent / "docs").glob("*.md"))])
     params = inspect.signature(tetsnn.Layer).parameters
-    rows = re.findall(r"`Layer\(([^`]*)\)`", text)
+    rows = re.findall(r"`(?:tetsnn\.)?Layer\(([^`]*)\)`", text)
     assert rows
     for row in rows:
         for arg in (a.strip() for a in row.split(",")):
