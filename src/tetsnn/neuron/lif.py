@@ -103,7 +103,7 @@ class LIF(SpikingNeuron):
         threshold: firing threshold (a membrane exactly at it does not fire).
         gamma: half-width of the ZIF triangle surrogate.
         surrogate: "zif", "sigmoid", "atan", or a callable ``v -> ds/dv``.
-        alpha: width of the sigmoid / atan surrogate (defaults 4.0 / 2.0).
+        alpha (float | None): width of the sigmoid / atan surrogate (defaults 4.0 / 2.0).
         reset: "hard" (to 0) or "soft" (subtract the threshold).
         detach_reset: stop the gradient through the reset term.
         backend: "loop" (the per-step reference), "fused" (one kernel call per direction, CPU or GPU),
