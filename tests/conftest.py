@@ -41,6 +41,8 @@ SLOW_SWEEPS = {
     "test_neuron.py::test_neuron_matches_loop": ("[lif-False-hard-zif-1.0-dtype1", "[lif-True-soft-atan-2.0-dtype1",
                                                  "[if-False-soft-sigmoid-4.0-dtype1", "[lif-False-hard-custom-None-dtype1"),
     "test_nir_simulators.py::test_simulator_reproduces_tetsnn": ("lif_net]", "if_net]", "digits_snn]"),
+    "test_bn_fused.py::test_bf16_autocast_and_channels_last": (),
+    "test_backends.py::test_exact_ties": ("[hard-",),
     "test_compile.py::test_compiled_first_step_matches_eager": (),
     "test_compact.py::test_torch_compile_matches_eager": (),
 }
