@@ -45,6 +45,8 @@ TINY = ["--limit-train", "192", "--limit-test", "65", "--batch-size", "64", "--m
 LEARNS = ["--limit-train", "192", "--limit-test", "128", "--batch-size", "32", "--lr", "0.01",
           "--model-kw", "{backend: loop}"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                        text=True).stdout.strip() or "unknown"
 
 
 def start(args, torchrun=False, pause=None):
@@ -205,7 +207,7 @@ def report(args, results, echo=False):
     cores = os.cpu_count()
     md = ["## Run directories and cache builds under faults (`benchmarks/stress_run_dir.py`)", "",
           f"{cores} cores, with {args.load} busy-loop process(es) and the machine's other work competing; "
-          f"random moments, seed {args.seed}.", "",
+          f"random moments, seed {args.seed}; commit {COMMIT}.", "",
           "| scenario | runs | failures | mean seconds per run |", "|---|---|---|---|"]
     desc = {"lock": "2-worker torchrun job; a second --resume auto start, or SIGKILL of the job then --resume auto",
             "best": "SIGKILL at a random moment or inside a best.pt write, then --resume auto (best.pt = best epoch)",
