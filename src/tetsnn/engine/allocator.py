@@ -38,3 +38,11 @@ def fix_mmap_threshold(threshold: int = DEFAULT_THRESHOLD, environ=None):
         return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return threshold if mallopt(M_MMAP_THRESHOLD, int(threshold)) == 1 else None
+
+
+def apply_allocator_config(cfg: dict):
+    """The run's ``mmap_threshold`` key: 0 leaves glibc's default; a number of bytes fixes the
+    threshold there (:func:`fix_mmap_threshold`, so ``MALLOC_MMAP_THRESHOLD_`` still wins). Returns
+    the value set, or None."""
+    threshold = cfg.get("mmap_threshold") or 0
+    return fix_mmap_threshold(threshold) if threshold > 0 else None

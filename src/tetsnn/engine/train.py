@@ -35,6 +35,7 @@ from .checkpoint import (CheckpointError, CheckpointWriteError, build_model, loa
 from .config import ConfigError, T_at_epoch, load_config, parse_T_schedule, parse_train_args, resolve
 from . import distributed as _distributed
 from .distributed import all_reduce_max, all_reduce_sum, cleanup, pause_point, setup, share
+from .allocator import apply_allocator_config
 from .evaluate import autocast, evaluate
 from ..loss import half_to_float, sdt_loss, tet_loss
 from .transfer import freeze, load_ann_weights
@@ -87,7 +88,7 @@ def prepare_model(cfg: dict, model: nn.Module, say=print) -> None:
 
 
 # keys that say where and how the run executes, not what is trained: a resumed run may change them
-LOCATION_KEYS = ("data_dir", "cache_dir", "device", "workers", "compile")
+LOCATION_KEYS = ("data_dir", "cache_dir", "device", "workers", "compile", "mmap_threshold")
 # keys that say how long and how often, not what: a resumed run may change them too
 SCHEDULE_KEYS = ("epochs", "checkpoint_every")
 
@@ -426,6 +427,7 @@ def fit(cfg: dict, stop: StopRequest = None) -> dict:
     if stop is None:
         with StopRequest() as stop:
             return fit(cfg, stop)
+    apply_allocator_config(cfg)
     if cfg["sync_bn"] and not (cfg["device"].startswith("cuda") or (cfg["device"] == "auto" and torch.cuda.is_available())):
         raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU)")
     ckpt = load_checkpoint(os.path.join(cfg["resume"], "last.pt")) if cfg["resume"] else None
