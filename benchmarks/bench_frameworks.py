@@ -342,7 +342,12 @@ def framework_model(framework: str, net: str, sizes: dict, src: nn.Module, memop
     if memopt_level:
         from spikingjelly.activation_based import memopt
 
-        memopt.optimize_memory(model, (ConvBNLIF, LinearLIF, BasicBlock), lambda m: m(example), level=memopt_level)
+        from spikingjelly.activation_based import neuron
+
+        # levels 2-4: split a conv/linear block into its layers and the neuron, chunk neurons over time
+        memopt.optimize_memory(model, (ConvBNLIF, LinearLIF, BasicBlock), lambda m: m(example), level=memopt_level,
+                               split_fn=lambda m: (m.fwd, m.lif) if isinstance(m, (ConvBNLIF, LinearLIF)) else (),
+                               can_chunk=lambda m: isinstance(m, neuron.BaseNode))
     return model
 
 
@@ -428,3 +433,187 @@ def check_equal(net: str, frameworks=FRAMEWORKS, sizes=None, memopt=True, snntor
                            reference="tetsnn, detach_reset=True" if fw == "snntorch" else "tetsnn")
             out[fw if level == 0 else f"{fw} memopt {level}"] = res
     return out
+
+
+# --------------------------------------------------------------------------- timing and saved bytes
+
+def settings(net: str, sizes: dict, x, memopt_levels=(1,), device="cpu", failed=None) -> dict:
+    """Setting name -> float32 model on ``device``, every one with tetsnn's weights. A memopt level
+    that SpikingJelly cannot apply is left out, its error in ``failed`` (a dict) when given, else raised."""
+    out = {"tetsnn": tetsnn_model(net, sizes).to(device).train()}
+    src = out["tetsnn"]
+    ann = tetsnn_model(net, sizes, neuron="relu").to(device).train()
+    ann.load_state_dict(src.state_dict())
+    out["tetsnn ANN twin (ReLU)"] = ann
+    for fw in FRAMEWORKS:
+        if not has(fw) or (fw, net) in CANNOT_BUILD:
+            continue
+        out[LABELS[fw]] = framework_model(fw, net, sizes, src)
+        if fw == "spikingjelly":
+            for level in memopt_levels:
+                name = f"{LABELS[fw]}, memopt level {level}"
+                try:
+                    out[name] = framework_model(fw, net, sizes, src, level, example=x)
+                except Exception as e:  # noqa: BLE001 - reported as the framework's limit
+                    if failed is None:
+                        raise
+                    failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return out
+
+
+LABELS = {"spikingjelly": "SpikingJelly", "snntorch": "snnTorch", "norse": "Norse"}
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(net: str, sizes: dict, rounds: int, memopt_levels=(1,), device="cpu", peak=None, failed=None) -> dict:
+    """Interleaved step times and bytes kept for backward of every setting on one net (with
+    ``peak``, a function of a step returning its peak memory, that too)."""
+    x, y = make_batch(net, sizes, torch.float32, device)
+    models = settings(net, sizes, x, memopt_levels, device, failed)
+    steps = {k: train_step(net, m, x, y) for k, m in models.items()}
+    res = {k: {} for k in steps}
+    for k, (step, forward) in steps.items():
+        step()   # warm-up (numba and Triton compile on first use)
+        res[k]["saved_bytes"] = saved_bytes(forward, exclude=models[k])
+        if peak is not None:
+            res[k]["peak_bytes"] = peak(step)
+    names, times = list(steps), {k: [] for k in steps}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:   # a different order every round
+            sync(device)
+            t0 = time.perf_counter()
+            steps[k][0]()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    base = times["tetsnn"]
+    for k, t in times.items():
+        per_round = sorted(a / b for a, b in zip(t, base))
+        res[k].update(median_s=round(statistics.median(t), 4), vs_tetsnn=round(statistics.median(per_round), 3),
+                      rounds_vs_tetsnn=[round(v, 3) for v in per_round],
+                      saved_vs_tetsnn=round(res[k]["saved_bytes"] / max(res["tetsnn"]["saved_bytes"], 1), 3))
+    print(net, json.dumps({k: (v["vs_tetsnn"], v["saved_vs_tetsnn"]) for k, v in res.items()}), flush=True)
+    return res
+
+
+# --------------------------------------------------------------------------- report
+
+def mib(b) -> str:
+    return f"{b / 2 ** 20:,.1f} MiB"
+
+
+def describe(net: str, s: dict) -> str:
+    if net == "linear":
+        scaled = (" (the Open Neuromorphic benchmark's 16,384 neurons and T=500, scaled down for the CPU)"
+                  if (s["neurons"], s["T"]) != (16384, 500) else " (the Open Neuromorphic benchmark's layer)")
+        return f"Linear {s['input'][0]} -> {s['neurons']:,} + LIF, T={s['T']}, batch {s['batch']}{scaled}"
+    shape = " x ".join(map(str, s["input"]))
+    return f"{net}, T={s['T']}, {shape}, batch {s['batch']}"
+
+
+def markdown(res: dict) -> str:
+    lines = [f"## SNN frameworks side by side (`benchmarks/bench_frameworks.py`, {res['device']}, {res['cpu_count']} "
+             f"CPUs, torch {res['torch']}, commit {res['commit']}{', --quick sizes' if res['quick'] else ''})", "",
+             "The same networks with tetsnn's weights in " + ", ".join(
+                 f"{LABELS[f]} {v}" for f, v in res["versions"].items() if v) + ", first shown equal to tetsnn in "
+             "float64 (outputs and every parameter gradient, on a small batch), then timed in float32: a "
+             "training step is forward, loss, backward and an SGD step with momentum. "
+             f"{res['rounds']} interleaved rounds; each ratio is the median of the per-round ratios to tetsnn, the "
+             "bracket the lowest and highest round. Bytes kept for backward: the distinct storages autograd saves "
+             "in one training forward, parameters and buffers excluded.",
+             f"Load average (1, 5, 15 min) at the start: {', '.join(f'{v:.1f}' for v in res['load_average'])}."]
+    for net, rows in res["measured"].items():
+        lines += ["", f"### {describe(net, res['sizes'][net])}", "",
+                  "| setting | step | vs tetsnn | kept for backward | vs tetsnn |", "|---|---|---|---|---|"]
+        for k, r in rows.items():
+            rr = r["rounds_vs_tetsnn"]
+            lines.append(f"| {k} | {r['median_s'] * 1e3:,.0f} ms | {r['vs_tetsnn']}x [{rr[0]:.2f}-{rr[-1]:.2f}] | "
+                         f"{mib(r['saved_bytes'])} | {r['saved_vs_tetsnn']}x |")
+    lines += ["", "### Equal outputs and gradients in float64", "",
+              "| network | framework | largest output difference | largest gradient difference (relative) | "
+              "compared with |", "|---|---|---|---|---|"]
+    for net, rows in res["equality"].items():
+        for fw, r in rows.items():
+            lines.append(f"| {net} | {fw} | {r['output_max_abs_diff']:.1e} | {r.get('grad_max_rel_diff', 0):.1e} | "
+                         f"{r.get('reference', 'tetsnn')} |")
+    lines += ["", "snnTorch's `custom_surrogate` makes float32 spikes, so its gradients pass through float32 and "
+                  "agree to about 1e-8; the others agree to rounding.", "",
+              "### How each framework's conventions were mapped", "",
+              "| framework | mapping |", "|---|---|"]
+    lines += [f"| {LABELS.get(f, f)} | {v} |" for f, v in CONVENTIONS.items()]
+    if CANNOT_BUILD:
+        lines += ["", "Not built: " + "; ".join(f"{LABELS[f]} {n}: {why}" for (f, n), why in CANNOT_BUILD.items())]
+    else:
+        lines += ["", "Every framework builds every network exactly. SpikingJelly's memopt levels 2-4 search "
+                      "peak CUDA memory and run only on a GPU (`benchmarks/gpu_check.py`, section frameworks)."]
+    goals = []
+    for net, rows in res["measured"].items():
+        others = {k: r for k, r in rows.items() if not k.startswith("tetsnn")}
+        if others:
+            worst = min(r["vs_tetsnn"] for r in others.values())
+            goals.append((f"{net}: tetsnn faster than every other setting (fastest other setting / tetsnn)",
+                          ">= 1.00x", f"{worst}x", worst >= 1.0))
+        twin = rows.get("tetsnn ANN twin (ReLU)")
+        if twin:
+            v = round(1 / twin["vs_tetsnn"], 3) if twin["vs_tetsnn"] else None
+            goals.append((f"{net}: tetsnn step vs its ANN twin", "<= 1.00x", f"{v}x", v is not None and v <= 1.0))
+    if "linear" in res["measured"]:
+        others = [r["vs_tetsnn"] for k, r in res["measured"]["linear"].items() if not k.startswith("tetsnn")]
+        if others:
+            goals.append(("linear (LIF-bound): fastest other setting / tetsnn", ">= 3x", f"{min(others)}x",
+                          min(others) >= 3))
+    lines += ["", "### Goals", "", "| measure | goal | measured | verdict |", "|---|---|---|---|"]
+    lines += [f"| {m} | {g} | {v} | {'meets' if ok else 'misses'} the goal |" for m, g, v, ok in goals]
+    return "\n".join(lines)
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for fw in FRAMEWORKS:
+        try:
+            out[fw] = metadata.version(PACKAGES[fw])
+        except metadata.PackageNotFoundError:
+            out[fw] = None
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes, to check the script: prints the table, writes no files")
+    p.add_argument("--nets", nargs="+", choices=list(NETS), default=list(NETS), help="networks to run")
+    args = p.parse_args(argv)
+    from report import commit, write_results
+
+    sizes = QUICK if args.quick else NETS
+    t0 = time.time()
+    res = dict(device="cpu", machine=platform.machine(), cpu_count=os.cpu_count(), torch=torch.__version__,
+               torch_threads=torch.get_num_threads(), versions=versions(), commit=commit(), quick=args.quick,
+               rounds=args.rounds, sizes={n: sizes[n] for n in args.nets}, load_average=os.getloadavg(),
+               equality={}, measured={})
+    for net in args.nets:
+        res["equality"][net] = check_equal(net)
+        bad = {k: r for k, r in res["equality"][net].items() if r["output_max_abs_diff"] > 1e-9
+               or r.get("grad_max_rel_diff", 0) > 1e-6}
+        if bad:
+            print(f"{net}: outputs or gradients differ from tetsnn: {bad}", file=sys.stderr)
+            return 1
+        print(net, "equal in float64:", json.dumps(res["equality"][net]), flush=True)
+    for net in args.nets:
+        res["measured"][net] = measure(net, sizes[net], args.rounds)
+    res["seconds"] = round(time.time() - t0)
+    if args.quick:   # a check of the script: its figures stay out of the results and the docs
+        print(markdown(res))
+    else:
+        write_results(NAME, res, markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
