@@ -78,8 +78,8 @@ PACKAGES = {"spikingjelly": "spikingjelly", "snntorch": "snntorch", "norse": "no
 # net -> sizes: T, the input per sample (after the time dim for sequences), batch, and for linear
 # the width; "static" input is repeated over T (ResNet19's direct encoding)
 NETS = {
-    "vggsnn": dict(T=10, input=(2, 48, 48), batch=2, sequence=True),
-    "resnet19": dict(T=4, input=(3, 32, 32), batch=2, sequence=False),
+    "vggsnn": dict(T=10, input=(2, 48, 48), batch=1, sequence=True),
+    "resnet19": dict(T=4, input=(3, 32, 32), batch=1, sequence=False),
     "linear": dict(T=250, input=(128,), batch=16, neurons=4096, sequence=True),
 }
 QUICK = {
