@@ -372,6 +372,7 @@ def section_frameworks(ctx, sec):
     for fw in bf.FRAMEWORKS:
         if fw not in have:
             sec.skip(bf.LABELS[fw], f"the {bf.PACKAGES[fw]!r} package is not installed")
+    sec.figure("frameworks", ", ".join(f"{bf.LABELS[f]} {v}" for f, v in bf.versions().items() if v))
     levels = ctx.size["fw_memopt"]
     if ctx.device.type != "cuda":
         sec.skip("SpikingJelly memopt levels 2-4", "they search peak CUDA memory")
@@ -384,7 +385,7 @@ def section_frameworks(ctx, sec):
         return torch.cuda.max_memory_allocated()
 
     for net, sizes in ctx.size["fw_nets"].items():
-        if ctx.remaining() < 30:
+        if ctx.remaining() < 30 and not ctx.dry:   # the dry run's sizes take seconds
             sec.skip(net, "the time budget is spent")
             continue
         eq = bf.check_equal(net, frameworks=have, device=ctx.device)
