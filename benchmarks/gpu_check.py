@@ -55,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "gpu_check"
 ORDER = ("correctness", "kernels", "models", "frameworks", "training", "data", "tools")
-RUN_ORDER = ("correctness", "kernels", "training", "data", "tools", "frameworks", "models")   # the slow compiles last
+RUN_ORDER = ("correctness", "kernels", "training", "data", "tools", "models", "frameworks")   # the slow ones last
 
 # sizes on the GPU, and the tiny ones of a dry run
 SIZES = {
