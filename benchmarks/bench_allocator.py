@@ -6,7 +6,8 @@ resident memory of a training step with and without it.
 Each round runs a resnet19 (T=4, [N, 3, 32, 32], float32) training step (forward + backward + SGD)
 in two fresh processes, one with glibc's default allocator settings and one with
 :func:`tetsnn.engine.allocator.fix_mmap_threshold` called first, the order alternating from round
-to round. Each process takes a warm-up step, then measures the rise of VmHWM over the RSS before one
+to round. The LIF kernels run in torch ops (the numba ones would compile anew in each of the
+fresh processes). Each process takes a warm-up step, then measures the rise of VmHWM over the RSS before one
 step (:func:`bench_lif.peak_memory`), then times 3 steps (the fastest counts). The ratios are taken
 within each round and their median quoted.
 Writes benchmarks/results/bench_allocator.json and its section of docs/performance.md.
@@ -34,6 +35,9 @@ def child(setting: str, batch: int) -> int:
     fixed = fix_mmap_threshold() if setting == SETTINGS[1] else None
     import torch
 
+    from tetsnn.kernels import fused
+    fused._NUMBA = False   # the LIF kernels in torch ops: spares numba's compile in every fresh process
+
     from tetsnn import create_model
     from bench_lif import peak_memory, train_step
 
@@ -42,7 +46,7 @@ def child(setting: str, batch: int) -> int:
     g = torch.Generator().manual_seed(batch)
     x, y = torch.rand(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
     step, _ = train_step(model, x, y)
-    step()   # warm-up (numba compiles on first use)
+    step()   # warm-up
     peak = peak_memory(step, torch.device("cpu"))
     times = []
     for _ in range(3):
@@ -90,7 +94,7 @@ def markdown(res: dict) -> str:
              f"{res['cpu_count']} CPUs, torch {res['torch']}, commit {res['commit']})", "",
              f"A resnet19 training step (T=4, batch {res['batch']}, float32, forward + backward + SGD) in fresh "
              f"processes with glibc's default settings and with `tetsnn.engine.allocator.fix_mmap_threshold()` "
-             f"({m['threshold']:,} bytes), {res['rounds']} interleaved rounds; the ratio is the median of the "
+             f"({m['threshold']:,} bytes; LIF kernels in torch ops), {res['rounds']} interleaved rounds; the ratio is the median of the "
              "per-round ratios, the bracket the lowest and highest round.", "",
              "| measure | glibc default | fixed threshold | fixed / default |", "|---|---|---|---|",
              f"| step time (fastest of 3) | {t['median'][SETTINGS[0]] * 1e3:.0f} ms | "
@@ -105,7 +109,7 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
-    p.add_argument("--batch", type=int, default=4, help="resnet19 batch size (default 4)")
+    p.add_argument("--batch", type=int, default=1, help="resnet19 batch size (default 1)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
