@@ -12,6 +12,11 @@ Sections (``--only`` runs some of them):
 - kernels: the Triton LIF's bandwidth against a device-to-device copy of the same bytes (>= 70%).
 - models: a ResNet19 bf16-autocast training step against its ANN twin at batch 64 and 128: time
   (<= 1.05x) and peak allocated memory (<= 0.85x), eager and with ``compile: true``.
+- frameworks: ``benchmarks/bench_frameworks.py`` on the GPU: VGGSNN, ResNet19 and the Open
+  Neuromorphic Linear + LIF layer (16,384 neurons, T=500) built in SpikingJelly (its CUDA / Triton
+  neuron kernels, plain and with ``memopt`` levels 1-4), snnTorch and Norse with tetsnn's weights;
+  equal to tetsnn in float64 first (a difference is a mismatch), then step time, bytes kept for
+  backward and peak allocated memory, interleaved (tetsnn faster than every other setting).
 - training: a digits run with ``amp: bf16`` and one with ``amp: fp16`` (best test accuracy >= 98%);
   SIGTERM in the middle of a run and resume, against an uninterrupted run (weights equal under
   deterministic algorithms, or the difference stated).
@@ -49,8 +54,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "gpu_check"
-ORDER = ("correctness", "kernels", "models", "training", "data", "tools")
-RUN_ORDER = ("correctness", "kernels", "training", "data", "tools", "models")   # the slow compiles last
+ORDER = ("correctness", "kernels", "models", "frameworks", "training", "data", "tools")
+RUN_ORDER = ("correctness", "kernels", "training", "data", "tools", "models", "frameworks")   # the slow ones last
 
 # sizes on the GPU, and the tiny ones of a dry run
 SIZES = {
@@ -58,13 +63,19 @@ SIZES = {
                 model="resnet19", model_input=(3, 32, 32), model_batches=(64, 128), rounds=7, warmup=2,
                 compile_backend="inductor", digits={}, resume=dict(limit_train=512, epochs=2, stop_at=12),
                 loader_samples=10000, loader_workers=(0, 8), loader_rounds=3, event_batch=128, event_n=512,
-                event_repeats=3, bn_T=(1, 4)),
+                event_repeats=3, bn_T=(1, 4),
+                fw_nets=dict(vggsnn=dict(T=10, input=(2, 48, 48), batch=16, sequence=True),
+                             resnet19=dict(T=4, input=(3, 32, 32), batch=64, sequence=False),
+                             linear=dict(T=500, input=(512,), batch=16, neurons=16384, sequence=True)),
+                fw_memopt=(1, 2, 3, 4), fw_rounds=7),
     "dry": dict(lif_shape=(2, 1, 5, 3), lif_T=(1, 3), bw_neurons=2 ** 12, bw_T=4,
                 model="digits_snn", model_input=(1, 8, 8), model_batches=(2, 4), rounds=1, warmup=1,
                 compile_backend="eager", digits=dict(limit_train=32, limit_test=16, batch_size=16, T=2, epochs=1),
                 resume=dict(limit_train=32, limit_test=16, batch_size=16, T=2, epochs=2, stop_at=3),
                 loader_samples=256, loader_workers=(0,), loader_rounds=1, event_batch=2, event_n=4,
-                event_repeats=1, bn_T=(2,)),
+                event_repeats=1, bn_T=(2,),
+                fw_nets=dict(linear=dict(T=4, input=(8,), batch=2, neurons=16, sequence=True)),
+                fw_memopt=(1,), fw_rounds=1),
 }
 
 
@@ -344,6 +355,57 @@ def section_models(ctx, sec):
         sec.figure("compile backend (dry run)", ctx.size["compile_backend"])
 
 
+# --------------------------------------------------------------------------- frameworks
+
+def section_frameworks(ctx, sec):
+    import torch
+
+    import bench_frameworks as bf
+
+    have = [fw for fw in bf.FRAMEWORKS if bf.has(fw)]
+    if not have:
+        _require("spikingjelly")
+    for fw in bf.FRAMEWORKS:
+        if fw not in have:
+            sec.skip(bf.LABELS[fw], f"the {bf.PACKAGES[fw]!r} package is not installed")
+    sec.figure("frameworks", ", ".join(f"{bf.LABELS[f]} {v}" for f, v in bf.versions().items() if v))
+    levels = ctx.size["fw_memopt"]
+    if ctx.device.type != "cuda":
+        sec.skip("SpikingJelly memopt levels 2-4", "they search peak CUDA memory")
+
+    def peak(step):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    for net, sizes in ctx.size["fw_nets"].items():
+        if ctx.remaining() < 30 and not ctx.dry:   # the dry run's sizes take seconds
+            sec.skip(net, "the time budget is spent")
+            continue
+        eq = bf.check_equal(net, frameworks=have, device=ctx.device)
+        for k, r in eq.items():
+            if r["output_max_abs_diff"] > 1e-9 or r.get("grad_max_rel_diff", 0) > 1e-6:
+                sec.mismatches.append(f"{net}, {k}: differs from tetsnn in float64 ({r})")
+        sec.figure(f"{net}: float64, largest output / relative gradient difference from tetsnn", "; ".join(
+            f"{k} {r['output_max_abs_diff']:.1e} / {r.get('grad_max_rel_diff', 0):.1e}" for k, r in eq.items()))
+        failed = {}
+        res = bf.measure(net, sizes, ctx.size["fw_rounds"], levels, ctx.device,
+                         peak if ctx.device.type == "cuda" else None, failed)
+        for name, why in failed.items():
+            sec.skip(f"{net}, {name}", why)
+        what = bf.describe(net, sizes)
+        for k, r in res.items():
+            mem = f", peak allocated {r['peak_bytes'] / 2 ** 20:,.0f} MiB" if "peak_bytes" in r else ""
+            sec.figure(f"{what}: {k}", f"{r['median_s'] * 1e3:,.1f} ms ({r['vs_tetsnn']}x tetsnn), kept for backward "
+                                       f"{r['saved_bytes'] / 2 ** 20:,.1f} MiB ({r['saved_vs_tetsnn']}x){mem}")
+        others = [r["vs_tetsnn"] for k, r in res.items() if not k.startswith("tetsnn")]
+        if others:
+            sec.goal(f"{net}: fastest other framework setting / tetsnn step", ">= 1.00x", min(others),
+                     min(others) >= 1.0)
+
+
 # --------------------------------------------------------------------------- training
 
 def _digits_config(ctx, out, **kw):
@@ -546,7 +608,7 @@ def section_tools(ctx, sec):
 
 
 SECTIONS = {"correctness": section_correctness, "kernels": section_kernels, "models": section_models,
-            "training": section_training, "data": section_data, "tools": section_tools}
+            "frameworks": section_frameworks, "training": section_training, "data": section_data, "tools": section_tools}
 
 
 # --------------------------------------------------------------------------- running and reporting

@@ -54,6 +54,7 @@ DEFAULTS = {
     "device": "auto",         # auto: cuda when available, else cpu
     "sync_bn": False,
     "compile": False,         # torch.compile the model for training and evaluation
+    "mmap_threshold": 0,      # bytes: fix glibc's mmap threshold (lower, steadier peak RSS; slower CPU steps); 0: glibc's default
     "init_from": None,        # start from the weights of a ReLU twin (ANN-to-SNN transfer)
     "freeze": None,           # comma-separated glob patterns of parameter names not to train
     "T_schedule": None,       # "2:5,4:5,6": T=2 for 5 epochs, T=4 for 5, then T=6 (static data only)
@@ -224,7 +225,7 @@ def validate(cfg: dict) -> dict:
     _check(cfg, "model", lambda v: v in list_models(), "one of " + ", ".join(list_models()))
     for key in ("T", "epochs", "batch_size"):
         _check(cfg, key, lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    for key in ("workers", "limit_train", "limit_test"):
+    for key in ("workers", "limit_train", "limit_test", "mmap_threshold"):
         _check(cfg, key, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     _check(cfg, "seed", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
     _check(cfg, "checkpoint_every", lambda v: _is_int(v) and v >= 0, "an integer >= 0")

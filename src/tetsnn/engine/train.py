@@ -39,6 +39,7 @@ from .config import (ConfigError, T_at_epoch, absolute_paths, load_config, parse
 from . import distributed as _distributed
 from .. import utils as _utils
 from .distributed import all_reduce_max, all_reduce_sum, cleanup, pause_point, setup, share
+from .allocator import apply_allocator_config
 from .evaluate import autocast, evaluate
 from ..loss import half_to_float, sdt_loss, tet_loss
 from .transfer import freeze, load_ann_weights
@@ -92,7 +93,7 @@ def prepare_model(cfg: dict, model: nn.Module, say=print) -> None:
 
 
 # keys that say where and how the run executes, not what is trained: a resumed run may change them
-LOCATION_KEYS = ("data_dir", "cache_dir", "device", "workers", "compile")
+LOCATION_KEYS = ("data_dir", "cache_dir", "device", "workers", "compile", "mmap_threshold")
 # keys that say how long and how often, not what: a resumed run may change them too
 SCHEDULE_KEYS = ("epochs", "checkpoint_every")
 
@@ -576,6 +577,7 @@ def fit(cfg: dict, stop: StopRequest = None) -> dict:
     if stop is None:
         with StopRequest() as stop:
             return fit(cfg, stop)
+    apply_allocator_config(cfg)
     from .data import default_data_dir
 
     # the run records absolute paths: its directory works from any directory
