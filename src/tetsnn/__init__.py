@@ -3,6 +3,8 @@ import sys
 
 from .neuron import (IF, LIF, AtanSpike, CustomSpike, ReLUNeuron, SigmoidSpike, ZIF, atan_grad, atan_spike,
                      make_neuron, sigmoid_grad, sigmoid_spike, zif, zif_grad)
+from .psn import PSN, SlidingPSN
+from .norm import TEBN, tdBN
 from .layers import Layer, SeqToANNContainer, Threshold, add_time_dim, to_batch_first, to_time_first
 from .loss import sdt_loss, tet_loss
 from .models import create_model, list_models, register_model
@@ -27,7 +29,7 @@ del _module, _evaluate_module
 __version__ = "0.1.0"
 
 __all__ = [
-    "LIF", "IF", "ReLUNeuron", "make_neuron",
+    "LIF", "IF", "ReLUNeuron", "PSN", "SlidingPSN", "TEBN", "tdBN", "make_neuron",
     "ZIF", "SigmoidSpike", "AtanSpike", "CustomSpike", "zif", "sigmoid_spike", "atan_spike",
     "zif_grad", "sigmoid_grad", "atan_grad",
     "SeqToANNContainer", "Layer", "Threshold", "add_time_dim", "to_time_first", "to_batch_first",

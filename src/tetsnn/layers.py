@@ -9,6 +9,7 @@ from torch import nn
 from .kernels.bn_fused import bn_lif
 from .kernels.compact import spike_conv2d
 from .neuron import LIF, make_neuron, resolve_surrogate
+from .norm import make_norm, tdBN
 
 __all__ = ["SeqToANNContainer", "Layer", "ConvBNSpike", "Threshold", "add_time_dim", "to_time_first",
            "to_batch_first", "check_T", "fuses_bn", "conv_bn_spike", "per_step"]
@@ -85,7 +86,7 @@ def fuses_bn(bn: nn.Module, neuron: nn.Module, fuse_bn: bool = True) -> bool:
     """Whether ``neuron(bn(...))`` runs as one fused op (:mod:`tetsnn.kernels.bn_fused`).
 
     Only in training mode with gradients enabled (eval and no-grad run the modules as they are), for
-    a plain ``nn.BatchNorm1d/2d/3d`` feeding a
+    a plain ``nn.BatchNorm1d/2d/3d`` or a :class:`tetsnn.tdBN` feeding a
     :class:`tetsnn.LIF` / :class:`tetsnn.IF` with a built-in surrogate and a fused backend, neither of them
     hooked (a forward hook on either still sees its module run). A
     ``SyncBatchNorm`` runs unfused: its statistics are gathered across processes; it says so once.
@@ -100,7 +101,7 @@ def fuses_bn(bn: nn.Module, neuron: nn.Module, fuse_bn: bool = True) -> bool:
                           "across processes), keeping the normalised input for backward", RuntimeWarning,
                           stacklevel=3)
         return False
-    return (type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and isinstance(neuron, LIF)
+    return (type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, tdBN) and isinstance(neuron, LIF)
             and neuron.backend != "loop" and not callable(neuron.surrogate) and not _hooked(bn) and not _hooked(neuron))
 
 
@@ -128,20 +129,23 @@ def conv_bn_spike(seq: SeqToANNContainer, neuron: nn.Module, x: torch.Tensor, fu
 class Layer(nn.Module):
     """Conv2d (with bias) + BatchNorm2d applied per step, then a spiking neuron.
 
+    ``norm`` picks the normalisation ("bn", "tebn" or "tdbn", :func:`tetsnn.norm.make_norm`); ``T``, the
+    number of time steps, is needed by "tebn" and the neuron "psn".
     ``spikes=True`` declares that the input is 0/1 spikes: with a spiking ``neuron`` the conv then
     keeps it for backward as packed bits (:class:`tetsnn.kernels.compact.SpikeConv2d`).
     ``fuse_bn`` runs the BatchNorm inside the neuron in training (:func:`conv_bn_spike`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 padding: int = 1, neuron: str = "lif", spikes: bool = False, fuse_bn: bool = True, **neuron_kw):
+                 padding: int = 1, neuron: str = "lif", spikes: bool = False, fuse_bn: bool = True,
+                 norm: str = "bn", T: int = None, **neuron_kw):
         super().__init__()
         self.fwd = SeqToANNContainer(
             spike_conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=True,
                          spikes=spikes and neuron != "relu"),
-            nn.BatchNorm2d(out_channels),
+            make_norm(norm, out_channels, T, neuron_kw.get("threshold", 1.0)),
         )
-        self.act = make_neuron(neuron, **neuron_kw)
+        self.act = make_neuron(neuron, T=T, **neuron_kw)
         self.fuse_bn = fuse_bn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
+from .psn import PSN, SlidingPSN
 from .surrogate import (SURROGATES, AtanSpike, CustomSpike, SigmoidSpike, ZIF, atan_grad, atan_spike,
                         resolve_surrogate, sigmoid_grad, sigmoid_spike, zif, zif_grad)
 
@@ -26,7 +27,7 @@ __all__ = [
     "zif", "sigmoid_spike", "atan_spike",
     "zif_grad", "sigmoid_grad", "atan_grad",
     "SURROGATES", "resolve_surrogate", "lif_loop",
-    "LIF", "IF", "ReLUNeuron", "make_neuron", "NEURONS",
+    "LIF", "IF", "ReLUNeuron", "PSN", "SlidingPSN", "make_neuron", "NEURONS",
 ]
 
 
@@ -141,15 +142,22 @@ class ReLUNeuron(nn.Module):
         return torch.relu(x)
 
 
-NEURONS = {"lif": LIF, "if": IF, "relu": ReLUNeuron}
+NEURONS = {"lif": LIF, "if": IF, "relu": ReLUNeuron, "psn": PSN, "sliding_psn": SlidingPSN}
 
 
-def make_neuron(neuron: str = "lif", **kw) -> nn.Module:
-    """Build a neuron by name ("lif", "if" or "relu"); keyword arguments go to the spiking ones."""
+def make_neuron(neuron: str = "lif", T: int = None, **kw) -> nn.Module:
+    """Build a neuron by name ("lif", "if", "relu", "psn" or "sliding_psn"); keyword arguments go to the
+    spiking ones. ``T``, the model's number of time steps, is read by "psn" only."""
     if neuron not in NEURONS:
         raise ValueError(f"unknown neuron {neuron!r}: expected one of {sorted(NEURONS)}")
     if neuron == "relu":
         return ReLUNeuron()
     if neuron == "if":
         kw.pop("tau", None)
+    if neuron == "psn":
+        if T is None:
+            raise ValueError("neuron 'psn' needs the number of time steps T")
+        return PSN(T, **kw)
+    if neuron == "sliding_psn" and "order" not in kw:
+        raise ValueError("neuron 'sliding_psn' needs its order k (model_kw {order: K})")
     return NEURONS[neuron](**kw)
