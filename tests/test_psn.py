@@ -10,8 +10,23 @@ from spikingjelly.activation_based import surrogate as sj_surrogate
 import tetsnn
 from tetsnn import PSN, SlidingPSN, to_batch_first, to_time_first
 from tetsnn.cli import main
+from tetsnn.kernels import psn_numba
 from tetsnn.neuron import make_neuron
 from tetsnn.psn import psn_fused, psn_loop, sliding_index
+
+
+
+@pytest.fixture(params=["numba", "torch-ops"])
+def kernel(request, monkeypatch):
+    """The fused path's two forms on CPU: the numba kernels, or the batched matmul and torch ops."""
+    if request.param == "numba":
+        if not psn_numba.available():
+            pytest.skip("numba is not installed")
+        assert psn_numba.applies(torch.zeros(1, dtype=torch.float64), "zif")
+    else:
+        monkeypatch.setattr(psn_numba, "applies", lambda x, surrogate: False)
+    return request.param
+
 
 SJ_SURROGATES = {"sigmoid": lambda: sj_surrogate.Sigmoid(alpha=4.0), "atan": lambda: sj_surrogate.ATan(alpha=2.0)}
 
@@ -45,7 +60,7 @@ def _margin(module, x):
 
 @pytest.mark.parametrize("kind", ["psn", "sliding"])
 @pytest.mark.parametrize("surrogate", ["sigmoid", "atan"])
-def test_equals_spikingjelly_float64(kind, surrogate):
+def test_equals_spikingjelly_float64(kind, surrogate, kernel):
     gen = torch.Generator().manual_seed(1)
     fired = []
     for T in range(1, 9):
@@ -102,7 +117,7 @@ def _grads(module, x, gy):
 
 @pytest.mark.parametrize("cls", [lambda **k: PSN(4, **k), lambda **k: SlidingPSN(3, **k)])
 @pytest.mark.parametrize("surrogate", ["zif", "sigmoid", "atan", lambda v: 1.0 / (1.0 + v.abs()) ** 2])
-def test_fused_equals_loop(cls, surrogate):
+def test_fused_equals_loop(cls, surrogate, kernel):
     torch.manual_seed(0)
     loop = cls(surrogate=surrogate, backend="loop").double()
     fused = cls(surrogate=surrogate, backend="fused").double()
@@ -113,7 +128,7 @@ def test_fused_equals_loop(cls, surrogate):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
-def test_spike_input_kept_as_bits():
+def test_spike_input_kept_as_bits(kernel):
     """spikes=True keeps the 0/1 input as packed bits and gives the same gradients bit for bit."""
     torch.manual_seed(0)
     plain, bits = PSN(8), PSN(8, spikes=True)
@@ -147,7 +162,7 @@ def test_no_grad_keeps_nothing_and_matches():
     with torch.no_grad():
         y = m(x)
     assert torch.equal(y, psn_loop(x, m.weight.detach(), m.bias.detach(), m.spike_fn))
-    assert torch.equal(psn_fused(x, m.weight, m.bias, m.grad_fn), y)
+    assert torch.equal(psn_fused(x, m.weight, m.bias, m._surrogate), y)
 
 
 def test_bad_arguments_are_one_line():

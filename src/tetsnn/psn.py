@@ -17,22 +17,31 @@ There is no membrane state and no reset, so every step is computed at once.
 Paths (``backend``):
 
 - ``"loop"``: step by step in plain torch ops (autograd keeps every intermediate): the reference.
-- ``"fused"``: one batched matmul over time forward; backward rebuilds ``H`` from ``X`` (one more
-  matmul), so the only activation kept is ``X`` itself, or ``X`` as packed bits with ``spikes=True``
-  (the input is declared 0/1). Works with any surrogate, on any device.
+- ``"fused"``: the mix over time in one pass forward; backward rebuilds ``H`` from ``X``, so the only
+  activation kept is ``X`` itself, or ``X`` as packed bits with ``spikes=True`` (the input is declared
+  0/1). On CPU float32 / float64 with a built-in surrogate each direction is one numba kernel
+  (:mod:`tetsnn.kernels.psn_numba`: one read of the input per direction); elsewhere (a GPU, other
+  dtypes, a callable surrogate) it is a batched matmul and torch ops.
 - ``"auto"``: ``"fused"``.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from .surrogate import resolve_surrogate
 
-__all__ = ["PSN", "SlidingPSN", "psn_loop", "psn_fused"]
+__all__ = ["PSN", "SlidingPSN", "Surrogate", "psn_loop", "psn_fused"]
+
+
+class Surrogate(NamedTuple):
+    """The surrogate of a neuron: its name ("zif", "sigmoid", "atan" or "custom"), width and ``grad_fn(v)``."""
+    name: str
+    width: Optional[float]
+    grad_fn: Callable
 
 
 # --------------------------------------------------------------------------- the two paths
@@ -54,30 +63,41 @@ def _mix(weight: Tensor, bias: Tensor, x3: Tensor) -> Tensor:
     return torch.baddbmm(bias, weight.expand(x3.shape[0], -1, -1), x3)
 
 
+def _numba_kernels(x3: Tensor, surrogate: Surrogate):
+    """:mod:`tetsnn.kernels.psn_numba` where it runs on ``x3`` with ``surrogate``, else None."""
+    from .kernels import psn_numba
+    return psn_numba if psn_numba.applies(x3, surrogate.name) else None
+
+
 class _PSNFn(torch.autograd.Function):
     """``S = H(W X + b)`` keeping only ``X`` (or its bits) for backward, where ``H`` is rebuilt."""
 
     @staticmethod
-    def forward(ctx, x3, weight, bias, grad_fn, spikes):
-        h = _mix(weight, bias, x3)
+    def forward(ctx, x3, weight, bias, surrogate, spikes):
+        kernels = _numba_kernels(x3, surrogate)
+        s = kernels.forward(x3, weight, bias, surrogate.name) if kernels else _mix(weight, bias, x3).gt_(0)
         if spikes:
             from .kernels.compact import pack_spikes
             ctx.save_for_backward(pack_spikes(x3), weight, bias)
         else:
             ctx.save_for_backward(x3, weight, bias)
-        ctx.meta = (grad_fn, spikes, x3.shape, x3.dtype)
-        return h.gt_(0)  # 1.0 / 0.0 in place of H
+        ctx.meta = (surrogate, spikes, x3.shape, x3.dtype)
+        return s
 
     @staticmethod
     def backward(ctx, grad_s):
         saved, weight, bias = ctx.saved_tensors
-        grad_fn, spikes, shape, dtype = ctx.meta
+        surrogate, spikes, shape, dtype = ctx.meta
         if spikes:
             from .kernels.compact import unpack_spikes
             x3 = unpack_spikes(saved, list(shape), dtype)
         else:
             x3 = saved
-        g = grad_fn(_mix(weight, bias, x3)) * grad_s  # dL/dH
+        kernels = _numba_kernels(x3, surrogate)
+        if kernels:
+            grad_x, grad_w, grad_b = kernels.backward(grad_s, x3, weight, bias, surrogate.name, surrogate.width)
+            return grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype), None, None
+        g = surrogate.grad_fn(_mix(weight, bias, x3)) * grad_s  # dL/dH
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.matmul(weight.t(), g)
@@ -88,8 +108,8 @@ class _PSNFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def psn_fused(x: Tensor, weight: Tensor, bias: Tensor, grad_fn: Callable, spikes: bool = False) -> Tensor:
-    """``H(W X + b)`` on ``[N, T, ...]`` as one matmul over time; ``grad_fn(h)`` is the surrogate dS/dH.
+def psn_fused(x: Tensor, weight: Tensor, bias: Tensor, surrogate: Surrogate, spikes: bool = False) -> Tensor:
+    """``H(W X + b)`` on ``[N, T, ...]`` in one pass over time, with ``surrogate`` giving dS/dH.
 
     ``bias`` is ``[T, 1]``; ``spikes=True`` keeps ``x`` (which must be 0/1) as packed bits for backward.
     """
@@ -99,7 +119,7 @@ def psn_fused(x: Tensor, weight: Tensor, bias: Tensor, grad_fn: Callable, spikes
         return _mix(weight, bias, x3).gt_(0).view(shape)  # nothing to keep
     if not x3.is_contiguous():
         x3 = x3.contiguous()
-    return _PSNFn.apply(x3, weight, bias, grad_fn, bool(spikes)).view(shape)
+    return _PSNFn.apply(x3, weight, bias, surrogate, bool(spikes)).view(shape)
 
 
 # --------------------------------------------------------------------------- modules
@@ -117,6 +137,7 @@ class _ParallelNeuron(nn.Module):
         self.spikes = bool(spikes)
         self.surrogate = surrogate
         self.surrogate_name, self.width, self.spike_fn, self.grad_fn = resolve_surrogate(surrogate, gamma, alpha)
+        self._surrogate = Surrogate(self.surrogate_name, self.width, self.grad_fn)
 
     def resolve_backend(self, x: Tensor) -> str:
         """The path that runs on ``x``: ``self.backend``, with "auto" made concrete."""
@@ -136,7 +157,7 @@ class _ParallelNeuron(nn.Module):
         weight, bias = self.mixing(x.shape[1])
         if self.resolve_backend(x) == "loop":
             return psn_loop(x, weight, bias, self.spike_fn)
-        return psn_fused(x, weight, bias, self.grad_fn, self.spikes)
+        return psn_fused(x, weight, bias, self._surrogate, self.spikes)
 
     def extra_repr(self) -> str:
         return f"surrogate={self.surrogate_name}, width={self.width}, backend={self.backend}, spikes={self.spikes}"
