@@ -35,7 +35,10 @@ ORDER = 4  # SlidingPSN's order
 
 def pairs(T: int) -> dict:
     """neuron -> (SpikingJelly's module, tetsnn's), sharing their parameters."""
+    torch.manual_seed(0)
     sj_psn = sj_neuron.PSN(T, surrogate_function=sj_surrogate.ATan(alpha=2.0))
+    with torch.no_grad():
+        sj_psn.bias.zero_()  # so that about half of the neurons fire on this input, as SlidingPSN's do
     sj_sliding = sj_neuron.SlidingPSN(ORDER, surrogate_function=sj_surrogate.ATan(alpha=2.0), step_mode="m")
     ours_psn, ours_sliding = PSN(T, surrogate="atan"), SlidingPSN(ORDER, surrogate="atan")
     ours_psn.load_state_dict(sj_psn.state_dict())
