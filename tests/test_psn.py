@@ -252,3 +252,30 @@ def test_config_model_kw_train_and_profile(tmp_path, capsys):
     assert main(["train", "--model-kw", "{norm: bogus}", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert "bogus" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("cls", [lambda: PSN(4), lambda: SlidingPSN(2)])
+def test_half_precision_input_mixed_in_float32(cls):
+    """A bfloat16 input (or autocast) is mixed in the parameters' float32, forward and backward alike."""
+    torch.manual_seed(0)
+    m = cls()
+    with torch.no_grad():
+        m.bias.zero_()
+    x = torch.randn(3, 4, 16).to(torch.bfloat16)
+    gy = torch.randn(3, 4, 16).to(torch.bfloat16)
+    results = []
+    for backend in ("loop", "fused"):
+        m.backend = backend
+        m.zero_grad()
+        xx = x.clone().requires_grad_()
+        y = m(xx)
+        y.backward(gy)
+        assert y.dtype == xx.grad.dtype == torch.bfloat16 and m.weight.grad.dtype == torch.float32
+        results.append((y, xx.grad, m.weight.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and 0 < results[0][0].mean() < 1
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-4, atol=1e-4)
+    m.backend = "fused"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya = m(x.float())
+    assert torch.equal(ya, m(x.float()))

@@ -47,20 +47,23 @@ class Surrogate(NamedTuple):
 # --------------------------------------------------------------------------- the two paths
 
 def psn_loop(x: Tensor, weight: Tensor, bias: Tensor, spike_fn: Callable) -> Tensor:
-    """The per-step reference on ``[N, T, ...]``: ``s[:, t] = spike_fn(sum_j W[t, j] x[:, j] + b[t])``."""
+    """The per-step reference on ``[N, T, ...]``: ``s[:, t] = spike_fn(sum_j W[t, j] x[:, j] + b[t])``,
+    mixed in the parameters' dtype; the spikes come back in the input's dtype."""
     T = x.shape[1]
+    xs = x.to(weight.dtype)
     out = []
     for t in range(T):
         h = bias[t]
         for j in range(T):
-            h = h + weight[t, j] * x[:, j]
+            h = h + weight[t, j] * xs[:, j]
         out.append(spike_fn(h))
-    return torch.stack(out, dim=1)
+    return torch.stack(out, dim=1).to(x.dtype)
 
 
 def _mix(weight: Tensor, bias: Tensor, x3: Tensor) -> Tensor:
-    """``W @ x3[n] + b`` for every sample of ``x3 = [N, T, F]`` (one batched matmul)."""
-    return torch.baddbmm(bias, weight.expand(x3.shape[0], -1, -1), x3)
+    """``W @ x3[n] + b`` for every sample of ``x3 = [N, T, F]`` (one batched matmul), in the parameters'
+    dtype (a float16 / bfloat16 input is mixed in float32)."""
+    return torch.baddbmm(bias, weight.expand(x3.shape[0], -1, -1), x3.to(weight.dtype))
 
 
 def _numba_kernels(x3: Tensor, surrogate: Surrogate):
@@ -74,7 +77,7 @@ class _PSNFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x3, weight, bias, surrogate, spikes):
-        kernels = _numba_kernels(x3, surrogate)
+        kernels = _numba_kernels(x3, surrogate) if x3.dtype == weight.dtype else None
         s = kernels.forward(x3, weight, bias, surrogate.name) if kernels else _mix(weight, bias, x3).gt_(0)
         if spikes:
             from .kernels.compact import pack_spikes
@@ -93,14 +96,15 @@ class _PSNFn(torch.autograd.Function):
             x3 = unpack_spikes(saved, list(shape), dtype)
         else:
             x3 = saved
-        kernels = _numba_kernels(x3, surrogate)
+        kernels = _numba_kernels(x3, surrogate) if x3.dtype == weight.dtype else None
         if kernels:
-            grad_x, grad_w, grad_b = kernels.backward(grad_s, x3, weight, bias, surrogate.name, surrogate.width)
-            return grad_x, grad_w.to(weight.dtype), grad_b.to(bias.dtype), None, None
+            return (*kernels.backward(grad_s.to(dtype), x3, weight, bias, surrogate.name, surrogate.width),
+                    None, None)
+        x3 = x3.to(weight.dtype)
         g = surrogate.grad_fn(_mix(weight, bias, x3)) * grad_s  # dL/dH
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.matmul(weight.t(), g)
+            grad_x = torch.matmul(weight.t(), g).to(dtype)
         if ctx.needs_input_grad[1]:
             grad_w = torch.bmm(g, x3.transpose(1, 2)).sum(0)
         if ctx.needs_input_grad[2]:
@@ -115,11 +119,12 @@ def psn_fused(x: Tensor, weight: Tensor, bias: Tensor, surrogate: Surrogate, spi
     """
     shape = x.shape
     x3 = x.reshape(shape[0], shape[1], -1)
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
-        return _mix(weight, bias, x3).gt_(0).view(shape)  # nothing to keep
-    if not x3.is_contiguous():
-        x3 = x3.contiguous()
-    return _PSNFn.apply(x3, weight, bias, surrogate, bool(spikes)).view(shape)
+    with torch.autocast(x.device.type, enabled=False):  # H in the parameters' dtype, forward as backward
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
+            return _mix(weight, bias, x3).gt_(0).to(x.dtype).view(shape)  # nothing to keep
+        if not x3.is_contiguous():
+            x3 = x3.contiguous()
+        return _PSNFn.apply(x3, weight, bias, surrogate, bool(spikes)).to(x.dtype).view(shape)
 
 
 # --------------------------------------------------------------------------- modules
