@@ -214,3 +214,40 @@ def test_bad_arguments_are_one_line():
         tdBN(3)(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="unknown norm"):
         tetsnn.create_model("digits_snn", norm="group")
+
+
+@pytest.mark.parametrize("name, kw, shape", [
+    ("digits_snn", dict(T=3), (2, 1, 8, 8)),
+    ("resnet19", dict(T=2), (2, 3, 8, 8)),         # tdBN fused with the residual add
+    ("sew_resnet19", dict(T=2), (1, 3, 16, 16)),
+])
+@pytest.mark.parametrize("norm", ["tdbn", "tebn"])
+def test_models_fused_equal_unfused(name, kw, shape, norm):
+    """BatchNorm fusion on and off give the same step (float64): tdBN runs fused, TEBN unfused."""
+    torch.manual_seed(0)
+    fused = tetsnn.create_model(name, norm=norm, fuse_bn=True, **kw).double().train()
+    plain = tetsnn.create_model(name, norm=norm, fuse_bn=False, **kw).double().train()
+    with torch.no_grad():
+        for m in fused.modules():
+            if isinstance(m, (nn.BatchNorm2d, TEBN)):
+                for p in m.parameters():
+                    p.uniform_(0.5, 1.5)
+    plain.load_state_dict(fused.state_dict())
+    norms = [m for m in fused.modules() if isinstance(m, (tdBN, TEBN))]
+    assert norms and all(fuses_bn(m, tetsnn.LIF()) == (norm == "tdbn") for m in norms)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    outs = []
+    for model in (fused, plain):
+        xx = x.clone().requires_grad_()
+        y = model(xx)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype))
+        outs.append((y.detach(), xx.grad, {k: p.grad for k, p in model.named_parameters()},
+                     {k: b.clone() for k, b in model.named_buffers()}))
+    (y1, gx1, gp1, b1), (y2, gx2, gp2, b2) = outs
+    torch.testing.assert_close(y1, y2, rtol=0, atol=1e-10)
+    torch.testing.assert_close(gx1, gx2, rtol=0, atol=1e-10)
+    assert gx1.abs().sum() > 0
+    for k in gp1:
+        torch.testing.assert_close(gp1[k], gp2[k], rtol=0, atol=1e-10, msg=k)
+    for k in b1:
+        torch.testing.assert_close(b1[k], b2[k], rtol=0, atol=1e-12, msg=k)
