@@ -78,7 +78,7 @@ class _PSNFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x3, weight, bias, surrogate, spikes):
         kernels = _numba_kernels(x3, surrogate) if x3.dtype == weight.dtype else None
-        s = kernels.forward(x3, weight, bias, surrogate.name) if kernels else _mix(weight, bias, x3).gt_(0)
+        s = kernels.forward(x3, weight, bias) if kernels else _mix(weight, bias, x3).gt_(0)
         if spikes:
             from .kernels.compact import pack_spikes
             ctx.save_for_backward(pack_spikes(x3), weight, bias)

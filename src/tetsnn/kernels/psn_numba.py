@@ -141,12 +141,16 @@ def applies(x: Tensor, surrogate) -> bool:
             and surrogate in SURROGATE_IDS and available())
 
 
-def forward(x3: Tensor, weight: Tensor, bias: Tensor, surrogate: str) -> Tensor:
+def _np(t: Tensor, dtype):
+    """``t`` as a contiguous numpy array of ``dtype`` (sharing memory where it already is one)."""
+    return t.detach().to(dtype).contiguous().numpy()
+
+
+def forward(x3: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """0/1 spikes ``[N, T, F]`` of ``x3`` (contiguous) mixed by ``weight`` [T, T] and ``bias`` [T, 1]."""
     fwd, _ = _kernels()
     s = torch.empty_like(x3)
-    fwd(x3.numpy(), weight.detach().to(x3.dtype).contiguous().numpy(),
-        bias.detach().to(x3.dtype).reshape(-1).contiguous().numpy(), s.numpy())
+    fwd(_np(x3, x3.dtype), _np(weight, x3.dtype), _np(bias.reshape(-1), x3.dtype), s.numpy())
     return s
 
 
@@ -158,7 +162,6 @@ def backward(grad_s: Tensor, x3: Tensor, weight: Tensor, bias: Tensor, surrogate
     gx = torch.empty_like(x3)
     gw = torch.empty(jobs, t, t, dtype=x3.dtype)
     gb = torch.empty(jobs, t, dtype=x3.dtype)
-    bwd(grad_s.contiguous().numpy(), x3.numpy(), weight.detach().to(x3.dtype).contiguous().numpy(),
-        bias.detach().to(x3.dtype).reshape(-1).contiguous().numpy(),
+    bwd(_np(grad_s, x3.dtype), _np(x3, x3.dtype), _np(weight, x3.dtype), _np(bias.reshape(-1), x3.dtype),
         _constants(surrogate, width, x3.dtype).numpy(), gx.numpy(), gw.numpy(), gb.numpy())
     return gx, gw.sum(0), gb.sum(0).view(t, 1)
