@@ -37,7 +37,8 @@ class tdBN(nn.BatchNorm2d):  # noqa: N801 - the paper's name
         num_features: channels C.
         alpha: the paper's alpha (1, or 1/sqrt(2) before a residual add).
         threshold: the firing threshold of the following neurons.
-        eps, momentum: as ``nn.BatchNorm2d``.
+        eps: as ``nn.BatchNorm2d``.
+        momentum: as ``nn.BatchNorm2d``.
     """
 
     def __init__(self, num_features: int, alpha: float = 1.0, threshold: float = 1.0, eps: float = 1e-5,
@@ -64,7 +65,8 @@ class TEBN(nn.Module):
     Args:
         num_features: channels C.
         T: number of time steps (the length of ``scale``).
-        eps, momentum: as ``nn.BatchNorm2d``.
+        eps: as ``nn.BatchNorm2d``.
+        momentum: as ``nn.BatchNorm2d``.
     """
 
     def __init__(self, num_features: int, T: int, eps: float = 1e-5, momentum: float = 0.1):

@@ -174,13 +174,16 @@ class PSN(_ParallelNeuron):
 
     Args:
         T: number of time steps (the input's dim 1 must equal it).
-        surrogate, gamma, alpha: the surrogate gradient, as in :class:`tetsnn.LIF` (default "zif").
+        surrogate: "zif" (the default), "sigmoid", "atan", or a callable ``v -> ds/dv``, as in
+            :class:`tetsnn.LIF`.
+        gamma: half-width of the ZIF triangle surrogate.
+        alpha: width of the sigmoid / atan surrogate (defaults 4.0 / 2.0).
         backend: "loop", "fused" or "auto" (= "fused").
         spikes: the input is 0/1 spikes: the fused path keeps it as packed bits for backward.
     """
 
-    def __init__(self, T: int, surrogate: Union[str, Callable] = "zif", gamma: float = 1.0, alpha=None,
-                 backend: str = "auto", spikes: bool = False):
+    def __init__(self, T: int, surrogate: Union[str, Callable] = "zif", gamma: float = 1.0,
+                 alpha: Optional[float] = None, backend: str = "auto", spikes: bool = False):
         super().__init__(surrogate, gamma, alpha, backend, spikes)
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise ValueError(f"PSN needs the number of time steps T as an integer >= 1, got {T!r}")
@@ -221,11 +224,16 @@ class SlidingPSN(_ParallelNeuron):
     Args:
         order: k, the number of past steps (the current one included) each step mixes.
         exp_init: start the weights at ``..., 1/4, 1/2, 1``; otherwise Kaiming-uniform (``a = sqrt(5)``).
-        surrogate, gamma, alpha, backend, spikes: as in :class:`PSN`.
+        surrogate: as in :class:`PSN`.
+        gamma: as in :class:`PSN`.
+        alpha: as in :class:`PSN`.
+        backend: as in :class:`PSN`.
+        spikes: as in :class:`PSN`.
     """
 
     def __init__(self, order: int, exp_init: bool = True, surrogate: Union[str, Callable] = "zif",
-                 gamma: float = 1.0, alpha=None, backend: str = "auto", spikes: bool = False):
+                 gamma: float = 1.0, alpha: Optional[float] = None, backend: str = "auto",
+                 spikes: bool = False):
         super().__init__(surrogate, gamma, alpha, backend, spikes)
         if isinstance(order, bool) or not isinstance(order, int) or order < 1:
             raise ValueError(f"SlidingPSN needs order as an integer >= 1, got {order!r}")
