@@ -6,9 +6,10 @@ The training engine's modules live under ``tetsnn.engine`` (``tetsnn.engine.trai
 style and a module in the other. Its functions are public here under their own names
 (``evaluate_model``, ``load_checkpoint``, ...).
 """
-from .neuron import (IF, ILIF, LIF, PLIF, AtanSpike, CustomSpike, NeuronSpec, ReLUNeuron, SigmoidSpike, ZIF, atan_grad,
-                     atan_spike, make_neuron, sigmoid_grad, sigmoid_spike, zif, zif_grad)
+from .neuron import (IF, ILIF, LIF, PLIF, PSN, AtanSpike, CustomSpike, NeuronSpec, ReLUNeuron, SigmoidSpike, SlidingPSN,
+                     ZIF, atan_grad, atan_spike, make_neuron, sigmoid_grad, sigmoid_spike, zif, zif_grad)
 from .kernels.plan import Path, plan
+from .norm import TEBN, tdBN
 from .layers import Layer, SeqToANNContainer, Threshold, add_time_dim, to_batch_first, to_time_first
 from .loss import sdt_loss, tet_loss
 from .models import create_model, list_models, register_model
@@ -25,7 +26,8 @@ from .engine.evaluate import evaluate as evaluate_model
 __version__ = "0.1.0"
 
 __all__ = [
-    "LIF", "PLIF", "IF", "ILIF", "ReLUNeuron", "make_neuron", "NeuronSpec", "Path", "plan",
+    "LIF", "PLIF", "IF", "ILIF", "ReLUNeuron", "PSN", "SlidingPSN", "TEBN", "tdBN", "make_neuron", "NeuronSpec",
+    "Path", "plan",
     "ZIF", "SigmoidSpike", "AtanSpike", "CustomSpike", "zif", "sigmoid_spike", "atan_spike",
     "zif_grad", "sigmoid_grad", "atan_grad",
     "SeqToANNContainer", "Layer", "Threshold", "add_time_dim", "to_time_first", "to_batch_first",

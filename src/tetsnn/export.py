@@ -13,7 +13,9 @@ written so that one Euler step computes tetsnn's step with the membrane scaled b
 - ``IF(threshold)``, ``u = u + x``: ``nir.IF(r = 1 / dt, v_threshold = threshold, v_reset = 0)``
   (``v + dt * r * x = u + x``).
 - Conv2d / Linear with the BatchNorm that follows them folded in: ``nir.Conv2d``; ``nir.Affine`` for a
-  Linear with a bias, ``nir.Linear`` for one without.
+  Linear with a bias, ``nir.Linear`` for one without. tdBN folds as BatchNorm; TEBN folds when its
+  per-step scale is the same at every step (one graph serves every step) and is refused otherwise.
+  PSN / SlidingPSN (a mix over all steps at once) are refused.
 - AvgPool2d and AdaptiveAvgPool2d: ``nir.AvgPool2d``, or with ``avgpool="sum"`` ``nir.SumPool2d``
   with the ``1/k^2`` folded into the weights of the Conv2d/Linear after it (for simulators without
   average pooling). Flatten: ``nir.Flatten`` (NIR shapes have no batch dimension). MaxPool2d of
@@ -48,7 +50,8 @@ import torch.fx as fx
 from torch import nn
 
 from .layers import SeqToANNContainer, Threshold
-from .neuron import LIF, SpikingNeuron
+from .neuron import LIF, PSN, SlidingPSN, SpikingNeuron
+from .norm import TEBN
 from .utils import atomic_path
 
 __all__ = ["export_nir", "to_nir", "ENCODING", "DEFAULT_DT"]
@@ -92,7 +95,7 @@ class _Tracer(fx.Tracer):
     """Keeps neurons and per-step containers whole: they become graph nodes of their own."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (SpikingNeuron, SeqToANNContainer, Threshold)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (SpikingNeuron, PSN, SlidingPSN, SeqToANNContainer, Threshold)) or super().is_leaf_module(m, qualname)
 
 
 class _Steps(nn.Module):
@@ -260,10 +263,12 @@ def _add_layers(b: _Builder, layers: List[Tuple[str, nn.Module]], value: _Value)
         name, m = layers[i]
         bn = None
         if isinstance(m, (nn.Conv2d, nn.Linear)) and i + 1 < len(layers) and \
-                isinstance(layers[i + 1][1], (nn.BatchNorm1d, nn.BatchNorm2d)):
+                isinstance(layers[i + 1][1], (nn.BatchNorm1d, nn.BatchNorm2d, TEBN)):
             bn = layers[i + 1][1]
+            if isinstance(bn, TEBN):  # one BatchNorm when every step has the same scale
+                bn = bn.folded_batchnorm(layers[i + 1][0])
             i += 1
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, TEBN)):
             raise ValueError(f"layer {name!r}: a BatchNorm not right after a Conv2d/Linear cannot be folded; "
                              f"NIR has no BatchNorm node")
         i += 1
@@ -311,6 +316,9 @@ def to_nir(model: nn.Module, input_shape: Sequence[int], dt: float = DEFAULT_DT,
                 if isinstance(m, SpikingNeuron):
                     _unscaled(arg, f"layer {name!r}")
                     env[node] = _Value(b.add(name, neuron_node(name, m, arg.shape, dt), arg.sources), arg.shape, True)
+                elif isinstance(m, (PSN, SlidingPSN)):
+                    raise ValueError(f"layer {name!r}: {type(m).__name__} mixes all time steps at once (no NIR "
+                                     f"neuron does); it cannot be exported to NIR")
                 elif isinstance(m, Threshold):
                     _unscaled(arg, f"layer {name!r}")
                     thr = nir.Threshold(np.full(arg.shape, m.threshold, dtype=np.float32))

@@ -11,6 +11,7 @@ from .compact import spike_conv2d
 from .kernels.ops import bn_neuron
 from .kernels.plan import Path, plan
 from .neuron import make_neuron, resolve_surrogate, spike_levels
+from .norm import make_norm
 
 __all__ = ["SeqToANNContainer", "ConvBN", "Layer", "ConvBNSpike", "Threshold", "add_time_dim", "to_time_first",
            "to_batch_first", "check_T", "fuses_bn", "conv_bn_spike", "bn_path", "bn_spikes", "per_step"]
@@ -159,20 +160,23 @@ def conv_bn_spike(seq: SeqToANNContainer, neuron: nn.Module, x: torch.Tensor, fu
 class Layer(nn.Module):
     """Conv2d (with bias) + BatchNorm2d applied per step, then a spiking neuron.
 
+    ``norm`` picks the normalisation ("bn", "tebn" or "tdbn", :func:`tetsnn.norm.make_norm`); ``T``, the
+    number of time steps, is needed by "tebn" and the neuron "psn".
     ``spikes=True`` declares that the input is 0/1 spikes: with a spiking ``neuron`` the conv then
     keeps it for backward as packed bits (:class:`tetsnn.compact.SpikeConv2d`).
     ``fuse_bn`` runs the BatchNorm inside the neuron in training (:func:`conv_bn_spike`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 padding: int = 1, neuron: str = "lif", spikes: bool = False, fuse_bn: bool = True, **neuron_kw):
+                 padding: int = 1, neuron: str = "lif", spikes: bool = False, fuse_bn: bool = True,
+                 norm: str = "bn", T: int = None, **neuron_kw):
         super().__init__()
         self.fwd = ConvBN(
             spike_conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=True,
                          spikes=spike_levels(neuron, **neuron_kw) if spikes else 0),
-            nn.BatchNorm2d(out_channels),
+            make_norm(norm, out_channels, T, neuron_kw.get("threshold", 1.0)),
         )
-        self.act = make_neuron(neuron, **neuron_kw)
+        self.act = make_neuron(neuron, T=T, **neuron_kw)
         self.fuse_bn = fuse_bn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

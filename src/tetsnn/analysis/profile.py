@@ -2,7 +2,7 @@
 
 The counting follows tetsnn's energy conventions (those of SNN papers, made exact):
 
-- A Conv/Linear layer is *spike-driven* when its input carries spikes: the output of a LIF/IF
+- A Conv/Linear layer is *spike-driven* when its input carries spikes: the output of a LIF/IF/PSN
   layer, or what shape changes, pooling, and sums or products of spike tensors make from it
   (flatten, avg/max pooling, SEW-ResNet's ADD/AND), or any input whose values are all 0 or 1.
   It performs one accumulate per (nonzero input element, weight) pair it multiplies, counted
@@ -23,7 +23,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..neuron import ILIF, SpikingNeuron
+from ..neuron import ILIF, PSN, SlidingPSN, SpikingNeuron
+
+NEURON_TYPES = (SpikingNeuron, PSN, SlidingPSN)  # the spiking layers counted as neurons
 
 __all__ = ["profile", "format_table", "conv_synops", "linear_synops", "dense_macs", "MAC_PJ", "AC_PJ"]
 
@@ -145,13 +147,13 @@ class _Profiler:
         self.tracker = SpikeTracker()
         self.stats: Dict[str, LayerStats] = {}
         for name, m in model.named_modules():
-            if isinstance(m, SpikingNeuron):
+            if isinstance(m, NEURON_TYPES):
                 self.stats[name] = LayerStats(name, "neuron")
             elif isinstance(m, SYNAPSE_TYPES):
                 self.stats[name] = LayerStats(name, "linear" if isinstance(m, nn.Linear) else "conv")
         self.counts = any(isinstance(m, ILIF) for m in model.modules())
         if not any(s.kind == "neuron" for s in self.stats.values()):
-            raise ValueError(f"{type(model).__name__} has no LIF/IF layer to profile")
+            raise ValueError(f"{type(model).__name__} has no LIF/IF layer to profile (nor PSN / SlidingPSN)")
 
     def neuron_hook(self, name):
         def hook(module, inputs, out):
@@ -210,7 +212,8 @@ def profile(model: nn.Module, inputs: Union[torch.Tensor, Iterable[torch.Tensor]
     firing rates, synaptic operations, MACs and energy.
 
     Args:
-        model: a spiking model whose neurons are ``tetsnn.LIF`` / ``tetsnn.IF`` modules.
+        model: a spiking model whose neurons are ``tetsnn.LIF`` / ``tetsnn.IF`` / ``tetsnn.PSN`` /
+            ``tetsnn.SlidingPSN`` modules.
         inputs: a batch ``[N, C, H, W]`` / ``[N, T, C, H, W]``, or an iterable of such batches.
         T: time steps per sample; by default ``x.shape[1]`` of a sequence input, else ``model.T``.
         mac_pj: energy of one multiply-accumulate (MAC) in pJ.

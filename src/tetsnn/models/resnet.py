@@ -12,6 +12,7 @@ from torch import nn
 from ..compact import spike_adaptive_avg_pool2d, spike_conv2d, spike_linear, spike_max_pool2d
 from ..layers import ConvBN, ConvBNSpike, SeqToANNContainer, bn_path, bn_spikes, conv_bn_spike, per_step
 from ..neuron import make_neuron, spike_levels
+from ..norm import make_norm
 from ._registry import register_model
 from .base import SpikingModel
 
@@ -22,18 +23,19 @@ def conv3x3(cin, cout, stride=1, spikes=False):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride=1, neuron="lif", fuse_bn=True, **neuron_kw):
+    def __init__(self, cin, cout, stride=1, neuron="lif", fuse_bn=True, norm="bn", T=None, **neuron_kw):
         super().__init__()
         self.fuse_bn = fuse_bn
         spikes = spike_levels(neuron, **neuron_kw)  # the block's input and sn1's output are spikes
-        self.conv1 = ConvBN(conv3x3(cin, cout, stride, spikes), nn.BatchNorm2d(cout))
-        self.sn1 = make_neuron(neuron, **neuron_kw)
-        self.conv2 = ConvBN(conv3x3(cout, cout, 1, spikes), nn.BatchNorm2d(cout))
+        bn = lambda c: make_norm(norm, c, T, neuron_kw.get("threshold", 1.0))  # noqa: E731
+        self.conv1 = ConvBN(conv3x3(cin, cout, stride, spikes), bn(cout))
+        self.sn1 = make_neuron(neuron, T=T, **neuron_kw)
+        self.conv2 = ConvBN(conv3x3(cout, cout, 1, spikes), bn(cout))
         self.downsample = None
         if stride != 1 or cin != cout:
             self.downsample = ConvBN(spike_conv2d(cin, cout, 1, stride, bias=False, spikes=spikes),
-                                     nn.BatchNorm2d(cout))
-        self.sn2 = make_neuron(neuron, **neuron_kw)
+                                     bn(cout))
+        self.sn2 = make_neuron(neuron, T=T, **neuron_kw)
 
     def forward(self, x):
         ds = self.downsample
@@ -55,40 +57,41 @@ def make_stage(block, cin, cout, blocks, stride, **kw):
     return nn.Sequential(*layers)
 
 
-def imagenet_stem(neuron="lif", fuse_bn=True, **neuron_kw):
+def imagenet_stem(neuron="lif", fuse_bn=True, norm="bn", T=None, **neuron_kw):
     """7x7/2 conv (64, no bias) + BN + SN + 3x3/2 max pool (of spikes: kept as bits)."""
     return ConvBNSpike(
-        ConvBN(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64)),
-        make_neuron(neuron, **neuron_kw),
+        ConvBN(nn.Conv2d(3, 64, 7, 2, 3, bias=False), make_norm(norm, 64, T, neuron_kw.get("threshold", 1.0))),
+        make_neuron(neuron, T=T, **neuron_kw),
         SeqToANNContainer(spike_max_pool2d(3, 2, 1, spikes=spike_levels(neuron, **neuron_kw))),
         fuse_bn=fuse_bn,
     )
 
 
 def kaiming_init(model: nn.Module) -> None:
-    """He-normal (fan_out) convolutions, BatchNorm weight 1 and bias 0."""
+    """He-normal (fan_out) convolutions; BatchNorm at its own initialisation (weight 1, tdBN's
+    alpha * threshold; bias 0)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            m.reset_parameters()
 
 
 class ResNet19(SpikingModel):
     """TET's CIFAR ResNet19 (12,630,858 parameters at 10 classes), PyTorch's default init."""
 
-    def __init__(self, num_classes=10, T=4, neuron="lif", fuse_bn=True, **neuron_kw):
+    def __init__(self, num_classes=10, T=4, neuron="lif", fuse_bn=True, norm="bn", **neuron_kw):
         super().__init__(T)
-        kw = dict(neuron=neuron, fuse_bn=fuse_bn, **neuron_kw)
+        kw = dict(neuron=neuron, fuse_bn=fuse_bn, norm=norm, T=T, **neuron_kw)
         self.stem = ConvBNSpike(
-            ConvBN(conv3x3(3, 64), nn.BatchNorm2d(64)), make_neuron(neuron, **neuron_kw), fuse_bn=fuse_bn)
+            ConvBN(conv3x3(3, 64), make_norm(norm, 64, T, neuron_kw.get("threshold", 1.0))),
+            make_neuron(neuron, T=T, **neuron_kw), fuse_bn=fuse_bn)
         self.layer1 = make_stage(BasicBlock, 64, 128, 3, 1, **kw)
         self.layer2 = make_stage(BasicBlock, 128, 256, 3, 2, **kw)
         self.layer3 = make_stage(BasicBlock, 256, 512, 2, 2, **kw)
         self.pool = SeqToANNContainer(spike_adaptive_avg_pool2d(1, spikes=spike_levels(neuron, **neuron_kw)), nn.Flatten())
         self.fc1 = SeqToANNContainer(nn.Linear(512, 256))
-        self.sn_fc = make_neuron(neuron, **neuron_kw)
+        self.sn_fc = make_neuron(neuron, T=T, **neuron_kw)
         self.fc2 = SeqToANNContainer(spike_linear(256, num_classes, spikes=spike_levels(neuron, **neuron_kw)))
 
     def forward_seq(self, x):
@@ -100,10 +103,10 @@ class ImageNetResNet(SpikingModel):
     """ImageNet-style spiking ResNet (stem 7x7/2 + max pool, four stages, avg pool + one Linear)."""
 
     def __init__(self, block, layers, num_classes=1000, T=4, widths=(64, 128, 256, 512),
-                 strides=(1, 2, 2, 2), neuron="lif", block_kw=None, fuse_bn=True, **neuron_kw):
+                 strides=(1, 2, 2, 2), neuron="lif", block_kw=None, fuse_bn=True, norm="bn", **neuron_kw):
         super().__init__(T)
-        kw = dict(neuron=neuron, fuse_bn=fuse_bn, **(block_kw or {}), **neuron_kw)
-        self.stem = imagenet_stem(neuron, fuse_bn, **neuron_kw)
+        kw = dict(neuron=neuron, fuse_bn=fuse_bn, norm=norm, T=T, **(block_kw or {}), **neuron_kw)
+        self.stem = imagenet_stem(neuron, fuse_bn, norm, T, **neuron_kw)
         stages, cin = [], 64
         for cout, n, s in zip(widths, layers, strides):
             stages.append(make_stage(block, cin, cout, n, s, **kw))

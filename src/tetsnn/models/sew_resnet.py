@@ -11,6 +11,7 @@ from torch import nn
 from ..compact import spike_conv2d
 from ..layers import ConvBN, ConvBNSpike, conv_bn_spike
 from ..neuron import make_neuron, spike_levels
+from ..norm import make_norm
 from ._registry import register_model
 from .resnet import ImageNetResNet, conv3x3
 
@@ -28,7 +29,8 @@ def sew_connect(identity, out, connect: str):
 
 
 class SEWBlock(nn.Module):
-    def __init__(self, cin, cout, stride=1, connect="ADD", neuron="lif", fuse_bn=True, **neuron_kw):
+    def __init__(self, cin, cout, stride=1, connect="ADD", neuron="lif", fuse_bn=True, norm="bn", T=None,
+                 **neuron_kw):
         super().__init__()
         self.fuse_bn = fuse_bn
         if connect not in CONNECTS:
@@ -36,15 +38,16 @@ class SEWBlock(nn.Module):
         self.connect = connect
         spikes = spike_levels(neuron, **neuron_kw)  # sn1's output is spikes; the block's input too unless ADD made it 0/1/2
         in_spikes = spikes if connect != "ADD" and spikes == 1 else 0   # AND / IAND of counts are no counts
-        self.conv1 = ConvBN(conv3x3(cin, cout, stride, in_spikes), nn.BatchNorm2d(cout))
-        self.sn1 = make_neuron(neuron, **neuron_kw)
-        self.conv2 = ConvBN(conv3x3(cout, cout, 1, spikes), nn.BatchNorm2d(cout))
-        self.sn2 = make_neuron(neuron, **neuron_kw)
+        bn = lambda c: make_norm(norm, c, T, neuron_kw.get("threshold", 1.0))  # noqa: E731
+        self.conv1 = ConvBN(conv3x3(cin, cout, stride, in_spikes), bn(cout))
+        self.sn1 = make_neuron(neuron, T=T, **neuron_kw)
+        self.conv2 = ConvBN(conv3x3(cout, cout, 1, spikes), bn(cout))
+        self.sn2 = make_neuron(neuron, T=T, **neuron_kw)
         self.downsample = None
         if stride != 1 or cin != cout:
             self.downsample = ConvBNSpike(
-                ConvBN(spike_conv2d(cin, cout, 1, stride, bias=False, spikes=in_spikes), nn.BatchNorm2d(cout)),
-                make_neuron(neuron, **neuron_kw), fuse_bn=fuse_bn)
+                ConvBN(spike_conv2d(cin, cout, 1, stride, bias=False, spikes=in_spikes), bn(cout)),
+                make_neuron(neuron, T=T, **neuron_kw), fuse_bn=fuse_bn)
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)

@@ -15,9 +15,10 @@ class DigitsSNN(SpikingModel):
     """Layer(C,32) Layer(32,64) AvgPool2 | Layer(64,128) AvgPool2 | flatten -> Linear(128 (size//4)^2, 128)
     -> SN -> Linear (Linear(512, 128) for the digits' 8 x 8)."""
 
-    def __init__(self, num_classes=10, T=4, in_channels=1, size=8, neuron="lif", fuse_bn=True, **neuron_kw):
+    def __init__(self, num_classes=10, T=4, in_channels=1, size=8, neuron="lif", fuse_bn=True, norm="bn",
+                 **neuron_kw):
         super().__init__(T)
-        kw = dict(neuron=neuron, fuse_bn=fuse_bn, **neuron_kw)
+        kw = dict(neuron=neuron, fuse_bn=fuse_bn, norm=norm, T=T, **neuron_kw)
         pool = lambda: SeqToANNContainer(spike_avg_pool2d(2, spikes=spike_levels(neuron, **neuron_kw)))  # noqa: E731
         self.features = nn.Sequential(
             Layer(in_channels, 32, **kw), Layer(32, 64, spikes=True, **kw), pool(),
@@ -25,7 +26,7 @@ class DigitsSNN(SpikingModel):
         )
         side = size // 2 // 2
         self.fc1 = SeqToANNContainer(nn.Flatten(), nn.Linear(128 * side * side, 128))
-        self.sn = make_neuron(neuron, **neuron_kw)
+        self.sn = make_neuron(neuron, T=T, **neuron_kw)
         self.fc2 = SeqToANNContainer(spike_linear(128, num_classes, spikes=spike_levels(neuron, **neuron_kw)))
 
     def forward_seq(self, x):

@@ -11,9 +11,10 @@ from .base import SpikingModel
 
 
 class VGGSNN(SpikingModel):
-    def __init__(self, num_classes=10, T=10, in_channels=2, size=48, neuron="lif", fuse_bn=True, **neuron_kw):
+    def __init__(self, num_classes=10, T=10, in_channels=2, size=48, neuron="lif", fuse_bn=True, norm="bn",
+                 **neuron_kw):
         super().__init__(T)
-        kw = dict(neuron=neuron, fuse_bn=fuse_bn, **neuron_kw)
+        kw = dict(neuron=neuron, fuse_bn=fuse_bn, norm=norm, T=T, **neuron_kw)
         # average pooling keeps nothing for backward in the SNN (its gradient needs the shape only)
         pool = lambda: SeqToANNContainer(spike_avg_pool2d(2, spikes=spike_levels(neuron, **neuron_kw)))  # noqa: E731
         self.features = nn.Sequential(

@@ -7,6 +7,7 @@ from torch import nn
 from ..surrogate import (SURROGATES, AtanSpike, CustomSpike, SigmoidSpike, ZIF, atan_grad, atan_spike,
                          resolve_surrogate, sigmoid_grad, sigmoid_spike, zif, zif_grad)
 from .lif import IF, ILIF, LIF, PLIF, ReLUNeuron, SpikingNeuron, lif_loop
+from .psn import PSN, SlidingPSN
 from .spec import NeuronSpec
 
 __all__ = [
@@ -14,20 +15,28 @@ __all__ = [
     "zif", "sigmoid_spike", "atan_spike",
     "zif_grad", "sigmoid_grad", "atan_grad",
     "SURROGATES", "resolve_surrogate", "lif_loop", "NeuronSpec", "SpikingNeuron",
-    "LIF", "PLIF", "IF", "ILIF", "ReLUNeuron", "make_neuron", "NEURONS", "spike_levels",
+    "LIF", "PLIF", "IF", "ILIF", "ReLUNeuron", "PSN", "SlidingPSN", "make_neuron", "NEURONS", "spike_levels",
 ]
 
-NEURONS = {"lif": LIF, "plif": PLIF, "if": IF, "ilif": ILIF, "relu": ReLUNeuron}
+NEURONS = {"lif": LIF, "plif": PLIF, "if": IF, "ilif": ILIF, "relu": ReLUNeuron, "psn": PSN,
+           "sliding_psn": SlidingPSN}
 
 
-def make_neuron(neuron: str = "lif", **kw) -> nn.Module:
-    """Build a neuron by name (a key of ``NEURONS``); keyword arguments go to the spiking ones."""
+def make_neuron(neuron: str = "lif", T: int = None, **kw) -> nn.Module:
+    """Build a neuron by name (a key of ``NEURONS``); keyword arguments go to the spiking ones.
+    ``T``, the model's number of time steps, is read by "psn" only."""
     if neuron not in NEURONS:
         raise ValueError(f"unknown neuron {neuron!r}: expected one of {sorted(NEURONS)}")
     if neuron == "relu":
         return ReLUNeuron()
     if neuron == "if":
         kw.pop("tau", None)
+    if neuron == "psn":
+        if T is None:
+            raise ValueError("neuron 'psn' needs the number of time steps T")
+        return PSN(T, **kw)
+    if neuron == "sliding_psn" and "order" not in kw:
+        raise ValueError("neuron 'sliding_psn' needs its order k (model_kw {order: K})")
     return NEURONS[neuron](**kw)
 
 

@@ -1,0 +1,167 @@
+"""numba kernels of the parallel spiking neurons (:mod:`tetsnn.neuron.psn`) on CPU float32 / float64.
+
+``x`` is ``[N, T, F]`` (contiguous). Threads take blocks of ``_BLOCK`` neurons of one sample; each
+block is read once per direction:
+
+- forward: ``s[n, t, f] = H(b[t] + sum_j W[t, j] x[n, j, f])``;
+- backward: ``H`` again, ``g = dL/ds * surrogate(H)``, then ``dL/dx[n, j, f] = sum_t W[t, j] g[n, t, f]``
+  and the block's share of ``dL/dW = sum g x^T`` and ``dL/db = sum g``, summed over blocks after.
+
+The surrogate is one of the built-in ones, ``c = [id, width, k]`` with its ``SURROGATE_IDS`` id and
+``k = (1/width)^2`` for zif and ``pi/2 * width`` for atan, as the torch forms compute them (one
+compiled kernel per direction and dtype serves every surrogate).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..surrogate import SURROGATE_IDS
+
+__all__ = ["available", "forward", "backward"]
+
+_BLOCK = 1024
+_KERNELS = []
+_NUMBA = None
+
+
+def available() -> bool:
+    """Whether numba can be imported (checked once)."""
+    global _NUMBA
+    if _NUMBA is None:
+        try:
+            import numba  # noqa: F401
+            _NUMBA = True
+        except ImportError:
+            _NUMBA = False
+    return _NUMBA
+
+
+def _constants(surrogate: str, width: float, dtype) -> Tensor:
+    k = {"zif": (1.0 / width) ** 2, "sigmoid": 0.0, "atan": math.pi / 2 * width}[surrogate]
+    return torch.tensor([SURROGATE_IDS[surrogate], width, k], dtype=dtype)
+
+
+def _kernels():
+    if _KERNELS:
+        return _KERNELS
+    import numba
+    import numpy as np
+
+    @numba.njit(inline="always")
+    def mix(x, n, m0, w, weight, bias, h):
+        # h[t, i] = b[t] + sum_j W[t, j] x[n, j, m0 + i]
+        t_ = weight.shape[0]
+        for t in range(t_):
+            ht = h[t]
+            bt = bias[t]
+            for i in range(w):
+                ht[i] = bt
+            for j in range(t_):
+                wj = weight[t, j]
+                xj = x[n, j, m0:m0 + w]
+                for i in range(w):
+                    ht[i] += wj * xj[i]
+
+    @numba.njit(inline="always")
+    def surrogate(kind, h, gs, width, k):
+        # h[i] <- gs[i] * dS/dH at h[i]; the branch outside the loops, so each loop vectorises
+        one = width - width + 1
+        zero = one - one
+        if kind == 0:
+            for i in range(h.shape[0]):
+                a = width - abs(h[i])
+                h[i] = gs[i] * ((a if a > zero else zero) * k)
+        elif kind == 1:
+            for i in range(h.shape[0]):
+                sg = one / (one + np.exp(-(width * h[i])))
+                h[i] = gs[i] * (width * sg * (one - sg))
+        else:
+            half = width / (one + one)
+            for i in range(h.shape[0]):
+                z = k * h[i]
+                h[i] = gs[i] * (half / (one + z * z))
+
+    @numba.njit(parallel=True)
+    def fwd(x, weight, bias, s):
+        n_, t_, m_ = x.shape
+        nb = (m_ + _BLOCK - 1) // _BLOCK
+        for job in numba.prange(n_ * nb):
+            n, m0 = job // nb, (job % nb) * _BLOCK
+            w = min(_BLOCK, m_ - m0)
+            h = np.empty((t_, w), x.dtype)
+            mix(x, n, m0, w, weight, bias, h)
+            for t in range(t_):
+                st = s[n, t, m0:m0 + w]
+                ht = h[t]
+                for i in range(w):
+                    st[i] = 1 if ht[i] > 0 else 0
+
+    @numba.njit(parallel=True, fastmath={"reassoc"})  # the sums over a block may be reordered (vectorised)
+    def bwd(gs, x, weight, bias, c, gx, gw_parts, gb_parts):
+        n_, t_, m_ = x.shape
+        nb = (m_ + _BLOCK - 1) // _BLOCK
+        kind, width, k = int(c[0]), c[1], c[2]
+        for job in numba.prange(n_ * nb):
+            n, m0 = job // nb, (job % nb) * _BLOCK
+            w = min(_BLOCK, m_ - m0)
+            g = np.empty((t_, w), x.dtype)
+            mix(x, n, m0, w, weight, bias, g)
+            for t in range(t_):
+                gt = g[t]
+                surrogate(kind, gt, gs[n, t, m0:m0 + w], width, k)
+                acc = width - width
+                for i in range(w):
+                    acc += gt[i]
+                gb_parts[job, t] = acc
+            for j in range(t_):
+                xj = x[n, j, m0:m0 + w]
+                gxj = gx[n, j, m0:m0 + w]
+                for i in range(w):
+                    gxj[i] = 0
+                for t in range(t_):
+                    wtj = weight[t, j]
+                    gt = g[t]
+                    acc = width - width
+                    for i in range(w):
+                        gxj[i] += wtj * gt[i]
+                    for i in range(w):
+                        acc += gt[i] * xj[i]
+                    gw_parts[job, t, j] = acc
+
+    _KERNELS.extend((fwd, bwd))
+    return _KERNELS
+
+
+def applies(x: Tensor, surrogate) -> bool:
+    """Whether the numba kernels run on ``x`` with ``surrogate`` (a name; a callable never)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and isinstance(surrogate, str)
+            and surrogate in SURROGATE_IDS and available())
+
+
+def _np(t: Tensor, dtype):
+    """``t`` as a contiguous numpy array of ``dtype`` (sharing memory where it already is one)."""
+    return t.detach().to(dtype).contiguous().numpy()
+
+
+def forward(x3: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """0/1 spikes ``[N, T, F]`` of ``x3`` (contiguous) mixed by ``weight`` [T, T] and ``bias`` [T, 1]."""
+    fwd, _ = _kernels()
+    s = torch.empty_like(x3)
+    fwd(_np(x3, x3.dtype), _np(weight, x3.dtype), _np(bias.reshape(-1), x3.dtype), s.numpy())
+    return s
+
+
+def backward(grad_s: Tensor, x3: Tensor, weight: Tensor, bias: Tensor, surrogate: str, width: float):
+    """``(dL/dx, dL/dW, dL/db)`` for the forward above; ``dL/db`` is ``[T, 1]``."""
+    _, bwd = _kernels()
+    n, t, m = x3.shape
+    jobs = n * ((m + _BLOCK - 1) // _BLOCK)
+    gx = torch.empty_like(x3)
+    gw = torch.empty(jobs, t, t, dtype=x3.dtype)
+    gb = torch.empty(jobs, t, dtype=x3.dtype)
+    bwd(_np(grad_s, x3.dtype), _np(x3, x3.dtype), _np(weight, x3.dtype), _np(bias.reshape(-1), x3.dtype),
+        _constants(surrogate, width, x3.dtype).numpy(), gx.numpy(), gw.numpy(), gb.numpy())
+    return gx, gw.sum(0), gb.sum(0).view(t, 1)
