@@ -8,17 +8,15 @@ block is read once per direction:
   and the block's share of ``dL/dW = sum g x^T`` and ``dL/db = sum g``, summed over blocks after.
 
 The surrogate is one of the built-in ones, ``c = [id, width, k]`` with its ``SURROGATE_IDS`` id and
-``k = (1/width)^2`` for zif and ``pi/2 * width`` for atan, as the torch forms compute them (one
-compiled kernel per direction and dtype serves every surrogate).
+``k = surrogate_constant(name, width)``; its derivative is :func:`tetsnn.surrogate.numba_grad`, the
+form every numba kernel inlines (one compiled kernel per direction and dtype serves every surrogate).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
-from ..surrogate import SURROGATE_IDS
+from ..surrogate import SURROGATE_IDS, numba_grad, surrogate_constant
 
 __all__ = ["available", "forward", "backward"]
 
@@ -40,8 +38,7 @@ def available() -> bool:
 
 
 def _constants(surrogate: str, width: float, dtype) -> Tensor:
-    k = {"zif": (1.0 / width) ** 2, "sigmoid": 0.0, "atan": math.pi / 2 * width}[surrogate]
-    return torch.tensor([SURROGATE_IDS[surrogate], width, k], dtype=dtype)
+    return torch.tensor([SURROGATE_IDS[surrogate], width, surrogate_constant(surrogate, width)], dtype=dtype)
 
 
 def _kernels():
@@ -65,24 +62,15 @@ def _kernels():
                 for i in range(w):
                     ht[i] += wj * xj[i]
 
+    grad = numba.njit(inline="always")(numba_grad)
+
     @numba.njit(inline="always")
     def surrogate(kind, h, gs, width, k):
-        # h[i] <- gs[i] * dS/dH at h[i]; the branch outside the loops, so each loop vectorises
+        # h[i] <- gs[i] * dS/dH at h[i]
         one = width - width + 1
         zero = one - one
-        if kind == 0:
-            for i in range(h.shape[0]):
-                a = width - abs(h[i])
-                h[i] = gs[i] * ((a if a > zero else zero) * k)
-        elif kind == 1:
-            for i in range(h.shape[0]):
-                sg = one / (one + np.exp(-(width * h[i])))
-                h[i] = gs[i] * (width * sg * (one - sg))
-        else:
-            half = width / (one + one)
-            for i in range(h.shape[0]):
-                z = k * h[i]
-                h[i] = gs[i] * (half / (one + z * z))
+        for i in range(h.shape[0]):
+            h[i] = gs[i] * grad(h[i], kind, width, k, zero, one)
 
     @numba.njit(parallel=True)
     def fwd(x, weight, bias, s):
