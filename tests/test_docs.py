@@ -210,7 +210,8 @@ def test_flag_check_catches_a_wrong_flag():
 
 # flags of other tools that the pages name on their own in the prose
 OTHER_TOOLS = {"--strict": "mkdocs", "--requeue": "sbatch", "--logdir": "tensorboard", "--budget": "gpu_check.py",
-               "--only": "gpu_check.py", "--render": "gpu_check.py", "--dry-run": "gpu_check.py"}
+               "--only": "gpu_check.py", "--render": "gpu_check.py", "--dry-run": "gpu_check.py",
+               "--zoo": "bench_lif.py", "--quick": "bench_frameworks.py"}
 
 
 def test_flags_named_in_prose_exist(capsys):

@@ -13,9 +13,9 @@ import bench_frameworks as bf  # noqa: E402
 @pytest.fixture(autouse=True)
 def torch_op_kernels(monkeypatch):
     """tetsnn's fused kernels in torch ops (the numba ones equal them; their float64 compile is slow)."""
-    from tetsnn.kernels import fused
+    from tetsnn.kernels import numba_kernels
 
-    monkeypatch.setattr(fused, "_NUMBA", False)
+    monkeypatch.setitem(numba_kernels.STATE, "numba", False)
 
 
 def _installed(fw):

@@ -125,7 +125,8 @@ def bn_path(bn: nn.Module, neuron: nn.Module, fuse_bn: bool = True, x: Optional[
                           "across processes), keeping the normalised input for backward", RuntimeWarning,
                           stacklevel=4)
         return Path.LOOP
-    probe = x if x is not None else (bn.weight if bn.weight is not None else torch.empty(0))
+    weight = getattr(bn, "weight", None)   # a normalisation that is no BatchNorm (TEBN) may have none
+    probe = x if x is not None else (weight if weight is not None else torch.empty(0))
     return plan(spec, probe, bn, neuron.backend)
 
 
