@@ -10,6 +10,10 @@ import pytest
 # a few optimizer steps per epoch: enough to exercise every path of the engine in seconds
 QUICK = ["--limit-train", "256", "--limit-test", "128", "--batch-size", "64"]
 
+# the environment of the CLI subprocesses that test the engine, not the kernels: the torch-op kernels
+# run, so that no process spends its first seconds compiling the numba kernels
+CHILD_ENV = {"TETSNN_NUMBA": "0"}
+
 
 def run_cli(*args, cwd=None, timeout=600, module="tetsnn", env=None):
     """Run ``python -m tetsnn ARGS`` (or another module) in a fresh process; output is not a terminal."""

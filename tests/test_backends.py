@@ -216,3 +216,23 @@ def test_channels_last_model_gradients_match_loop():
         tetsnn.tet_loss(m(x), torch.tensor([0, 1, 2, 3])).backward()
         grads[backend] = m.features[0].fwd.module[0].weight.grad
     torch.testing.assert_close(grads["fused"], grads["loop"], rtol=1e-5, atol=1e-6)
+
+
+def test_numba_can_be_turned_off_by_the_environment():
+    """TETSNN_NUMBA=0: the planner picks the torch-op paths and no numba kernel is built."""
+    import subprocess
+    import sys
+    code = ("import torch, tetsnn\n"
+            "from tetsnn.kernels import numba_kernels\n"
+            "from tetsnn.kernels.plan import plan\n"
+
+            "n = tetsnn.LIF(); x = torch.randn(2, 3, 4)\n"
+            "bn = torch.nn.BatchNorm2d(4).train()\n"
+            "print(plan(n.spec, x).name, plan(n.spec, x, bn).name)\n"
+            "m = tetsnn.create_model('digits_snn'); m(torch.rand(2, 4, 1, 8, 8)).sum().backward()\n"
+            "print(len(numba_kernels._KERNELS))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TETSNN_NUMBA": "0"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["TORCH_OPS", "BN_TORCH", "0"]
+    assert "numba" not in res.stderr   # off on purpose: no fallback warning

@@ -26,6 +26,8 @@ from tetsnn.engine.profile_cli import main as profile_main
 from tetsnn.engine.train import main as train_main
 from tetsnn.engine.train import resolve_run_config, short_run_note
 
+from conftest import CHILD_ENV
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 README = Path(__file__).resolve().parents[1] / "README.md"
 EVENTS = np.dtype([("t", "<i8"), ("x", "<i2"), ("y", "<i2"), ("p", "u1")])
@@ -237,7 +239,7 @@ def test_old_checkpoint_without_the_new_keys_still_loads(tmp_path, capsys):
 def _cli(args, cwd, env=None):
     return subprocess.Popen([sys.executable, "-m", "tetsnn"] + args, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **(env or {})})
+                            env={**os.environ, **CHILD_ENV, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 @pytest.mark.slow

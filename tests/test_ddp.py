@@ -18,6 +18,8 @@ from tetsnn.engine.checkpoint import load_checkpoint
 from tetsnn.engine.evaluate import main as evaluate_main
 from tetsnn.engine.train import main
 
+from conftest import CHILD_ENV
+
 pytestmark = pytest.mark.slow   # every test here launches torchrun jobs
 
 # 3 optimizer steps per epoch (global batch 64); 65 test samples: 2 evaluation batches on rank 0,
@@ -36,7 +38,7 @@ class Torchrun:
 
     def __init__(self, tmp_path, args, nproc=2, pause=None, restarts=0, preexec_fn=None, name="run"):
         self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": "1"}
         if pause:
             env["TETSNN_TEST_PAUSE"] = pause
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

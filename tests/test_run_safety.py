@@ -28,7 +28,7 @@ from tetsnn.engine.evaluate import main as evaluate_main
 from tetsnn.engine.train import main
 from tetsnn.utils import FolderLock
 
-from conftest import QUICK
+from conftest import CHILD_ENV, QUICK
 from test_events_datasets import make_cifar_root
 
 TIMEOUT = 300
@@ -42,7 +42,7 @@ class Cli:
 
     def __init__(self, tmp_path, args, name, pause=None, preexec_fn=None, cwd=None):
         self.out_path, self.err_path = tmp_path / f"{name}.out", tmp_path / f"{name}.err"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+        env = {**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
         env.pop("TETSNN_TEST_PAUSE", None)
         if pause:
             env["TETSNN_TEST_PAUSE"] = pause
@@ -76,7 +76,7 @@ class Cli:
 
 
 def run(args, cwd=None, preexec_fn=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("TETSNN_TEST_PAUSE", None)
     return subprocess.run([sys.executable, "-m", "tetsnn", *map(str, args)], capture_output=True, text=True,
                           timeout=TIMEOUT, env=env, cwd=cwd, preexec_fn=preexec_fn)
@@ -92,6 +92,7 @@ def one_line(text):
     return lines[0]
 
 
+@pytest.mark.slow   # subprocesses, each paying torch's import and the kernels' compile
 def test_a_second_start_on_a_live_run_is_refused_and_the_run_finishes_unharmed(tmp_path):
     out = tmp_path / "r"
     live = Cli(tmp_path, ["train", *QUICK, "--epochs", "2", "--checkpoint-every", "1", "--out", out],
@@ -114,6 +115,7 @@ def test_a_second_start_on_a_live_run_is_refused_and_the_run_finishes_unharmed(t
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.slow   # subprocesses, each paying torch's import and the kernels' compile
 def test_two_starts_on_one_new_out_one_refused_and_a_stop_before_the_first_step_resumes(tmp_path, capsys):
     """The refused start leaves the first one intact; SIGTERM before the first step saves the new
     run's start, and the printed command continues it (a killed owner's lock is taken over in
@@ -150,6 +152,7 @@ def test_auto_named_runs_started_in_the_same_second_get_their_own_directories(tm
         assert f"final test accuracy: {100 * m['test_acc']:.2f}%" in printed and f"runs/{name}" in printed
 
 
+@pytest.mark.slow   # subprocesses, each paying torch's import and the kernels' compile
 def test_kill_during_the_best_write_then_resume_recovers_best(tmp_path, capsys):
     out = tmp_path / "r"
     job = Cli(tmp_path, ["train", *LEARNS, "--epochs", "2", "--out", out], "run", pause="save#best.pt/2:600")
@@ -224,6 +227,7 @@ def preprocess(root, cache, T):
     return ["preprocess", "--dataset", "cifar10-dvs", "--data-dir", root, "--cache-dir", cache, "--T", T, "--threads", "1"]
 
 
+@pytest.mark.slow   # subprocesses, each paying torch's import and the kernels' compile
 def test_cache_builds_clean_up_orphans_never_a_live_build_and_stop_on_sigterm(dvs_root, tmp_path):
     cache = tmp_path / "cache"
     killed = Cli(tmp_path, preprocess(dvs_root, cache, 2), "killed", pause="cache#3:600")
@@ -255,6 +259,7 @@ def finished_name(cache, T):
     return names[0][1:names[0].index(".tmp-")]
 
 
+@pytest.mark.slow   # subprocesses, each paying torch's import and the kernels' compile
 def test_a_build_waits_for_a_live_build_of_the_same_cache_and_sigint_stops_it(dvs_root, tmp_path):
     cache = tmp_path / "cache"
     first = Cli(tmp_path, preprocess(dvs_root, cache, 2), "first", pause="cache#3:600")
@@ -268,6 +273,7 @@ def test_a_build_waits_for_a_live_build_of_the_same_cache_and_sigint_stops_it(dv
     assert len(finished(cache)) == 1 and temps(cache) == []
 
 
+@pytest.mark.slow   # subprocesses, each paying torch's import and the kernels' compile
 def test_sigterm_during_the_cache_build_inside_train_exits_0_and_the_printed_command_works(dvs_root, tmp_path):
     out = tmp_path / "r"
     args = ["train", "--config", "cifar10dvs_vggsnn", "--data-dir", dvs_root, "--cache-dir", tmp_path / "c",
@@ -290,6 +296,7 @@ def _fsize_limit(n):
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
 
 
+@pytest.mark.slow   # subprocesses, each paying torch's import and the kernels' compile
 def test_file_size_limit_on_the_cache_and_on_checkpoints_is_one_line(dvs_root, tmp_path):
     cache = tmp_path / "cache"
     built = run(preprocess(dvs_root, cache, 2), preexec_fn=_fsize_limit(100_000))
@@ -373,6 +380,7 @@ def test_folder_lock_is_exclusive_and_names_its_holder(tmp_path):
     b.release()
 
 
+@pytest.mark.slow   # subprocesses, each paying torch's import and the kernels' compile
 def test_under_torchrun_rank_0_holds_the_run_lock(tmp_path):
     from test_ddp import TINY, Torchrun
 

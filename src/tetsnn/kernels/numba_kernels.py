@@ -12,6 +12,7 @@ unusable for the process.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 from ..neuron.spec import C_DECAY, C_INPUT, C_K, C_LEVELS, C_ONE, C_THRESHOLD, C_WIDTH, C_ZERO
@@ -26,7 +27,10 @@ PACK_BLOCK = 4096  # elements per work item of the bit packing (a multiple of 64
 
 
 def module():
-    """The numba module, or False where it cannot be imported (warns once)."""
+    """The numba module, or False where it cannot be imported (warns once) or the environment sets
+    ``TETSNN_NUMBA=0`` (the torch-op kernels run instead, with no JIT compile at the start)."""
+    if STATE["numba"] is None and os.environ.get("TETSNN_NUMBA", "").strip() == "0":
+        STATE["numba"] = False
     if STATE["numba"] is None:
         try:
             import numba
