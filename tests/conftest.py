@@ -49,6 +49,17 @@ SLOW_SWEEPS = {
     "test_backends.py::test_exact_ties": ("[hard-",),
     "test_compile.py::test_compiled_first_step_matches_eager": (),
     "test_compact.py::test_torch_compile_matches_eager": (),
+    "test_neuron_zoo.py::test_batchnorm_fusion_on_and_off": ("[triton-plif-kw0",),
+    "test_neuron_zoo.py::test_against_spikingjelly_every_path": ("[3-lif]",),
+    "test_neuron_zoo.py::test_decay_input_paths_equal_the_loop": ("dtype1",),
+    "test_norm.py::test_models_fused_equal_unfused": ("digits_snn",),
+    "test_norm.py::test_models_norm_option_and_state_dict_keys": ("digits_snn",),
+    "test_norm.py::test_layer_with_lif_equals_spikingjelly": ("[False-",),
+    "test_frameworks.py::test_conv_networks_equal_outputs_and_gradients": (),
+    "test_ilif.py::test_against_spikingjelly_every_path": ("[3-0.8-False]",),
+    "test_bn_fused.py::test_running_statistics_over_steps": ("[None]",),
+    "test_psn.py::test_models_with_psn": ("digits_snn",),
+    "test_psn.py::test_equals_spikingjelly_float64": ("torch-ops", "sliding"),
 }
 
 
