@@ -232,7 +232,7 @@ def trunc_normal_init(model: nn.Module) -> None:
 def resolve_preset(name: str, presets: dict, preset: Optional[str], overrides: dict) -> dict:
     """The architecture of ``preset`` (a key of ``presets``) with the explicit ``overrides`` (those not None)."""
     if preset is not None and preset not in presets:
-        raise ValueError(f"unknown {name} preset {preset!r}: expected one of {sorted(presets)}")
+        raise ValueError(f"unknown {name} preset {preset!r}: expected one of {sorted(k for k in presets if k)}")
     arch = dict(presets[preset] if preset is not None else presets[None])
     arch.update({k: v for k, v in overrides.items() if v is not None})
     return arch
