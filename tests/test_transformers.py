@@ -266,3 +266,58 @@ def test_convert_state_dict_refuses_what_it_cannot_map():
         tetsnn.convert_state_dict({}, model="resnet19")
     with pytest.raises(ValueError, match="no rule for the key 'features.0.weight'"):
         tetsnn.convert_state_dict({"features.0.weight": torch.zeros(1)}, model="qkformer")
+
+
+# ------------------------------------------------------------------------------------------ tools
+
+def test_profile_counts_the_attention_products():
+    from tetsnn.analysis import profile
+    torch.manual_seed(0)
+    model = tetsnn.create_model("spikformer", 5, T=2, img_size=16, embed_dim=32, heads=2, depth=1)
+    for m in model.modules():   # let the neurons fire (eval mode: the running statistics normalise)
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.constant_(m.running_var, 1e-4)
+    x = torch.rand(2, 3, 16, 16) * 3
+    seen = {}
+    product = model.blocks[0].attn.product
+    handle = product.register_forward_hook(lambda m, inp, out: seen.update(qkv=[t.clone() for t in inp]))
+    res = profile(model, x)
+    handle.remove()
+    q, k, v = seen["qkv"]
+    d = q.shape[-2]
+    expect = int((v != 0).sum()) * d + int((q != 0).sum()) * d      # one accumulate per spike and element
+    row = {r["layer"]: r for r in res["layers"]}["blocks.0.attn.product"]
+    assert row["type"] == "product" and row["spike_driven"] and expect > 0
+    assert row["synops_per_sample"] == expect / 2
+    assert row["dense_macs_per_step"] == 2 * q[..., 0, 0].numel() * d * d * q.shape[-1] / 2 / 2
+    # the token projections (Conv1d) are spike-driven too
+    assert {r["layer"]: r for r in res["layers"]}["blocks.0.attn.qkv.fwd.module.0"]["spike_driven"]
+
+
+@pytest.mark.parametrize("name,kw", [("spikformer", dict(img_size=16, embed_dim=32, heads=2, depth=1)),
+                                     ("spike_driven_transformer", dict(img_size=16, embed_dim=32, heads=2, depth=1,
+                                                                       pooling="0011")),
+                                     ("qkformer", dict(img_size=16, embed_dim=32, heads=2, depth=4, layout="cifar"))])
+def test_nir_export_refuses_attention(name, kw):
+    model = tetsnn.create_model(name, 5, T=2, **kw)
+    with pytest.raises(ValueError, match=r"^layer '[\w.]+': \w+ multiplies two activations") as e:
+        tetsnn.to_nir(model, (3, 16, 16))
+    assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.slow   # a training run (tens of seconds on a busy CPU, most of it compiling kernels)
+def test_train_then_export_through_the_cli(tmp_path, capsys):
+    from tetsnn.cli import main
+    kw = "{img_size: 8, in_channels: 1, patch_size: 4, embed_dim: 32, heads: 2, depth: 1}"
+    out = tmp_path / "run"
+    assert main(["train", "--model", "spikformer", "--model-kw", kw, "--epochs", "1", "--limit-train", "64",
+                 "--limit-test", "32", "--batch-size", "32", "--T", "2", "--out", str(out)]) == 0
+    assert (out / "best.pt").is_file()
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(out / "best.pt"), "--format", "nir", "--out",
+                 str(tmp_path / "m.nir")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "multiplies two activations" in err and "blocks.0.attn.product" in err
+    assert not (tmp_path / "m.nir").exists()
+    assert main(["profile", "--checkpoint", str(out / "best.pt"), "--batches", "1", "--device", "cpu"]) == 0
+    assert "blocks.0.attn.product" in capsys.readouterr().out

@@ -27,7 +27,7 @@ from .neuron import make_neuron, spike_levels
 
 __all__ = ["ATTENTION_THRESHOLD", "TRANSFORMER_LIF", "transformer_neuron", "spike_attention", "spike_mul",
            "ConvBNNeuron", "Neurons", "TokenMLP", "SpikingSelfAttention", "TransformerBlock",
-           "trunc_normal_init", "resolve_preset"]
+           "trunc_normal_init", "resolve_preset", "SpikeProduct", "QKVProduct", "MaskedTokenSum", "ChannelSum"]
 
 # The papers' attention neurons fire at v >= 0.5; their membranes are multiples of 2**-(3 + t) after t steps.
 ATTENTION_THRESHOLD = 0.5 - 2.0 ** -24
@@ -187,20 +187,20 @@ class SpikingSelfAttention(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"embed_dim {dim} is not divisible by heads {heads}")
-        self.heads, self.scale = heads, float(scale)
+        self.heads = heads
         self.qkv = neurons.conv_bn_neuron(dim, 3 * dim, levels_in, qkv_bias)
+        self.product = QKVProduct(scale, compact=neurons.levels == 1)
         self.attn_act = neurons.make(attention=True)
         self.proj = neurons.conv_bn_neuron(dim, dim, neurons.levels, proj_bias)
-        self.compact = neurons.levels == 1
 
     def forward(self, x: Tensor) -> Tensor:
         n, t, c, length = x.shape
         qkv = self.qkv(x).view(n, t, 3, self.heads, c // self.heads, length)
-        y = spike_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.scale, self.compact)
+        y = self.product(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return self.proj(self.attn_act(y.reshape(n, t, c, length)))
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, scale={self.scale}"
+        return f"heads={self.heads}"
 
 
 class TransformerBlock(nn.Module):
@@ -236,3 +236,78 @@ def resolve_preset(name: str, presets: dict, preset: Optional[str], overrides: d
     arch = dict(presets[preset] if preset is not None else presets[None])
     arch.update({k: v for k, v in overrides.items() if v is not None})
     return arch
+
+
+# --------------------------------------------------------------------------- the products as modules
+# (what tetsnn.analysis.profile hooks: each counts the accumulates its spike operands drive)
+
+class SpikeProduct(nn.Module):
+    """Base of the attention products: ``spike_synops(*inputs)`` is the number of accumulates the call
+    performs (one per nonzero spike operand element and element it multiplies), ``dense_macs(*inputs)``
+    the multiply-accumulates of the same product on dense operands."""
+
+    multiplies_activations = True   # a product of two activations (NIR cannot express it)
+
+    def spike_synops(self, *inputs: Tensor) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def dense_macs(self, *inputs: Tensor) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class QKVProduct(SpikeProduct):
+    """``(v @ k^T) @ q * scale`` on ``[..., d, L]`` (:func:`spike_attention`). Accumulates: ``v @ k^T`` adds
+    a row of k for every spike of v (``nnz(v) * d``), then ``(v k^T) @ q`` a column of ``v k^T`` for every
+    spike of q (``nnz(q) * d``)."""
+
+    def __init__(self, scale: float = 0.125, compact: bool = True):
+        super().__init__()
+        self.scale, self.compact = float(scale), compact
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return spike_attention(q, k, v, self.scale, self.compact)
+
+    def spike_synops(self, q, k, v) -> int:
+        d = q.shape[-2]
+        return int((v != 0).sum().item()) * d + int((q != 0).sum().item()) * d
+
+    def dense_macs(self, q, k, v) -> int:
+        d, length = q.shape[-2:]
+        return 2 * q[..., 0, 0].numel() * d * d * length
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+class MaskedTokenSum(SpikeProduct):
+    """SDSA's ``sum over tokens of k * v`` on ``[..., d, L]``: the product is a mask (an AND of spikes), the
+    sum accumulates each nonzero product once."""
+
+    def __init__(self, compact: bool = True):
+        super().__init__()
+        self.compact = compact
+
+    def forward(self, k: Tensor, v: Tensor) -> Tensor:
+        return spike_mul(k, v, self.compact).sum(-1, keepdim=True)
+
+    def spike_synops(self, k, v) -> int:
+        return int(((k != 0) & (v != 0)).sum().item())
+
+    def dense_macs(self, k, v) -> int:
+        return k.numel()
+
+
+class ChannelSum(SpikeProduct):
+    """QKFormer's token attention: the sum of q over each head's channels ``[..., d, L] -> [..., 1, L]``
+    (one accumulate per spike of q). Its mask times k is an AND of spikes."""
+
+    multiplies_activations = True
+
+    def forward(self, q: Tensor) -> Tensor:
+        return q.sum(-2, keepdim=True)
+
+    def spike_synops(self, q) -> int:
+        return int((q != 0).sum().item())
+
+    def dense_macs(self, q) -> int:
+        return q.numel()

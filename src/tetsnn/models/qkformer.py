@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..attention import (Neurons, SpikingSelfAttention, TokenMLP, TransformerBlock, resolve_preset, spike_mul,
+from ..attention import (ChannelSum, Neurons, SpikingSelfAttention, TokenMLP, TransformerBlock, resolve_preset, spike_mul,
                          trunc_normal_init)
 from ..compact import spike_conv2d
 from ..layers import ConvBN, conv_bn_spike
@@ -125,6 +125,7 @@ class TokenQKAttention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by heads {heads}")
         self.heads = heads
         self.qk = neurons.conv_bn_neuron(dim, 2 * dim, levels_in, bias=False)
+        self.channel_sum = ChannelSum()
         self.attn_act = neurons.make(attention=True)
         self.proj = neurons.conv_bn_neuron(dim, dim, neurons.levels, bias=True)
         self.compact = neurons.levels == 1
@@ -133,7 +134,7 @@ class TokenQKAttention(nn.Module):
         n, t, c, length = x.shape
         qk = self.qk(x).view(n, t, 2, self.heads, c // self.heads, length)
         q, k = qk[:, :, 0], qk[:, :, 1]
-        mask = self.attn_act(q.sum(3, keepdim=True))   # [N, T, heads, 1, L]
+        mask = self.attn_act(self.channel_sum(q))   # [N, T, heads, 1, L]
         return self.proj(spike_mul(mask, k, self.compact).reshape(n, t, c, length))
 
     def extra_repr(self) -> str:

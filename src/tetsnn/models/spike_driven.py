@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import ConvBNNeuron, Neurons, resolve_preset, spike_mul, trunc_normal_init
+from ..attention import ConvBNNeuron, MaskedTokenSum, Neurons, resolve_preset, spike_mul, trunc_normal_init
 from ..compact import spike_conv1d, spike_conv2d, spike_linear, spike_max_pool2d
 from ..layers import ConvBN, SeqToANNContainer
 from ._registry import register_model
@@ -86,6 +86,7 @@ class SpikeDrivenSelfAttention(nn.Module):
         self.heads, self.dvs = heads, dvs
         self.shortcut_act = neurons.make()
         self.qkv = neurons.conv_bn_neuron(dim, 3 * dim, lv, bias=False)
+        self.token_sum = MaskedTokenSum(compact=lv == 1)
         self.attn_act = neurons.make(attention=True)
         self.proj = ConvBN(spike_conv1d(dim, dim, 1, bias=True, spikes=lv), nn.BatchNorm1d(dim))
         self.compact = lv == 1
@@ -98,10 +99,11 @@ class SpikeDrivenSelfAttention(nn.Module):
         if self.dvs:   # the official code pools k and v as [.., C, H, W] maps
             k = _erode(k.reshape(n, t, c, h, w), h, w).view(n, t, self.heads, d, h * w)
             v = _erode(v.reshape(n, t, c, h, w), h, w).view(n, t, self.heads, d, h * w)
-        kv = spike_mul(k, v, self.compact)
         if self.dvs:   # ... and the products in its [.., tokens, d] layout
-            kv = _erode(kv.transpose(-1, -2), h * w, d).transpose(-1, -2)
-        kv = self.attn_act(kv.sum(-1, keepdim=True))   # [N, T, heads, d, 1]
+            kv = _erode((k * v).transpose(-1, -2), h * w, d).transpose(-1, -2).sum(-1, keepdim=True)
+        else:
+            kv = self.token_sum(k, v)
+        kv = self.attn_act(kv)   # [N, T, heads, d, 1]
         y = spike_mul(q, kv, self.compact)
         if self.dvs:
             y = _erode(y.transpose(-1, -2), h * w, d).transpose(-1, -2)
