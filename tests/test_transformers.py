@@ -321,3 +321,23 @@ def test_train_then_export_through_the_cli(tmp_path, capsys):
     assert not (tmp_path / "m.nir").exists()
     assert main(["profile", "--checkpoint", str(out / "best.pt"), "--batches", "1", "--device", "cpu"]) == 0
     assert "blocks.0.attn.product" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("spikformer", dict(img_size=16, embed_dim=32, heads=2, depth=1)),
+    pytest.param("spike_driven_transformer", dict(img_size=16, embed_dim=32, heads=2, depth=1, pooling="0011"),
+                 marks=pytest.mark.slow),
+    pytest.param("qkformer", dict(img_size=16, embed_dim=32, heads=2, depth=4, layout="cifar"),
+                 marks=pytest.mark.slow),
+])
+def test_training_step_traces_without_graph_breaks(name, kw):
+    """compile: true: the fused neurons, the bit-keeping layers and the spike products all trace."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = tetsnn.create_model(name, 5, T=2, **kw).train()
+    x, y = torch.rand(4, 3, 16, 16) * 3, torch.randint(0, 5, (4,))
+    explained = torch._dynamo.explain(lambda x, y: tetsnn.tet_loss(model(x), y))(x, y)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    # BatchNorm fused into the neuron; the bit-keeping layers and products stay autograd Functions
+    assert "tetsnn.bn_lif_forward.default" in ops and "autograd_function_apply" in ops

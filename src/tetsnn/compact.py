@@ -33,7 +33,8 @@ def _pack(x: Tensor, levels: int):
     """Bit planes of integer spikes 0..levels (one plane, bit 0, for 0/1 spikes)."""
     if levels <= 1:
         return (pack_once(x),)
-    check_spikes(x, levels)
+    if not torch.compiler.is_compiling():   # a data-dependent check: eager only, as pack_once's
+        check_spikes(x, levels)
     xi = x.detach().to(torch.int32)
     return tuple(pack_spikes(((xi >> b) & 1).to(x.dtype)) for b in range(bits_per_value(levels)))
 
