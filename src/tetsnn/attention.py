@@ -21,7 +21,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .compact import _pack, _unpack, spike_conv1d
+from .compact import spike_conv1d
+from .kernels.ops import pack_spikes, unpack_spikes
 from .layers import ConvBN, conv_bn_spike
 from .neuron import make_neuron, spike_levels
 
@@ -82,13 +83,13 @@ class _SpikeAttentionFn(torch.autograd.Function):
     def forward(ctx, q, k, v, scale):
         kv = v @ k.transpose(-2, -1)
         ctx.meta = (list(q.shape), q.dtype, scale)
-        ctx.save_for_backward(*_pack(q, 1), *_pack(k, 1), *_pack(v, 1))
+        ctx.save_for_backward(pack_spikes(q), pack_spikes(k), pack_spikes(v))   # neuron outputs: 0/1
         return (kv @ q) * scale
 
     @staticmethod
     def backward(ctx, grad):
         shape, dtype, scale = ctx.meta
-        q, k, v = (_unpack((p,), shape, dtype) for p in ctx.saved_tensors)
+        q, k, v = (unpack_spikes(p, shape, dtype) for p in ctx.saved_tensors)
         g = grad * scale
         kv = v @ k.transpose(-2, -1)
         gq = kv.transpose(-2, -1) @ g if ctx.needs_input_grad[0] else None
@@ -101,7 +102,8 @@ class _SpikeAttentionFn(torch.autograd.Function):
 def spike_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 0.125, compact: bool = True) -> Tensor:
     """Spikformer's spiking self-attention product ``Q K^T V * scale`` in the channel layout
     ``[..., d, L]`` of its code (``(v @ k^T) @ q``: ``d x d`` before ``d x L``). With ``compact`` and
-    gradients on, q, k and v are kept as packed bits for backward (they must be 0/1 spikes)."""
+    gradients on, q, k and v are kept as packed bits for backward (they must be 0/1 spikes: they are not
+    checked, as the neurons before them make them so)."""
     if not (compact and _compact(q, k, v)):
         return (v @ k.transpose(-2, -1)) @ q * scale
     return _SpikeAttentionFn.apply(q, k, v, scale)
@@ -113,14 +115,14 @@ class _SpikeMulFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):
         ctx.meta = ((list(a.shape), a.dtype), (list(b.shape), b.dtype))
-        ctx.save_for_backward(*_pack(a, 1), *_pack(b, 1))
+        ctx.save_for_backward(pack_spikes(a), pack_spikes(b))
         return a * b
 
     @staticmethod
     def backward(ctx, grad):
         (sa, da), (sb, db) = ctx.meta
         pa, pb = ctx.saved_tensors
-        a, b = _unpack((pa,), sa, da), _unpack((pb,), sb, db)
+        a, b = unpack_spikes(pa, sa, da), unpack_spikes(pb, sb, db)
         ga = _sum_to(grad * b, sa) if ctx.needs_input_grad[0] else None
         gb = _sum_to(grad * a, sb) if ctx.needs_input_grad[1] else None
         return ga, gb
