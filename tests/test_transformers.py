@@ -75,6 +75,8 @@ def test_presets_and_overrides():
     assert len(m.blocks) == 2 and m.blocks[0].attn.heads == 8
     with pytest.raises(ValueError, match="unknown spikformer preset 'cifar-9'"):
         tetsnn.create_model("spikformer", preset="cifar-9")
+    with pytest.raises(ValueError, match="norm='bn' only, got 'tebn'"):
+        tetsnn.create_model("qkformer", norm="tebn")
     with pytest.raises(ValueError, match="not divisible by heads"):
         tetsnn.create_model("spikformer", embed_dim=64, heads=5)
     lifs = [x for x in tetsnn.create_model("qkformer", 10, preset="cifar-4-384", embed_dim=32, heads=2).modules()

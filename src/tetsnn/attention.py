@@ -28,7 +28,8 @@ from .neuron import make_neuron, spike_levels
 
 __all__ = ["ATTENTION_THRESHOLD", "TRANSFORMER_LIF", "transformer_neuron", "spike_attention", "spike_mul",
            "ConvBNNeuron", "Neurons", "TokenMLP", "SpikingSelfAttention", "TransformerBlock",
-           "trunc_normal_init", "resolve_preset", "SpikeProduct", "QKVProduct", "MaskedTokenSum", "ChannelSum"]
+           "trunc_normal_init", "check_norm", "resolve_preset", "SpikeProduct", "QKVProduct", "MaskedTokenSum",
+           "ChannelSum"]
 
 # The papers' attention neurons fire at v >= 0.5; their membranes are multiples of 2**-(3 + t) after t steps.
 ATTENTION_THRESHOLD = 0.5 - 2.0 ** -24
@@ -229,6 +230,13 @@ def trunc_normal_init(model: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def check_norm(norm: str) -> None:
+    """The transformers normalise with BatchNorm (``norm="bn"``), as their papers do; tdBN and TEBN are
+    built for 2-d feature maps and are not offered."""
+    if norm != "bn":
+        raise ValueError(f"the spiking transformers take norm='bn' only, got {norm!r}")
 
 
 def resolve_preset(name: str, presets: dict, preset: Optional[str], overrides: dict) -> dict:

@@ -131,15 +131,20 @@ def _qkformer(sd: Dict[str, Tensor], arch: dict) -> Dict[str, Tensor]:
             _fold_bias(sd, f"{e}.conv{i}", f"{e}.bn{i}")
         _fold_bias(sd, f"{e}.shortcut.0", f"{e}.shortcut.1")
     out = _rename(sd, [
-        (r"patch_embed(\d)\.conv(\d)\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.embed.convs.{int(m[2]) - 1}.module.0.{m[3]}"),
-        (r"patch_embed(\d)\.bn(\d)\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.embed.convs.{int(m[2]) - 1}.module.1.{m[3]}"),
-        (r"patch_embed(\d)\.shortcut\.(\d)\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.embed.shortcut.module.{m[2]}.{m[3]}"),
+        (r"patch_embed(\d)\.conv(\d)\.(.+)",
+         lambda m: f"stages.{int(m[1]) - 1}.embed.convs.{int(m[2]) - 1}.module.0.{m[3]}"),
+        (r"patch_embed(\d)\.bn(\d)\.(.+)",
+         lambda m: f"stages.{int(m[1]) - 1}.embed.convs.{int(m[2]) - 1}.module.1.{m[3]}"),
+        (r"patch_embed(\d)\.shortcut\.(\d)\.(.+)",
+         lambda m: f"stages.{int(m[1]) - 1}.embed.shortcut.module.{m[2]}.{m[3]}"),
         (r"stage(\d)\.(\d+)\.attn\.(qk|qkv)_conv_bn\.(\d)\.(.+)",
          lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.attn.{m[3]}.fwd.module.{m[4]}.{m[5]}"),
         (r"stage(\d)\.(\d+)\.attn\.proj_conv_bn\.(\d)\.(.+)",
          lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.attn.proj.fwd.module.{m[3]}.{m[4]}"),
-        (r"stage(\d)\.(\d+)\.mlp\.fc([12])\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.mlp.fc{m[3]}.fwd.module.0.{m[4]}"),
-        (r"stage(\d)\.(\d+)\.mlp\.bn([12])\.(.+)", lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.mlp.fc{m[3]}.fwd.module.1.{m[4]}"),
+        (r"stage(\d)\.(\d+)\.mlp\.fc([12])\.(.+)",
+         lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.mlp.fc{m[3]}.fwd.module.0.{m[4]}"),
+        (r"stage(\d)\.(\d+)\.mlp\.bn([12])\.(.+)",
+         lambda m: f"stages.{int(m[1]) - 1}.blocks.{m[2]}.mlp.fc{m[3]}.fwd.module.1.{m[4]}"),
         (r"head\.(weight|bias)", r"head.\1"),
     ])
     convs = sorted({k.rsplit(".", 1)[0] for k in out if re.search(r"attn\.proj\.fwd\.module\.0\.weight$", k)})

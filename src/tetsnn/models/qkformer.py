@@ -18,8 +18,8 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..attention import (ChannelSum, Neurons, SpikingSelfAttention, TokenMLP, TransformerBlock, resolve_preset, spike_mul,
-                         trunc_normal_init)
+from ..attention import (ChannelSum, Neurons, SpikingSelfAttention, TokenMLP, TransformerBlock, check_norm,
+                         resolve_preset, spike_mul, trunc_normal_init)
 from ..compact import spike_conv2d
 from ..layers import ConvBN, conv_bn_spike
 from ._registry import register_model
@@ -160,8 +160,9 @@ class QKFormer(SpikingModel):
 
     def __init__(self, num_classes: int = 1000, T: int = 4, embed_dim: int = 384, depth: int = 10, heads: int = 6,
                  img_size: int = 224, in_channels: int = 3, mlp_ratio: float = 4.0, layout: str = "imagenet",
-                 scale: float = 0.125, neuron: str = "lif", fuse_bn: bool = True, **neuron_kw):
+                 scale: float = 0.125, neuron: str = "lif", fuse_bn: bool = True, norm: str = "bn", **neuron_kw):
         super().__init__(T)
+        check_norm(norm)
         if embed_dim % 16:
             raise ValueError(f"embed_dim must be divisible by 16, got {embed_dim!r}")
         if img_size % {"imagenet": 16, "cifar": 4, "dvs": 16}.get(layout, 1):

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import ConvBNNeuron, MaskedTokenSum, Neurons, resolve_preset, spike_mul, trunc_normal_init
+from ..attention import (ConvBNNeuron, MaskedTokenSum, Neurons, check_norm, resolve_preset, spike_mul,
+                         trunc_normal_init)
 from ..compact import spike_conv1d, spike_conv2d, spike_linear, spike_max_pool2d
 from ..layers import ConvBN, SeqToANNContainer
 from ._registry import register_model
@@ -149,8 +150,9 @@ class SpikeDrivenTransformer(SpikingModel):
 
     def __init__(self, num_classes: int = 1000, T: int = 4, embed_dim: int = 384, depth: int = 8, heads: int = 8,
                  img_size: int = 224, in_channels: int = 3, mlp_ratio: float = 4.0, pooling: str = "1111",
-                 dvs: bool = False, neuron: str = "lif", fuse_bn: bool = True, **neuron_kw):
+                 dvs: bool = False, neuron: str = "lif", fuse_bn: bool = True, norm: str = "bn", **neuron_kw):
         super().__init__(T)
+        check_norm(norm)
         side = img_size // 2 ** pooling.count("1") if isinstance(pooling, str) else 0
         if side < 1:
             raise ValueError(f"img_size {img_size!r} is too small for pooling {pooling!r}")

@@ -14,8 +14,8 @@ import math
 import torch
 from torch import nn
 
-from ..attention import (ConvBNNeuron, Neurons, SpikingSelfAttention, TokenMLP, TransformerBlock, resolve_preset,
-                         trunc_normal_init)
+from ..attention import (ConvBNNeuron, Neurons, SpikingSelfAttention, TokenMLP, TransformerBlock, check_norm,
+                         resolve_preset, trunc_normal_init)
 from ..compact import spike_conv2d, spike_max_pool2d
 from ..layers import SeqToANNContainer
 from ._registry import register_model
@@ -77,8 +77,9 @@ class Spikformer(SpikingModel):
     def __init__(self, num_classes: int = 10, T: int = 4, embed_dim: int = 384, depth: int = 4, heads: int = 12,
                  patch_size: int = 4, img_size: int = 32, in_channels: int = 3, mlp_ratio: float = 4.0,
                  scale: float = 0.125, qkv_bias: bool = False, neuron: str = "lif", fuse_bn: bool = True,
-                 **neuron_kw):
+                 norm: str = "bn", **neuron_kw):
         super().__init__(T)
+        check_norm(norm)
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         neurons = Neurons(neuron, T, fuse_bn, tuple(sorted(neuron_kw.items())))
