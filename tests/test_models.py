@@ -59,13 +59,15 @@ def test_imagenet_style_parameter_counts(name, layers, widths):
 
 
 SHAPES = {"vggsnn": (2, 48, 48), "digits_snn": (1, 8, 8)}
+SMALL = {"spikformer": dict(embed_dim=64, heads=2), "spike_driven_transformer": dict(embed_dim=64, heads=2, depth=2),
+         "qkformer": dict(embed_dim=64, heads=2, depth=4)}   # the transformers' layouts at a small width
 
 
 @pytest.mark.parametrize("name", [m for m in tetsnn.list_models() if m != "nir"])  # nir: test_nir_import.py
 def test_every_model_forward_backward(name):
     torch.manual_seed(0)
     c, h, w = SHAPES.get(name, (3, 32, 32))
-    model = tetsnn.create_model(name, num_classes=7, T=2)
+    model = tetsnn.create_model(name, num_classes=7, T=2, **SMALL.get(name, {}))
     x = torch.rand(2, c, h, w) * 3
     out = model(x)
     assert out.shape == (2, 2, 7)

@@ -12,7 +12,7 @@ from .kernels.plan import Path, plan
 from .norm import TEBN, tdBN
 from .layers import Layer, SeqToANNContainer, Threshold, add_time_dim, to_batch_first, to_time_first
 from .loss import sdt_loss, tet_loss
-from .models import create_model, list_models, register_model
+from .models import convert_state_dict, create_model, list_models, register_model
 from .utils import seed_all
 from .export import export_nir, to_nir
 from .nir_import import from_nir
@@ -31,7 +31,7 @@ __all__ = [
     "ZIF", "SigmoidSpike", "AtanSpike", "CustomSpike", "zif", "sigmoid_spike", "atan_spike",
     "zif_grad", "sigmoid_grad", "atan_grad",
     "SeqToANNContainer", "Layer", "Threshold", "add_time_dim", "to_time_first", "to_batch_first",
-    "tet_loss", "sdt_loss", "create_model", "list_models", "register_model", "seed_all",
+    "tet_loss", "sdt_loss", "create_model", "list_models", "register_model", "convert_state_dict", "seed_all",
     "export_nir", "to_nir", "from_nir",
     "load_checkpoint", "load_config", "build_data", "build_model", "evaluate_model",
 ]

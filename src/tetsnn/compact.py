@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from .kernels.ops import check_spikes, pack_once, pack_spikes, unpack_spikes
 
-__all__ = ["pack_spikes", "unpack_spikes", "bits_per_value", "SpikeConv2d", "SpikeLinear", "spike_conv2d", "spike_linear",
+__all__ = ["pack_spikes", "unpack_spikes", "bits_per_value", "SpikeConv2d", "SpikeConv1d", "SpikeLinear", "spike_conv2d", "spike_conv1d",
+           "spike_linear",
            "ShapeOnlyAvgPool2d", "ShapeOnlyAdaptiveAvgPool2d", "SpikeMaxPool2d", "spike_avg_pool2d",
            "spike_adaptive_avg_pool2d", "spike_max_pool2d"]
 
@@ -32,7 +33,8 @@ def _pack(x: Tensor, levels: int):
     """Bit planes of integer spikes 0..levels (one plane, bit 0, for 0/1 spikes)."""
     if levels <= 1:
         return (pack_once(x),)
-    check_spikes(x, levels)
+    if not torch.compiler.is_compiling():   # a data-dependent check: eager only, as pack_once's
+        check_spikes(x, levels)
     xi = x.detach().to(torch.int32)
     return tuple(pack_spikes(((xi >> b) & 1).to(x.dtype)) for b in range(bits_per_value(levels)))
 
@@ -49,10 +51,12 @@ class _SpikeConv2dFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, levels=1):
         ctx.conv = (stride, padding, dilation, groups)
         ctx.x_meta = (list(x.shape), x.dtype)
-        ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and \
+            x.is_contiguous(memory_format=torch.channels_last)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(weight, *_pack(x, levels))
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        conv = F.conv1d if x.dim() == 3 else F.conv2d   # SpikeConv1d shares this function
+        return conv(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
@@ -64,7 +68,7 @@ class _SpikeConv2dFn(torch.autograd.Function):
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(
             grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(stride), list(padding),
-            list(dilation), False, [0, 0], groups, mask)
+            list(dilation), False, [0] * (x.dim() - 2), groups, mask)
         return gx, gw, gb, None, None, None, None, None
 
 
@@ -119,6 +123,23 @@ class SpikeConv2d(nn.Conv2d):
                                self.groups, self.levels)
 
 
+class SpikeConv1d(nn.Conv1d):
+    """``nn.Conv1d`` for spike input (the token projections of the spiking transformers): saves the input
+    as packed bits, as :class:`SpikeConv2d` does."""
+
+    def __init__(self, *args, compact: bool = True, levels: int = 1, **kw):
+        super().__init__(*args, **kw)
+        self.compact = compact
+        self.levels = int(levels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _compact_applies(self, x) or self.padding_mode != "zeros" or isinstance(self.padding, str) \
+                or x.dim() != 3:
+            return super().forward(x)
+        return _apply_autocast(_SpikeConv2dFn, x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                               self.groups, self.levels)
+
+
 class SpikeLinear(nn.Linear):
     """``nn.Linear`` for spike input: saves the input as packed bits (``compact=True``; ``levels`` as for
     :class:`SpikeConv2d`)."""
@@ -138,6 +159,12 @@ def spike_conv2d(*args, spikes, **kw) -> nn.Conv2d:
     """A :class:`SpikeConv2d` where the input is spikes (``spikes``: True for 0/1, or the largest integer
     spike value), else a plain ``nn.Conv2d``."""
     return SpikeConv2d(*args, levels=int(spikes), **kw) if spikes else nn.Conv2d(*args, **kw)
+
+
+def spike_conv1d(*args, spikes, **kw) -> nn.Conv1d:
+    """A :class:`SpikeConv1d` where the input is spikes (``spikes`` as for :func:`spike_conv2d`), else a plain
+    ``nn.Conv1d``."""
+    return SpikeConv1d(*args, levels=int(spikes), **kw) if spikes else nn.Conv1d(*args, **kw)
 
 
 def spike_linear(*args, spikes, **kw) -> nn.Linear:

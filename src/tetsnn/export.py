@@ -296,6 +296,10 @@ def to_nir(model: nn.Module, input_shape: Sequence[int], dt: float = DEFAULT_DT,
     if avgpool not in ("avg", "sum"):
         raise ValueError(f"avgpool must be 'avg' or 'sum', got {avgpool!r}")
     input_shape = tuple(int(v) for v in input_shape)
+    for name, m in model.named_modules():
+        if getattr(m, "multiplies_activations", False):
+            raise ValueError(f"layer {name!r}: {type(m).__name__} multiplies two activations (attention); NIR has "
+                             f"no such product, so the model cannot be exported to NIR")
     was_training = model.training
     model.eval()
     try:

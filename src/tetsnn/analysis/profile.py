@@ -10,6 +10,9 @@ The counting follows tetsnn's energy conventions (those of SNN papers, made exac
 - Every other Conv/Linear layer (the first layer fed images or normalised frames) performs its
   dense MACs at every time step it runs.
 - The ANN twin runs the same network once per sample: the dense MACs of one time step.
+- The attention products of the spiking transformers (``Q K^T V``, the token and channel sums of
+  spike masks) count one accumulate per nonzero spike operand element and element it multiplies
+  (their modules' ``spike_synops``); the ANN twin counts their dense MACs.
 - Energy at 45 nm: 4.6 pJ per MAC, 0.9 pJ per accumulate (fp32). Biases and BatchNorm (folded into
   the convolution at inference) are not counted.
 """
@@ -128,7 +131,7 @@ def is_binary(x: torch.Tensor) -> bool:
 @dataclass
 class LayerStats:
     name: str
-    kind: str                 # "conv", "linear" or "neuron"
+    kind: str                 # "conv", "linear", "product" (an attention product) or "neuron"
     synops: int = 0           # accumulates of spike-driven calls, whole input
     macs: int = 0             # dense MACs of calls not driven by spikes, whole input
     dense: int = 0            # dense MACs of every call (for the ANN twin)
@@ -151,6 +154,8 @@ class _Profiler:
                 self.stats[name] = LayerStats(name, "neuron")
             elif isinstance(m, SYNAPSE_TYPES):
                 self.stats[name] = LayerStats(name, "linear" if isinstance(m, nn.Linear) else "conv")
+            elif hasattr(m, "spike_synops"):   # an attention product (tetsnn.attention.SpikeProduct)
+                self.stats[name] = LayerStats(name, "product")
         self.counts = any(isinstance(m, ILIF) for m in model.modules())
         if not any(s.kind == "neuron" for s in self.stats.values()):
             raise ValueError(f"{type(model).__name__} has no LIF/IF layer to profile (nor PSN / SlidingPSN)")
@@ -181,12 +186,25 @@ class _Profiler:
                 st.macs += dense
         return hook
 
+    def product_hook(self, name):
+        def hook(module, inputs, out):
+            st = self.stats[name]
+            st.calls += 1
+            dense = module.dense_macs(*inputs)
+            st.dense += dense
+            if all(self.tracker.is_marked(x) or is_binary(x) for x in inputs if isinstance(x, torch.Tensor)):
+                st.spike_calls += 1
+                st.synops += module.spike_synops(*inputs)
+            else:
+                st.macs += dense
+        return hook
+
     def run(self, batches: Iterable[torch.Tensor]):
         """Run every batch; return the number of samples and the first batch."""
         modules = dict(self.model.named_modules())
-        handles = [modules[name].register_forward_hook(
-            self.neuron_hook(name) if st.kind == "neuron" else self.synapse_hook(name))
-            for name, st in self.stats.items()]
+        hooks = {"neuron": self.neuron_hook, "product": self.product_hook}
+        handles = [modules[name].register_forward_hook(hooks.get(st.kind, self.synapse_hook)(name))
+                   for name, st in self.stats.items()]
         samples, first = 0, None
         try:
             with torch.no_grad(), self.tracker:

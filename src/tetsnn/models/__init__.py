@@ -5,6 +5,7 @@ Every model takes a static batch ``[N, C, H, W]`` (repeated T times) or a sequen
 """
 from ._registry import create_model, list_models, register_model
 from .base import SpikingModel
-from . import resnet, sew_resnet, vgg, small, nir_graph  # noqa: F401  (register the models)
+from .convert import convert_state_dict
+from . import resnet, sew_resnet, vgg, small, nir_graph, spikformer, spike_driven, qkformer  # noqa: F401  (register the models)
 
-__all__ = ["create_model", "list_models", "register_model", "SpikingModel"]
+__all__ = ["create_model", "list_models", "register_model", "SpikingModel", "convert_state_dict"]
