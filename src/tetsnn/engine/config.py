@@ -83,7 +83,7 @@ DATASETS = {
     "event-folder": dict(num_classes=None, kind="events"),   # classes: the data_dir's folders
 }
 
-CHOICES = {"optimizer": ("adam", "adamw", "sgd"), "loss": ("tet", "sdt"), "amp": ("bf16", "fp16", "none"),
+CHOICES = {"optimizer": ("adam", "sgd", "adamw"), "loss": ("tet", "sdt"), "amp": ("bf16", "fp16", "none"),
            "dataset": tuple(DATASETS), "split": ("tet", "tebn"), "split_by": ("count", "time"),
            "on_error": ("raise", "skip")}
 READERS = ("aedat2", "aedat31", "atis", "npy")
