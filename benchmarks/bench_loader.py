@@ -66,13 +66,31 @@ def one_epoch(batches, device) -> float:
 RECIPE = dict(randaugment="rand-m9-n1-mstd0.4-inc1", random_erasing=0.25, mixup=0.5)
 
 
+def _posterize_any_bits(img, bits_to_keep, **__):
+    """timm's posterize, also for 0 bits (a black image, as Pillow < 10.3 gave): timm's "increasing"
+    posterize asks for 0 bits at magnitude 10, which the noisy magnitude reaches, and current Pillow
+    refuses that."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda v: 0)
+    from PIL import ImageOps
+
+    return ImageOps.posterize(img, bits_to_keep)
+
+
 class TimmPerSample(PerSample):
     """The papers' CIFAR pipeline through timm: one PIL image at a time, RandAugment on PIL, erasing on
     the normalised tensor."""
 
     def __init__(self, images_hwc, labels):
+        from timm.data import auto_augment
         from timm.data.auto_augment import rand_augment_transform
         from timm.data.random_erasing import RandomErasing
+
+        for name, op in auto_augment.NAME_TO_OP.items():
+            if op is auto_augment.posterize:
+                auto_augment.NAME_TO_OP[name] = _posterize_any_bits
 
         super().__init__(images_hwc, labels)
         spec = STATIC["cifar10"]

@@ -108,19 +108,30 @@ def test_mixup_targets_sum_to_one_and_match_the_pixel_shares(alphas):
     mix = Mixup(5, **alphas)
     x = torch.rand(6, 3, 8, 8)
     y = torch.tensor([0, 1, 2, 3, 4, 0])
-    for step in range(6):
+    kinds = set()
+    for step in range(8):
         xm, t = mix(x, y, np.random.default_rng(step))
         torch.testing.assert_close(t.sum(1), torch.ones(6))
-        lam = t[0, 0].item() if y[0] != y[-1] else None
-        from_rev = (xm - x).abs().sum((1, 2, 3)) > 0
-        if lam is not None and lam < 1:
-            share = ((xm[0] - x[0]).abs().sum(0) > 0).float().mean().item()      # cutmix: box pixels
-            blended = torch.allclose(xm[0], lam * x[0] + (1 - lam) * x[5], atol=1e-6)
-            assert blended or abs(share - (1 - lam)) < 1e-6
-        assert from_rev.any() or t.max() == 1
+        lam = t[1, 1].item()                      # sample 1 is paired with sample 4 (the reverse)
+        assert t[1, 4].item() == pytest.approx(1 - lam) and 0 <= lam <= 1
+        if lam == 1:
+            assert torch.equal(xm, x)
+        elif torch.allclose(xm[1], lam * x[1] + (1 - lam) * x[4], atol=1e-6):
+            kinds.add("mixup")
+        else:                                     # cutmix: a box of sample 4, the share 1 - lam
+            moved = (xm[1] != x[1]).any(0)
+            assert moved.float().mean().item() == pytest.approx(1 - lam, abs=1e-6)
+            torch.testing.assert_close(xm[1][:, moved], x[4][:, moved])
+            kinds.add("cutmix")
+    assert kinds == {k for k in ("mixup", "cutmix") if alphas.get(k)}
     same = x[:1].expand(6, -1, -1, -1)
     xm, _ = mix(same, y, np.random.default_rng(0))                  # mixing identical images: unchanged
     torch.testing.assert_close(xm, same)
+    frames = torch.rand(6, 3, 2, 8, 8)                              # event frames [N, T, C, H, W]
+    fm, t = mix(frames, y, np.random.default_rng(1))
+    assert t[1, 1] < 1                                               # this draw mixes
+    for step in (1, 2):                                              # every step mixed alike
+        assert torch.equal(fm[:, step] != frames[:, step], fm[:, 0] != frames[:, 0])
 
 
 def test_mixup_batch_mode_draws_one_lambda_and_switches_at_even_odds():
@@ -193,7 +204,7 @@ def test_lr_warms_up_linearly_then_follows_the_cosine():
     np.testing.assert_allclose(got[3:], [(1 + np.cos(np.pi * e / 10)) / 2 for e in range(3, 10)])
 
 
-QUICK = ["--limit-train", "64", "--limit-test", "32", "--batch-size", "32", "--T", "2"]
+QUICK = ["--limit-train", "32", "--limit-test", "16", "--batch-size", "16", "--T", "1"]
 
 
 def test_training_mixes_until_the_off_epoch_with_soft_targets(tmp_path, monkeypatch):
