@@ -89,12 +89,6 @@ def _normal(source, n, device):
     return torch.sqrt(-2 * torch.log1p(-u1)) * torch.cos(2 * math.pi * u2)
 
 
-def _below(source, high: torch.Tensor, device):
-    """One integer in ``[0, high)`` per sample (``high`` per sample, >= 1)."""
-    u = rand(source, len(high), device)
-    return torch.minimum((u * high).long(), high - 1)
-
-
 # -- pixel ops on float images in [0, 255] ------------------------------------------------------------
 def _col(v):
     return v.view(-1, 1, 1, 1)
@@ -248,12 +242,17 @@ def random_erase(x: torch.Tensor, prob: float, source, min_area=0.02, max_area=1
     fits: unchanged)."""
     b, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     dev = x.device
+    # the draws that every sample makes come first; the tries stop once every erased sample has its
+    # box, which changes no sample's draws
     erase = rand(source, b, dev) < prob
+    top_u, left_u = rand(source, b, dev), rand(source, b, dev)
     hh = torch.zeros(b, dtype=torch.int64, device=dev)
     ww = torch.zeros_like(hh)
     found = torch.zeros(b, dtype=torch.bool, device=dev)
     log_lo, log_hi = math.log(min_aspect), math.log(1 / min_aspect)
     for _ in range(attempts):
+        if bool((found | ~erase).all()):
+            break
         area = (min_area + rand(source, b, dev) * (max_area - min_area)) * (h * w)
         aspect = torch.exp(log_lo + rand(source, b, dev) * (log_hi - log_lo))
         bh = torch.sqrt(area * aspect).round().long()
@@ -261,8 +260,8 @@ def random_erase(x: torch.Tensor, prob: float, source, min_area=0.02, max_area=1
         fits = (bh < h) & (bw < w) & ~found
         hh, ww = torch.where(fits, bh, hh), torch.where(fits, bw, ww)
         found |= fits
-    top = _below(source, h - hh + 1, dev)
-    left = _below(source, w - ww + 1, dev)
+    top = torch.minimum((top_u * (h - hh + 1)).long(), h - hh)
+    left = torch.minimum((left_u * (w - ww + 1)).long(), w - ww)
     erase &= found & (hh > 0) & (ww > 0)
     rows = torch.arange(h, device=dev).view(1, h, 1)
     cols = torch.arange(w, device=dev).view(1, 1, w)
