@@ -149,7 +149,7 @@ def recipe_markdown(res) -> str:
     rows = "\n".join(f"| {k} | {v:,} | {res['ratio_median'].get(k, 1.0)}x |"
                      for k, v in res["samples_per_s_median"].items())
     loads = res["load_average_at_round_starts"]
-    return (f"## Transformer recipe augmentation (`benchmarks/bench_loader.py --recipe`)\n\n"
+    return (f"## Transformer recipe augmentation (`benchmarks/bench_loader.py` with --recipe)\n\n"
             f"Commit {res['commit']}. CIFAR-shaped uint8 images, batch {res['batch_size']}: pad-4 crop + flip + "
             f"RandAugment `{res['recipe']['randaugment']}` + normalise + random erasing {res['recipe']['random_erasing']} "
             f"+ mixup {res['recipe']['mixup']}. tetsnn's pipeline runs batched on {res['device']} with per-sample draws; "

@@ -230,3 +230,19 @@ def test_training_mixes_until_the_off_epoch_with_soft_targets(tmp_path, monkeypa
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([m["lr"] for m in metrics], [1e-3 / 2, 1e-3 * (1 + np.cos(np.pi / 2)) / 2])
     assert all(np.isfinite(m["train_loss"]) for m in metrics)
+
+
+def test_defaults_leave_the_recipe_out():
+    """A default config builds today's pieces: plain cosine schedule, no mixing, the unsmoothed loss,
+    no RandAugment or erasing (a default run's weights are bit for bit those of before)."""
+    cfg = resolve({})
+    model = torch.nn.Linear(2, 2)
+    opt = train_mod.build_optimizer(cfg, model)
+    assert type(opt) is torch.optim.Adam
+    assert type(train_mod.build_scheduler(cfg, opt)) is torch.optim.lr_scheduler.CosineAnnealingLR
+    assert train_mod.build_mixup(cfg) is None
+    assert (cfg["randaugment"], cfg["random_erasing"], cfg["label_smoothing"], cfg["warmup_epochs"]) == (None, 0, 0, 0)
+    out, y = torch.randn(4, 3, 10), torch.tensor([1, 2, 3, 4])
+    from tetsnn import tet_loss
+    assert torch.equal(train_mod.build_criterion(cfg)(out, y), tet_loss(out, y, lamb=cfg["lamb"], means=cfg["means"]))
+    assert type(train_mod.build_optimizer({**cfg, "optimizer": "adamw", "weight_decay": 0.05}, model)) is torch.optim.AdamW
