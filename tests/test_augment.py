@@ -207,8 +207,15 @@ def test_lr_warms_up_linearly_then_follows_the_cosine():
 QUICK = ["--limit-train", "32", "--limit-test", "16", "--batch-size", "16", "--T", "1"]
 
 
-def test_training_mixes_until_the_off_epoch_with_soft_targets(tmp_path, monkeypatch):
-    seen = []
+def test_training_mixes_until_the_off_epoch_and_resumes_bit_identically(tmp_path, monkeypatch):
+    """The whole recipe through ``tetsnn train``: soft targets in the first epoch only, the warmup's
+    learning rates, and a run stopped mid-epoch by a signal resumes to the same weights."""
+    import os
+    import signal
+
+    from tetsnn.engine.checkpoint import load_checkpoint
+
+    seen, stop_at = [], [0]
     build = train_mod.build_criterion
 
     def recording(cfg):
@@ -217,19 +224,30 @@ def test_training_mixes_until_the_off_epoch_with_soft_targets(tmp_path, monkeypa
         def criterion(out, y):
             if torch.is_grad_enabled():
                 seen.append((y.dim(), float(y.sum(-1).mean()) if y.dim() == 2 else None))
+                if len(seen) == stop_at[0]:
+                    os.kill(os.getpid(), signal.SIGTERM)
             return crit(out, y)
         return criterion
     monkeypatch.setattr(train_mod, "build_criterion", recording)
-    out = tmp_path / "run"
-    assert main(QUICK + ["--epochs", "2", "--loss", "tet", "--mixup", "0.5", "--cutmix", "1.0", "--mixup-off-epoch",
-                         "1", "--label-smoothing", "0.1", "--optimizer", "adamw", "--weight-decay", "0.05",
-                         "--warmup-epochs", "1", "--randaugment", "rand-m9-n1-mstd0.4-inc1",
-                         "--random-erasing", "0.25", "--out", str(out)]) == 0
+    args = QUICK + ["--epochs", "2", "--loss", "tet", "--mixup", "0.5", "--cutmix", "1.0", "--mixup-off-epoch", "1",
+                    "--label-smoothing", "0.1", "--optimizer", "adamw", "--weight-decay", "0.05", "--warmup-epochs",
+                    "1", "--randaugment", "rand-m9-n1-mstd0.4-inc1", "--random-erasing", "0.25", "--seed", "3"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(args + ["--out", str(full)]) == 0
     assert [d for d, _ in seen] == [2] * 2 + [1] * 2                # 2 steps per epoch, mixed in epoch 1
     assert all(abs(s - 1) < 1e-6 for d, s in seen if d == 2)
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose([m["lr"] for m in metrics], [1e-3 / 2, 1e-3 * (1 + np.cos(np.pi / 2)) / 2])
-    assert all(np.isfinite(m["train_loss"]) for m in metrics)
+    seen.clear()
+    stop_at[0] = 1                                                  # stop between the two mixed steps
+    assert main(args + ["--out", str(part)]) == 0
+    assert (load_checkpoint(part / "last.pt")["epoch"], load_checkpoint(part / "last.pt")["step"]) == (0, 1)
+    stop_at[0] = 0
+    assert main(["--resume", str(part)]) == 0
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(part / "last.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["scheduler"] == b["scheduler"]
 
 
 def test_defaults_leave_the_recipe_out():
