@@ -45,6 +45,8 @@ def test_rand_augment_is_per_sample_and_fixed_by_seed_epoch_index():
     torch.testing.assert_close(again, out[perm], rtol=0, atol=0)
     assert not torch.equal(rand_augment(img, spec, SampleRandom(5, 2, idx)), out)    # another epoch
     assert out.min() >= 0 and out.max() <= 255 and torch.equal(out, out.round())
+    wide = rand_augment(img, parse_randaugment("rand-m9-n2-mstd101-mmax20-p1"), SampleRandom(5, 1, idx))
+    assert wide.min() >= 0 and wide.max() <= 255 and not torch.equal(wide, out)
 
 
 def _pil(x):

@@ -47,7 +47,7 @@ RAND_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posteriz
 class RandAugmentSpec(NamedTuple):
     magnitude: float = 10.0     # m
     num_ops: int = 2            # n
-    mstd: float = 0.0           # gaussian noise on the magnitude, per op
+    mstd: float = 0.0           # gaussian noise on the magnitude, per op (> 100: uniform in [0, m])
     mmax: float = 10.0          # the noisy magnitude is clipped to [0, mmax]
     increasing: bool = False    # inc1: the op set whose strength grows with the magnitude
     prob: float = 0.5           # each drawn op is applied with this probability
@@ -196,7 +196,7 @@ def _apply_op(name, x, level, sign, fill):
     if name == "SolarizeAdd":
         add = (frac * 110).long().float()
         return torch.where(x < 128, (x + _col(add)).clamp(max=255), x)
-    factor = frac * 1.8 + 0.1 if not name.endswith("Increasing") else 1 + sign * frac * 0.9
+    factor = frac * 1.8 + 0.1 if not name.endswith("Increasing") else (1 + sign * frac * 0.9).clamp(min=0.1)
     base = name.removesuffix("Increasing")
     if base == "Color":
         return _blend(x, _gray(x).expand_as(x), factor)
@@ -213,7 +213,8 @@ def _apply_op(name, x, level, sign, fill):
 def rand_augment(x: torch.Tensor, spec: RandAugmentSpec, source, fill=(0.0,)) -> torch.Tensor:
     """RandAugment of float images ``x`` [B, C, H, W] with values in [0, 255]: each sample draws
     ``spec.num_ops`` ops (uniformly, with replacement), each applied with probability ``spec.prob``
-    at magnitude ``clip(m + mstd * normal, 0, mmax)`` and a random sign. Returns a new tensor of
+    at magnitude ``clip(m + mstd * normal, 0, mmax)`` (uniform in [0, m] when mstd > 100, as timm) and
+    a random sign. Returns a new tensor of
     integral values in [0, 255]."""
     b, dev = x.shape[0], x.device
     ops = spec.ops
@@ -225,7 +226,10 @@ def rand_augment(x: torch.Tensor, spec: RandAugmentSpec, source, fill=(0.0,)) ->
         apply = rand(source, b, dev) < spec.prob
         noise = _normal(source, b, dev)
         sign = torch.where(rand(source, b, dev) < 0.5, -1.0, 1.0).to(x.dtype)
-        level = (spec.magnitude + spec.mstd * noise).clamp(0, spec.mmax).to(x.dtype)
+        if spec.mstd > 100:              # timm: uniform in [0, m]
+            level = (spec.magnitude * rand(source, b, dev)).clamp(0, spec.mmax).to(x.dtype)
+        else:
+            level = (spec.magnitude + spec.mstd * noise).clamp(0, spec.mmax).to(x.dtype)
         for k, name in enumerate(ops):
             sel = torch.nonzero(apply & (which == k)).flatten()
             if len(sel):
