@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 import tetsnn.engine.train as train_mod
-from tetsnn.data.augment import (RAND_INCREASING_OPS, Mixup, RandAugment, RandAugmentSpec, _apply_op,
+from tetsnn.data.augment import (RAND_INCREASING_OPS, RAND_OPS, Mixup, RandAugment, RandAugmentSpec, _apply_op,
                                  parse_randaugment, rand_augment, random_erase)
 from tetsnn.data.draws import SampleRandom
 from tetsnn.data.static import StaticImages
@@ -76,6 +76,35 @@ def test_pixel_ops_match_pil(name, level, sign, reference):
     for i in range(2):
         want = _from_pil(reference(_pil(x[i])))
         assert (out[i].round().clamp(0, 255) - want).abs().max() <= 1, name
+
+
+GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_every_op_matches_timms(monkeypatch, sign):
+    """Each of the 21 ops against timm's own (its level-to-argument scale and PIL op, the sign fixed):
+    pixel ops within one grey level; geometric ops (bilinear, mean-colour fill) alike but for a thin
+    border, where PIL and grid_sample blend the fill differently."""
+    import timm.data.auto_augment as aa
+
+    monkeypatch.setattr(aa, "_randomly_negate", lambda v: v * sign)
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randint(0, 256, (1, 3, 32, 32), generator=g).float()
+    smooth = torch.nn.functional.interpolate(torch.randint(0, 256, (1, 3, 8, 8), generator=g).float(), size=32,
+                                             mode="bilinear", align_corners=False).round()
+    fill = (120, 110, 100)
+    for name in dict.fromkeys(RAND_OPS + RAND_INCREASING_OPS):
+        to_arg = aa.LEVEL_TO_ARG[name]
+        args = to_arg(7.0, dict(translate_pct=0.45)) if to_arg is not None else ()
+        x = smooth if name in GEOMETRIC else noisy
+        want = _from_pil(aa.NAME_TO_OP[name](_pil(x[0]), *args, fillcolor=fill, resample=Image.BILINEAR))
+        got = _apply_op(name, x, torch.tensor([7.0]), torch.tensor([sign]), torch.tensor(fill, dtype=torch.float32))
+        diff = (got[0].round().clamp(0, 255) - want).abs()
+        if name in GEOMETRIC:
+            assert diff.mean() < 1.5 and (diff > 2).float().mean() < 0.05, name
+        else:
+            assert diff.max() <= 1, name
 
 
 def test_translate_moves_by_whole_pixels_and_fills_with_the_mean():

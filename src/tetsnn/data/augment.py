@@ -169,7 +169,7 @@ def _apply_op(name, x, level, sign, fill):
     if name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
         m = _matrix(b, x.device, x.dtype)
         if name == "Rotate":
-            a = torch.deg2rad(frac * 30 * sign)
+            a = -torch.deg2rad(frac * 30 * sign)          # PIL: positive angles turn counter-clockwise
             cos, sin = torch.cos(a), torch.sin(a)
             cx, cy = w / 2, h / 2
             m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, sin, -sin, cos
