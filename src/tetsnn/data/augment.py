@@ -312,8 +312,8 @@ class Mixup:
                 ratio = math.sqrt(1 - lam)
                 ch, cw = int(h * ratio), int(w * ratio)
                 cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
-                y0, y1 = np.clip([cy - ch // 2, cy + ch // 2], 0, h)
-                x0, x1 = np.clip([cx - cw // 2, cx + cw // 2], 0, w)
+                y0, y1 = np.clip([cy - ch // 2, cy + (ch + 1) // 2], 0, h)
+                x0, x1 = np.clip([cx - cw // 2, cx + (cw + 1) // 2], 0, w)
                 x = x.clone()
                 x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
                 lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
