@@ -3,7 +3,7 @@ import pytest
 import torch
 import yaml
 
-from tetsnn.engine.config import DEFAULTS, ConfigError, list_presets, load_config, resolve
+from tetsnn.engine.config import DEFAULTS, PRESET_DIR, ConfigError, list_presets, load_config, resolve
 from tetsnn.engine.train import main, resolve_run_config
 
 PRESETS = {"digits", "cifar10_resnet19", "cifar100_resnet19", "cifar10dvs_vggsnn", "dvsgesture_vggsnn",
@@ -67,3 +67,47 @@ def test_unknown_key_in_yaml_names_key_and_file(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="num_classes"):
         resolve({"num_classes": -3})
+
+
+# the spiking transformers' presets: (model, model preset, dataset, T, epochs, batch, lr, weight decay,
+# warmup, mixup, cutmix, mixup off epoch, RandAugment, random erasing), from each paper's official config
+TRANSFORMER_PRESETS = {
+    "cifar10_spikformer": ("spikformer", "cifar-4-384", "cifar10", 4, 300, 128, 5e-4, 0.06, 20, 0.5, 0.0, 200,
+                           "rand-m9-n1-mstd0.4-inc1", 0.25),
+    "cifar100_spikformer": ("spikformer", "cifar-4-384", "cifar100", 4, 300, 128, 5e-4, 0.06, 20, 0.5, 0.0, 200,
+                            "rand-m9-n1-mstd0.4-inc1", 0.25),
+    "cifar10dvs_spikformer": ("spikformer", "dvs-2-256", "cifar10-dvs", 16, 106, 16, 1e-3, 0.06, 10, 0.5, 0.0, 0,
+                              None, 0.0),
+    "imagenet_spikformer_8_768": ("spikformer", "imagenet-8-768", "imagenet", 4, 300, 192, 5e-4, 0.05, 20, 0.8, 1.0,
+                                  0, "rand-m9-mstd0.5-inc1", 0.25),
+    "imagenet_spike_driven_8_768": ("spike_driven_transformer", "imagenet-8-768", "imagenet", 4, 300, 288, 1e-3,
+                                    0.01, 20, 0.2, 1.0, 0, "rand-m7-mstd0.5-inc1", 0.0),
+    "cifar10_qkformer": ("qkformer", "cifar-4-384", "cifar10", 4, 400, 64, 1e-3, 0.06, 20, 0.5, 0.0, 200,
+                         "rand-m9-n1-mstd0.4-inc1", 0.25),
+    "imagenet_qkformer_10_768": ("qkformer", "imagenet-10-768", "imagenet", 4, 200, 576, 1.35e-3, 0.05, 5, 0.0, 0.0,
+                                 0, "rand-m9-mstd0.5-inc1", 0.25),
+}
+RECIPE_KEYS = ("dataset", "T", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "mixup", "cutmix",
+               "mixup_off_epoch", "randaugment", "random_erasing")
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMER_PRESETS))
+def test_transformer_presets_follow_their_papers(name):
+    """The recipe keys, checked with a registered stand-in model (the preset's own model is checked
+    by test_transformer_presets_resolve_with_their_models)."""
+    model, preset, *recipe = TRANSFORMER_PRESETS[name]
+    raw = load_config(name)
+    assert (raw["model"], raw["model_kw"]) == (model, {"preset": preset})
+    text = (PRESET_DIR / f"{name}.yaml").read_text()
+    assert "paper's accuracy" in text.splitlines()[0]
+    cfg = resolve({**raw, "model": "digits_snn", "model_kw": {}, "data_dir": "/nowhere"})
+    assert tuple(cfg[k] for k in RECIPE_KEYS) == tuple(recipe)
+    assert (cfg["loss"], cfg["optimizer"], cfg["label_smoothing"]) == ("sdt", "adamw", 0.1)
+    assert resolve({**raw, "model": "digits_snn", "model_kw": {}, "data_dir": "/nowhere", "loss": "tet"})["loss"] == "tet"
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMER_PRESETS))
+@pytest.mark.parametrize("loss", ["sdt", "tet"])
+def test_transformer_presets_resolve_with_their_models(name, loss):
+    cfg = resolve({**load_config(name), "data_dir": "/nowhere", "loss": loss})
+    assert cfg["model"] == TRANSFORMER_PRESETS[name][0] and cfg["loss"] == loss

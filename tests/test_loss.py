@@ -77,3 +77,68 @@ def test_relu_twin_plus_loss_passes_gradcheck(loss):
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([3, 7])
     assert torch.autograd.gradcheck(lambda v: loss(model(v), y), (x,), atol=1e-6, fast_mode=True)
+
+
+def _soft_ce(logits, p, eps):
+    """Cross-entropy against soft targets, written out: -sum_c q_c log softmax(z)_c, q smoothed."""
+    q = p * (1 - eps) + eps / logits.shape[-1]
+    return -(q * torch.log_softmax(logits, -1)).sum(-1).mean()
+
+
+def _soft_targets(g, n, c):
+    return torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64) * 3, -1)
+
+
+@pytest.mark.parametrize("lamb, eps", [(0.0, 0.0), (1e-3, 0.1), (0.5, 0.3)])
+def test_tet_loss_soft_targets_match_per_step_loop(lamb, eps):
+    g = torch.Generator().manual_seed(7)
+    out = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    p = _soft_targets(g, 5, 4)
+    a, b = out.clone().requires_grad_(), out.clone().requires_grad_()
+    la = tet_loss(a, p, lamb=lamb, means=0.7, label_smoothing=eps)
+    lb = sum(_soft_ce(b[:, t], p, eps) for t in range(3)) / 3
+    lb = (1 - lamb) * lb + lamb * ((b - 0.7) ** 2).mean()
+    torch.testing.assert_close(la, lb, rtol=1e-12, atol=1e-12)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda o: tet_loss(o, p, lamb=lamb, means=0.7, label_smoothing=eps),
+                                    (out.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_sdt_loss_soft_targets_match_reference_and_gradcheck(eps):
+    g = torch.Generator().manual_seed(8)
+    out = torch.randn(4, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    p = _soft_targets(g, 4, 6)
+    torch.testing.assert_close(sdt_loss(out, p, label_smoothing=eps), _soft_ce(out.mean(1), p, eps),
+                               rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda o: sdt_loss(o, p, label_smoothing=eps), (out,))
+
+
+@pytest.mark.parametrize("loss", [tet_loss, sdt_loss])
+def test_one_hot_soft_targets_equal_hard_labels(loss):
+    g = torch.Generator().manual_seed(9)
+    out = torch.randn(6, 4, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,), generator=g)
+    hot = F.one_hot(y, 5).double()
+    torch.testing.assert_close(loss(out, hot), loss(out, y), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss(out, hot, label_smoothing=0.1), loss(out, y, label_smoothing=0.1),
+                               rtol=1e-12, atol=1e-12)
+    assert loss(out.bfloat16(), hot.float()).dtype == torch.float32    # soft targets follow the logits
+
+
+def test_hard_labels_unchanged_by_the_soft_target_path():
+    """The default (hard labels, no smoothing) is the plain cross_entropy call, bit for bit."""
+    g = torch.Generator().manual_seed(10)
+    out = torch.randn(8, 4, 10, generator=g)
+    y = torch.randint(0, 10, (8,), generator=g)
+    assert torch.equal(tet_loss(out, y), F.cross_entropy(out.reshape(32, 10), y.repeat_interleave(4)))
+    assert torch.equal(sdt_loss(out, y), F.cross_entropy(out.mean(1), y))
+
+
+def test_loss_rejects_bad_soft_targets():
+    with pytest.raises(ValueError, match="soft targets must be float"):
+        tet_loss(torch.zeros(4, 2, 10), torch.zeros(4, 9))
+    with pytest.raises(ValueError, match="soft targets must be float"):
+        sdt_loss(torch.zeros(4, 2, 10), torch.zeros(4, 10, dtype=torch.long))

@@ -95,10 +95,20 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -
 
 class StaticImages:
     """``fetch(indices, generator)`` for images held on the device: index, augment (when a generator
-    is given, i.e. for training), convert to float and normalise."""
+    is given, i.e. for training), convert to float and normalise.
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, dataset: str, device):
+    Training augmentation: the dataset's shift and flip, then RandAugment (``randaugment``: a policy
+    string, see ``augment.parse_randaugment``) on pixel values scaled to [0, 255], normalisation, and
+    random erasing with probability ``random_erasing``, all drawn per sample."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, dataset: str, device, randaugment=None,
+                 random_erasing: float = 0.0):
+        from .augment import parse_randaugment
+
         spec = STATIC[dataset]
+        self.randaugment = parse_randaugment(randaugment) if randaugment else None
+        self.random_erasing = random_erasing
+        self.fill = tuple(255.0 * m for m in spec["mean"])     # geometric ops fill with the mean colour
         self.images = torch.as_tensor(images, dtype=torch.uint8).to(device)
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
         self.pad, self.flip, self.scale = spec["pad"], spec["flip"], spec["scale"]
@@ -114,18 +124,39 @@ class StaticImages:
         x = self.images[idx]
         if generator is not None:
             x = augment(x, self.pad, self.flip, generator)
-        x = (x.float() / self.scale - self.mean) / self.std
+        if generator is not None and self.randaugment is not None:
+            from .augment import rand_augment
+
+            x = rand_augment(x.float() * (255.0 / self.scale), self.randaugment, generator, self.fill)
+            x = (x / 255.0 - self.mean) / self.std
+        else:
+            x = (x.float() / self.scale - self.mean) / self.std
+        if generator is not None and self.random_erasing:
+            from .augment import random_erase
+
+            x = random_erase(x, self.random_erasing, generator)
         return x, self.labels[idx]
 
 
-def imagenet_folders(root: str, with_train: bool = True):
+def imagenet_folders(root: str, with_train: bool = True, randaugment=None, random_erasing: float = 0.0):
     """ImageNet's ``train/`` and ``val/`` class folders through torchvision's ImageFolder, with
-    RandomResizedCrop(224) + flip for training and Resize(256) + CenterCrop(224) for evaluation.
-    Returns ``(train, val)``; train is None when ``with_train`` is False."""
+    RandomResizedCrop(224) + flip (+ RandAugment ``randaugment`` before and random erasing with
+    probability ``random_erasing`` after the normalisation, when given) for training and Resize(256) +
+    CenterCrop(224) for evaluation. Returns ``(train, val)``; train is None when ``with_train`` is False."""
     from torchvision import datasets, transforms as T
 
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    tf = {"train": T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm]),
+    train = [T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm]
+    if randaugment:
+        from .augment import RandAugment
+
+        train[2:3] = [T.PILToTensor(), RandAugment(randaugment, fill=[255.0 * m for m in IMAGENET_MEAN]),
+                      T.ConvertImageDtype(torch.float32)]
+    if random_erasing:
+        from .augment import RandomErasing
+
+        train.append(RandomErasing(random_erasing))
+    tf = {"train": T.Compose(train),
           "val": T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])}
     out = []
     for split in ("train", "val"):

@@ -45,6 +45,14 @@ DEFAULTS = {
     "lamb": 1e-3,
     "means": 1.0,
     "loss": "tet",
+    "label_smoothing": 0.0,   # the training loss's label smoothing (0: off)
+    "warmup_epochs": 0,       # linear learning-rate warmup before the cosine schedule (0: none)
+    "mixup": 0.0,             # mixup's Beta alpha (0: off)
+    "cutmix": 0.0,            # cutmix's Beta alpha (0: off)
+    "mixup_prob": 1.0,        # probability that a batch is mixed (mixup or cutmix)
+    "mixup_off_epoch": 0,     # mixup and cutmix only in the first N epochs (0: all)
+    "randaugment": None,      # e.g. "rand-m9-n1-mstd0.4-inc1" (None: off)
+    "random_erasing": 0.0,    # probability of erasing one rectangle of a training image (0: off)
     "amp": "none",
     "seed": 1000,
     "out": None,              # None: a fresh directory under runs/
@@ -75,7 +83,7 @@ DATASETS = {
     "event-folder": dict(num_classes=None, kind="events"),   # classes: the data_dir's folders
 }
 
-CHOICES = {"optimizer": ("adam", "sgd"), "loss": ("tet", "sdt"), "amp": ("bf16", "fp16", "none"),
+CHOICES = {"optimizer": ("adam", "sgd", "adamw"), "loss": ("tet", "sdt"), "amp": ("bf16", "fp16", "none"),
            "dataset": tuple(DATASETS), "split": ("tet", "tebn"), "split_by": ("count", "time"),
            "on_error": ("raise", "skip")}
 READERS = ("aedat2", "aedat31", "atis", "npy")
@@ -113,13 +121,26 @@ HELP = {
     "T": "time steps per sample",
     "epochs": "number of training epochs",
     "batch_size": "global batch size (split evenly across processes)",
-    "lr": "initial learning rate (cosine schedule to 0)",
-    "optimizer": "optimizer",
+    "lr": "peak learning rate (cosine schedule to 0, after the warmup epochs if any)",
+    "optimizer": "optimizer (adamw: AdamW, decoupled weight decay)",
     "momentum": "SGD momentum",
-    "weight_decay": "weight decay",
+    "weight_decay": "weight decay (L2 in the gradient for adam and sgd, decoupled for adamw)",
     "lamb": "TET's lambda: weight of the MSE regulariser on the outputs",
     "means": "TET's target of that regulariser",
     "loss": "tet (TET loss) or sdt (cross-entropy of the time-averaged output)",
+    "label_smoothing": "label smoothing epsilon of the training loss: each target becomes (1 - epsilon) target "
+                       "+ epsilon / classes (0: off; the test loss is never smoothed)",
+    "warmup_epochs": "epochs of linear learning-rate warmup, epoch e (from 0) at lr * (e + 1) / (N + 1); the "
+                     "cosine schedule takes over after them (0: none)",
+    "mixup": "mixup alpha: a batch is blended with its reverse, weight drawn from Beta(alpha, alpha) (0: off)",
+    "cutmix": "cutmix alpha: a box of the reversed batch is pasted in, its area share from Beta(alpha, alpha); "
+              "with mixup too, each batch takes one of them at even odds (0: off)",
+    "mixup_prob": "probability that a training batch is mixed by mixup or cutmix",
+    "mixup_off_epoch": "mixup and cutmix run only in the first N epochs (0: in every epoch)",
+    "randaugment": "RandAugment policy of the training images, timm's syntax rand-mM-nN[-mstdS][-mmaxX][-incB] "
+                   "(e.g. rand-m9-n1-mstd0.4-inc1; null: off; static images only)",
+    "random_erasing": "probability of erasing one random rectangle of each training image to zero after "
+                      "normalisation (0: off; static images only)",
     "amp": "mixed precision",
     "seed": "random seed",
     "out": "run directory",
@@ -209,6 +230,16 @@ def _is_num(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _randaugment_ok(v) -> bool:
+    from ..data.augment import parse_randaugment
+
+    try:
+        parse_randaugment(v)
+    except ValueError:
+        return False
+    return True
+
+
 def _check(cfg, key, ok, what):
     if not ok(cfg[key]):
         raise ConfigError(f"bad value for {key}: {cfg[key]!r} (expected {what})")
@@ -235,6 +266,15 @@ def validate(cfg: dict) -> dict:
     _check(cfg, "momentum", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
     _check(cfg, "lamb", lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
     _check(cfg, "means", _is_num, "a number")
+    _check(cfg, "warmup_epochs", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    _check(cfg, "mixup_off_epoch", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+    _check(cfg, "label_smoothing", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
+    for key in ("mixup", "cutmix"):
+        _check(cfg, key, lambda v: _is_num(v) and v >= 0, "a number >= 0 (0: off)")
+    for key in ("mixup_prob", "random_erasing"):
+        _check(cfg, key, lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]")
+    _check(cfg, "randaugment", lambda v: v is None or _randaugment_ok(v),
+           "null or a policy like rand-m9-n1-mstd0.4-inc1")
     for key in ("download", "sync_bn", "compile"):
         _check(cfg, key, lambda v: isinstance(v, bool), "true or false")
     for key in ("data_dir", "cache_dir", "out", "resume", "init_from", "freeze", "T_schedule"):
@@ -274,13 +314,19 @@ def resolve(overrides: dict) -> dict:
         _event_folder(cfg)
     if cfg.get("dataset") in DATASETS and cfg.get("num_classes") is None:
         cfg["num_classes"] = DATASETS[cfg["dataset"]]["num_classes"]
-    for key in ("lr", "weight_decay", "momentum", "lamb", "means"):   # YAML reads 1e-3 as a string
+    for key in ("lr", "weight_decay", "momentum", "lamb", "means", "label_smoothing", "mixup", "cutmix",
+                "mixup_prob", "random_erasing"):   # YAML reads 1e-3 as a string
         if isinstance(cfg.get(key), str):
             try:
                 cfg[key] = float(cfg[key])
             except ValueError:
                 pass
     validate(cfg)
+    if DATASETS[cfg["dataset"]]["kind"] == "events":
+        for key, off in (("randaugment", None), ("random_erasing", 0)):
+            if cfg[key] != off:
+                raise ConfigError(f"{key} needs static images; {cfg['dataset']} gives event frames "
+                                  f"(mixup and cutmix work on them)")
     if cfg["T_schedule"] is not None:
         if DATASETS[cfg["dataset"]]["kind"] == "events":
             raise ConfigError(f"T_schedule needs static images; {cfg['dataset']} frames have a fixed T")

@@ -78,7 +78,8 @@ def _splits(cfg, device, with_train=True):
         sensor, size = kw.get("sensor_size"), cfg["size"]
         train = EventFrames(ftr, ytr, name, device, sensor, size) if with_train else None
         return train, EventFrames(fte, yte, name, device, sensor, size), info
-    train = StaticImages(xtr, ytr, name, device) if with_train else None
+    recipe = dict(randaugment=cfg.get("randaugment"), random_erasing=cfg.get("random_erasing", 0.0))
+    train = StaticImages(xtr, ytr, name, device, **recipe) if with_train else None
     return train, StaticImages(xte, yte, name, device), info
 
 
@@ -92,7 +93,8 @@ def build_data(cfg: dict, device="cpu", rank: int = 0, world_size: int = 1, trai
     bs = cfg["batch_size"] // world_size
     common = dict(seed=cfg["seed"], rank=rank, world_size=world_size, device=device)
     if DATASETS[cfg["dataset"]]["kind"] == "folder":
-        train_set, test_set = imagenet_folders(_data_dir(cfg), with_train=train)
+        train_set, test_set = imagenet_folders(_data_dir(cfg), with_train=train, randaugment=cfg.get("randaugment"),
+                                               random_erasing=cfg.get("random_erasing", 0.0))
         if train and cfg["limit_train"]:
             train_set = torch.utils.data.Subset(train_set, range(_limit(len(train_set), cfg["limit_train"])))
         if cfg["limit_test"]:

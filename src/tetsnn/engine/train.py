@@ -55,16 +55,56 @@ class NonFiniteLoss(RuntimeError):
 
 
 def build_criterion(cfg: dict):
-    """``loss(outputs [N, T, C], y) -> scalar``: TET (with lamb, means) or standard direct training."""
+    """``loss(outputs [N, T, C], y) -> scalar``: TET (with lamb, means) or standard direct training,
+    with the config's label smoothing. ``y``: hard labels [N] or soft targets [N, C]. (The test loss is
+    this criterion of the config with ``label_smoothing: 0``.)"""
+    smoothing = cfg.get("label_smoothing", 0.0)
+    kw = dict(label_smoothing=smoothing) if smoothing else {}
     if cfg["loss"] == "tet":
-        return partial(tet_loss, lamb=cfg["lamb"], means=cfg["means"])
-    return sdt_loss
+        return partial(tet_loss, lamb=cfg["lamb"], means=cfg["means"], **kw)
+    return partial(sdt_loss, **kw) if kw else sdt_loss
+
+
+def build_mixup(cfg: dict):
+    """The batch mixing of a config (``mixup``, ``cutmix``, ``mixup_prob``), or None when both are off."""
+    if not (cfg.get("mixup", 0) or cfg.get("cutmix", 0)):
+        return None
+    from ..data.augment import Mixup
+
+    return Mixup(cfg["num_classes"], mixup=cfg["mixup"], cutmix=cfg["cutmix"], prob=cfg["mixup_prob"])
+
+
+def mix_rng(seed: int, epoch: int, step: int):
+    """The draws of global training batch ``step`` of ``epoch``: the same on every process."""
+    import numpy as np
+
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, step, 0x6D6978]))
+
+
+def lr_factor(cfg: dict, epoch: int) -> float:
+    """The learning rate of 0-based ``epoch`` over the peak: ``(epoch + 1) / (warmup + 1)`` in the
+    ``warmup_epochs`` first epochs, then the cosine ``(1 + cos(pi epoch / epochs)) / 2`` (the curve
+    of a run without warmup, from the same epoch on)."""
+    warmup = cfg.get("warmup_epochs", 0)
+    if epoch < warmup:
+        return (epoch + 1) / (warmup + 1)
+    return (1 + math.cos(math.pi * epoch / cfg["epochs"])) / 2
+
+
+def build_scheduler(cfg: dict, optimizer):
+    """Per epoch: cosine to 0 over ``epochs`` (``CosineAnnealingLR``), after a linear warmup when
+    ``warmup_epochs`` > 0 (``LambdaLR`` of ``lr_factor``, which reads ``cfg``)."""
+    if cfg.get("warmup_epochs", 0):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(cfg, e))
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"], eta_min=0)
 
 
 def build_optimizer(cfg: dict, model: nn.Module):
     params = [p for p in model.parameters() if p.requires_grad]   # frozen ones stay out
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
 
 
@@ -394,9 +434,11 @@ class Trainer:
         self.model = compile_model(cfg, model)
         self.ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
-        self.criterion = build_criterion(cfg)
+        self.criterion = build_criterion({**cfg, "label_smoothing": 0.0})     # the test loss: never smoothed
+        self.train_criterion = build_criterion(cfg)
+        self.mixup = build_mixup(cfg)
         self.optimizer = build_optimizer(cfg, model)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg["epochs"], eta_min=0)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
         self.epoch, self.step = 0, 0              # finished epochs; optimizer steps done in the next one
         self.run_steps = 0                        # optimizer steps since the start of the run
@@ -416,7 +458,10 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scheduler.T_max != self.cfg["epochs"]:   # --epochs extends the run: the longer cosine
+        if not hasattr(self.scheduler, "T_max"):       # warmup + cosine: the lr of the saved epoch, under --epochs
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * lr_factor(self.cfg, ckpt["epoch"])
+        elif self.scheduler.T_max != self.cfg["epochs"]:   # --epochs extends the run: the longer cosine
             self.scheduler.T_max = self.cfg["epochs"]
             for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
                 group["lr"] = base * (1 + math.cos(math.pi * ckpt["epoch"] / self.cfg["epochs"])) / 2
@@ -465,10 +510,15 @@ class Trainer:
         self.ddp.train()
         t0, seconds0 = time.perf_counter(), self.partial[3]
         steps = len(loader)
+        off = self.cfg.get("mixup_off_epoch", 0)
+        mixup = self.mixup if self.mixup is not None and not (off and self.epoch + 1 > off) else None
         for x, y in loader:
+            target = y
+            if mixup is not None:
+                x, target = mixup(x, y, mix_rng(self.cfg["seed"], self.epoch + 1, self.step))
             with autocast(self.device, self.cfg["amp"]):
                 out = self.ddp(x)
-            loss = self.criterion(half_to_float(out), y)
+            loss = self.train_criterion(half_to_float(out), target)
             # one collective decides for every rank: stop on a non-finite loss, or after this step
             flags = all_reduce_max(torch.tensor([float(not torch.isfinite(loss).item()), float(stop.requested)],
                                                 device=self.device))
