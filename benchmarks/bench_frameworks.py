@@ -69,7 +69,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_lif import saved_bytes  # noqa: E402
+from bench_lif import mib, saved_bytes, sync, train_step  # noqa: E402
 
 NAME = "bench_frameworks"
 FRAMEWORKS = ("spikingjelly", "snntorch", "norse")
@@ -374,20 +374,6 @@ def loss_fn(net, out, y):
     return F.mse_loss(out, y) if net == "linear" else tet_loss(out, y)
 
 
-def train_step(net, model, x, y):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def forward():
-        return loss_fn(net, model(x), y)
-
-    def step():
-        loss = forward()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step, forward
-
-
 # --------------------------------------------------------------------------- equality in float64
 
 def check_equal(net: str, frameworks=FRAMEWORKS, sizes=None, memopt=True, snntorch_grads=True,
@@ -464,17 +450,12 @@ def settings(net: str, sizes: dict, x, memopt_levels=(1,), device="cpu", failed=
 LABELS = {"spikingjelly": "SpikingJelly", "snntorch": "snnTorch", "norse": "Norse"}
 
 
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(net: str, sizes: dict, rounds: int, memopt_levels=(1,), device="cpu", peak=None, failed=None) -> dict:
     """Interleaved step times and bytes kept for backward of every setting on one net (with
     ``peak``, a function of a step returning its peak memory, that too)."""
     x, y = make_batch(net, sizes, torch.float32, device)
     models = settings(net, sizes, x, memopt_levels, device, failed)
-    steps = {k: train_step(net, m, x, y) for k, m in models.items()}
+    steps = {k: train_step(m, x, y, loss=lambda out, y: loss_fn(net, out, y)) for k, m in models.items()}
     res = {k: {} for k in steps}
     for k, (step, forward) in steps.items():
         step()   # warm-up (numba and Triton compile on first use)
@@ -500,10 +481,6 @@ def measure(net: str, sizes: dict, rounds: int, memopt_levels=(1,), device="cpu"
 
 
 # --------------------------------------------------------------------------- report
-
-def mib(b) -> str:
-    return f"{b / 2 ** 20:,.1f} MiB"
-
 
 def describe(net: str, s: dict) -> str:
     if net == "linear":

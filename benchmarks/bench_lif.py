@@ -36,7 +36,7 @@ from tetsnn import compact
 from tetsnn.kernels import numba_kernels, ops
 from tetsnn.neuron.spec import NeuronSpec
 
-from report import write_results
+from report import load_average, load_sentence, write_results
 
 NAME = "bench_lif"  # a CUDA run writes bench_lif_cuda (JSON and section), next to the CPU one
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------- measuring
 
 def sync(device):
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -220,12 +220,14 @@ def resnet_variants(device, dtype=None):
     return models
 
 
-def train_step(model, x, y, dtype=None):
+def train_step(model, x, y, dtype=None, loss=tet_loss):
+    """``(step, forward)``: one SGD-with-momentum training step on ``(x, y)``, and the loss alone
+    (``loss(output, y)``, TET's by default; under autocast to ``dtype`` where given)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def forward():
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            return tet_loss(model(x), y)
+            return loss(model(x), y)
 
     def step():
         loss = forward()
@@ -384,7 +386,8 @@ def zoo_markdown(res: dict) -> str:
              f"Forward + backward on {list(ZOO_SHAPE)} float32 (T = 8), {res['rounds']} interleaved rounds; each "
              "speed-up is the median of the per-round ratios (bracket: lowest and highest round). SpikingJelly "
              "2.0's modules run in its [T, N, ...] layout on the same values (`ParametricLIFNode(init_tau=2, "
-             "decay_input=False)`, `ILIFNode()`), tetsnn's as `PLIF(tau=0.5)` and `ILIF()`.", "",
+             "decay_input=False)`, `ILIFNode()`), tetsnn's as `PLIF(tau=0.5)` and `ILIF()`. "
+             + (load_sentence(res["load_start"], res["load_end"], res["cpu_count"]) if "load_end" in res else ""), "",
              "| neuron | variant | time | fused speed-up |", "|---|---|---|---|"]
     goals = []
     for kind in ("plif", "ilif"):
@@ -430,7 +433,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if args.zoo:
         result = dict(device="cpu", cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                      torch=torch.__version__, rounds=args.rounds, commit=git_commit(), zoo=bench_zoo(args.rounds))
+                      torch=torch.__version__, rounds=args.rounds, commit=git_commit(), load_start=load_average())
+        result["zoo"] = bench_zoo(args.rounds)
+        result["load_end"] = load_average()
         write_results(f"{NAME}_zoo", result, zoo_markdown(result))
         return 0
     result = dict(device=str(device), machine=platform.machine(), cpu=platform.processor() or platform.machine(),

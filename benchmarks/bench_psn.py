@@ -26,7 +26,7 @@ from tetsnn import PSN, SlidingPSN, to_time_first
 from tetsnn.kernels import psn_numba
 
 from bench_lif import ROOT, interleave, mib, peak_memory, saved_bytes, summarise, verdict
-from report import write_results
+from report import load_average, load_sentence, write_results
 
 NAME = "bench_psn"
 SHAPE = (32, 8, 128, 16, 16)
@@ -100,7 +100,8 @@ def markdown(res: dict) -> str:
              "time-first copy), arctan surrogate (width 2) in both. "
              f"{res['rounds']} interleaved rounds; the speed-up is SpikingJelly's time over tetsnn's within a round, "
              "median over rounds [lowest-highest round]. Saved bytes: what autograd keeps for backward "
-             "(parameters excluded). Peak: the rise of peak RSS during one step.", "",
+             "(parameters excluded). Peak: the rise of peak RSS during one step. "
+             + (load_sentence(res["load_start"], res["load_end"], res["cpu_count"]) if "load_end" in res else ""), "",
              "| neuron | firing rate | SpikingJelly | tetsnn fused | speed-up | saved, SpikingJelly | saved, tetsnn | "
              "saved ratio | peak, SpikingJelly | peak, tetsnn |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -127,8 +128,9 @@ def main(argv=None) -> int:
         p.error("--rounds must be at least 7")
     result = dict(commit=commit(), device="cpu", machine=platform.machine(), cpu_count=os.cpu_count(),
                   torch_threads=torch.get_num_threads(), torch=torch.__version__, rounds=args.rounds,
-                  numba=psn_numba.available(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+                  numba=psn_numba.available(), started=time.strftime("%Y-%m-%d %H:%M:%S"), load_start=load_average())
     result["neurons"] = bench(args.rounds)
+    result["load_end"] = load_average()
     write_results(NAME, result, markdown(result))
     return 0
 

@@ -4,6 +4,7 @@ temporary name and renamed, so an interrupted benchmark leaves the old files who
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -28,6 +29,17 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+changes" if dirty else "")
+
+
+def load_average() -> list:
+    """The machine's load average over 1, 5 and 15 minutes (``uptime``'s), to quote beside timings taken
+    on a shared machine."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def load_sentence(start: list, end: list, cores) -> str:
+    return (f"Load average (1, 5, 15 min) on the {cores}-core machine: {', '.join(map(str, start))} at the start, "
+            f"{', '.join(map(str, end))} at the end.")
 
 
 def write_results(name: str, result: dict, markdown: str) -> None:

@@ -19,25 +19,19 @@ Writes benchmarks/results/stress_ddp.json and its section of docs/performance.md
 """
 from __future__ import annotations
 
-import argparse
 import os
-import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import write_results  # noqa: E402
+from stress import TINY, arguments, catches_sigterm, run_scenarios, write_report  # noqa: E402
 
 import torch  # noqa: E402
 
 from tetsnn.engine.checkpoint import load_checkpoint  # noqa: E402
-
-TINY = ["--limit-train", "192", "--limit-test", "65", "--batch-size", "64", "--model-kw", "{backend: loop}"]
 
 
 def torchrun(args, restarts=0):
@@ -60,16 +54,6 @@ def workers(proc) -> dict:
     except OSError:
         pass
     return found
-
-
-def catches_sigterm(pid) -> bool:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
-    except OSError:
-        pass
-    return False
 
 
 def wait_ready(proc, timeout=300):
@@ -149,65 +133,31 @@ def run_kill(rng, work: Path, reference) -> tuple[bool, str]:
 
 
 def report(args, results, echo=False):
-    cores = os.cpu_count()
-    md = ["## DDP stop and restart under load (`benchmarks/stress_ddp.py`)", "",
-          f"2 gloo CPU workers under torchrun on {cores} cores, with {args.load} busy-loop process(es) "
-          f"and the machine's other work competing; random moments, seed {args.seed}.", "",
-          "| scenario | runs | failures | mean seconds per run |", "|---|---|---|---|"]
-    desc = {"signal": "SIGTERM/SIGINT/SIGUSR1 to a random subset of workers (exit 0, whole last.pt)",
-            "kill": "SIGKILL of a random worker, --max-restarts 3 --resume auto (bit-identical weights)"}
-    for name, res in results.items():
-        md.append(f"| {desc[name]} | {res['runs']} | {res['failures']} | {res['seconds'] / max(res['runs'], 1):.0f} |")
-    write_results("stress_ddp", dict(load=args.load, seed=args.seed, cores=cores, results=results), "\n".join(md))
-    if echo:
-        print("\n".join(md))
+    write_report("stress_ddp", "## DDP stop and restart under load (`benchmarks/stress_ddp.py`)",
+                 "2 gloo CPU workers under torchrun on {cores} cores, with {load} busy-loop process(es) "
+                 "and the machine's other work competing; random moments, seed {seed}.",
+                 {"signal": "SIGTERM/SIGINT/SIGUSR1 to a random subset of workers (exit 0, whole last.pt)",
+                  "kill": "SIGKILL of a random worker, --max-restarts 3 --resume auto (bit-identical weights)"},
+                 args, results, echo)
+
+
+def reference_run(tmp: Path, scenarios):
+    """The final weights of the uninterrupted run the ``kill`` scenario compares with."""
+    if "kill" not in scenarios:
+        return None
+    ref = torchrun(TINY + ["--epochs", "2", "--checkpoint-every", "2", "--resume", "auto", "--out", tmp / "ref"])
+    rc, text = finish(ref)
+    assert rc == 0, text[-2000:]
+    return load_checkpoint(tmp / "ref" / "last.pt")["model"]
+
+
+def run(scenario, rng, work: Path, reference):
+    return run_signal(rng, work) if scenario == "signal" else run_kill(rng, work, reference)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=20)
-    p.add_argument("--load", type=int, default=2, help="busy-loop processes to run alongside")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scenarios", default="signal,kill")
-    args = p.parse_args(argv)
-    rng = random.Random(args.seed)
-    scenarios = args.scenarios.split(",")
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
-    results = {s: dict(runs=0, failures=0, failed=[], seconds=0.0) for s in scenarios}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            reference = None
-            if "kill" in scenarios:
-                ref = torchrun(TINY + ["--epochs", "2", "--checkpoint-every", "2", "--resume", "auto",
-                                       "--out", tmp / "ref"])
-                rc, text = finish(ref)
-                assert rc == 0, text[-2000:]
-                reference = load_checkpoint(tmp / "ref" / "last.pt")["model"]
-            for i in range(args.runs):          # the scenarios take turns
-                for scenario in scenarios:
-                    res = results[scenario]
-                    work = tmp / f"{scenario}{i}"
-                    work.mkdir()
-                    t0 = time.time()
-                    ok, what = run_signal(rng, work) if scenario == "signal" else run_kill(rng, work, reference)
-                    res["runs"] += 1
-                    res["seconds"] += time.time() - t0
-                    if not ok:
-                        res["failures"] += 1
-                        res["failed"].append(what)
-                    print(f"{scenario} {i + 1}/{args.runs}: {'ok' if ok else 'FAILED'}: {what.splitlines()[0][:200]}",
-                          flush=True)
-                    if not ok:
-                        print(what, flush=True)
-                    shutil.rmtree(work, ignore_errors=True)
-                    report(args, results)      # after every run: an interrupted stress run still counts
-    finally:
-        for h in hogs:
-            h.kill()
-            h.wait()
-    report(args, results, echo=True)
-    return 1 if any(r["failures"] for r in results.values()) else 0
+    args = arguments(__doc__, argv, runs=20, load=2, scenarios="signal,kill")
+    return run_scenarios(args, run, report, setup=reference_run)
 
 
 if __name__ == "__main__":

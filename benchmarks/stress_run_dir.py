@@ -22,26 +22,21 @@ Writes benchmarks/results/stress_run_dir.json and its section of docs/performanc
 """
 from __future__ import annotations
 
-import argparse
 import os
-import random
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from report import write_results  # noqa: E402
+from stress import TINY, arguments, catches_sigterm, run_scenarios, write_report  # noqa: E402
 
 from tetsnn.engine.checkpoint import load_checkpoint  # noqa: E402
 
-TINY = ["--limit-train", "192", "--limit-test", "65", "--batch-size", "64", "--model-kw", "{backend: loop}"]
 LEARNS = ["--limit-train", "192", "--limit-test", "128", "--batch-size", "32", "--lr", "0.01",
           "--model-kw", "{backend: loop}"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -67,16 +62,6 @@ def finish(proc, timeout=600):
         out, err = proc.communicate()
         return None, out, err
     return proc.returncode, out, err
-
-
-def catches_sigterm(pid) -> bool:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
-    except OSError:
-        pass
-    return False
 
 
 def wait_until(condition, proc, timeout=600):
@@ -204,69 +189,35 @@ def run_train_cache(rng, work: Path, root: Path):
 
 
 def report(args, results, echo=False):
-    cores = os.cpu_count()
-    md = ["## Run directories and cache builds under faults (`benchmarks/stress_run_dir.py`)", "",
-          f"{cores} cores, with {args.load} busy-loop process(es) and the machine's other work competing; "
-          f"random moments, seed {args.seed}; commit {COMMIT}.", "",
-          "| scenario | runs | failures | mean seconds per run |", "|---|---|---|---|"]
-    desc = {"lock": "2-worker torchrun job; a second --resume auto start, or SIGKILL of the job then --resume auto",
-            "best": "SIGKILL at a random moment or inside a best.pt write, then --resume auto (best.pt = best epoch)",
-            "cache": "two concurrent preprocess builds of one cache; SIGKILL/SIGTERM/SIGINT to one",
-            "train-cache": "SIGTERM to train on event data during its start (exit 0, the printed command works)"}
-    for name, res in results.items():
-        md.append(f"| {desc[name]} | {res['runs']} | {res['failures']} | {res['seconds'] / max(res['runs'], 1):.0f} |")
-    write_results("stress_run_dir", dict(load=args.load, seed=args.seed, cores=cores, results=results), "\n".join(md))
-    if echo:
-        print("\n".join(md))
+    write_report("stress_run_dir", "## Run directories and cache builds under faults (`benchmarks/stress_run_dir.py`)",
+                 "{cores} cores, with {load} busy-loop process(es) and the machine's other work competing; "
+                 "random moments, seed {seed}; commit " + COMMIT + ".",
+                 {"lock": "2-worker torchrun job; a second --resume auto start, or SIGKILL of the job then --resume auto",
+                  "best": "SIGKILL at a random moment or inside a best.pt write, then --resume auto (best.pt = best epoch)",
+                  "cache": "two concurrent preprocess builds of one cache; SIGKILL/SIGTERM/SIGINT to one",
+                  "train-cache": "SIGTERM to train on event data during its start (exit 0, the printed command works)"},
+                 args, results, echo)
+
+
+def event_root(tmp: Path, scenarios):
+    """The small event dataset the cache scenarios build from."""
+    from test_events_datasets import make_cifar_root
+    return make_cifar_root(tmp / "dvs")
+
+
+def run(scenario, rng, work: Path, root):
+    if scenario == "lock":
+        return run_lock(rng, work)
+    if scenario == "best":
+        return run_best(rng, work)
+    if scenario == "cache":
+        return run_cache(rng, work, root)
+    return run_train_cache(rng, work, root)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--load", type=int, default=1, help="busy-loop processes to run alongside")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scenarios", default="lock,best,cache,train-cache")
-    args = p.parse_args(argv)
-    rng = random.Random(args.seed)
-    scenarios = args.scenarios.split(",")
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
-    results = {s: dict(runs=0, failures=0, failed=[], seconds=0.0) for s in scenarios}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            from test_events_datasets import make_cifar_root
-            root = make_cifar_root(tmp / "dvs")
-            for i in range(args.runs):          # the scenarios take turns
-                for scenario in scenarios:
-                    res = results[scenario]
-                    work = tmp / f"{scenario}{i}"
-                    work.mkdir()
-                    t0 = time.time()
-                    if scenario == "lock":
-                        ok, what = run_lock(rng, work)
-                    elif scenario == "best":
-                        ok, what = run_best(rng, work)
-                    elif scenario == "cache":
-                        ok, what = run_cache(rng, work, root)
-                    else:
-                        ok, what = run_train_cache(rng, work, root)
-                    res["runs"] += 1
-                    res["seconds"] += time.time() - t0
-                    if not ok:
-                        res["failures"] += 1
-                        res["failed"].append(what)
-                    print(f"{scenario} {i + 1}/{args.runs}: {'ok' if ok else 'FAILED'}: {what.splitlines()[0][:200]}",
-                          flush=True)
-                    if not ok:
-                        print(what, flush=True)
-                    shutil.rmtree(work, ignore_errors=True)
-                    report(args, results)      # after every run: an interrupted stress run still counts
-    finally:
-        for h in hogs:
-            h.kill()
-            h.wait()
-    report(args, results, echo=True)
-    return 1 if any(r["failures"] for r in results.values()) else 0
+    args = arguments(__doc__, argv, runs=3, load=1, scenarios="lock,best,cache,train-cache")
+    return run_scenarios(args, run, report, setup=event_root)
 
 
 if __name__ == "__main__":

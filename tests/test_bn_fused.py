@@ -265,10 +265,13 @@ def test_triton_kernels():
 
 def test_triton_aot_variants_cover_every_launch():
     from tetsnn.kernels import triton_bn_lif as k
-    fwd = {(c["HARD"], c["RES"], sig["y_ptr"]) for fn, sig, c in k.AOT_VARIANTS if fn is k._bn_lif_fwd}
-    bwd = {(c["HARD"], c["DETACH"], c["KIND"], c["RES"], sig["y_ptr"]) for fn, sig, c in k.AOT_VARIANTS
+    fwd = {(c["HARD"], c["RES"], c["ILIF"], sig["y_ptr"]) for fn, sig, c in k.AOT_VARIANTS if fn is k._bn_lif_fwd}
+    bwd = {(c["HARD"], c["DETACH"], c["KIND"], c["RES"], c["ILIF"], sig["y_ptr"]) for fn, sig, c in k.AOT_VARIANTS
            if fn is k._bn_lif_bwd}
-    assert len(fwd) == 2 * 3 * 4 and len(bwd) == 2 * 2 * 3 * 3 * 4
+    # LIF: hard or soft reset; ILIF: soft only, no surrogate kind; 3 residual forms, 4 activation dtypes
+    assert len(fwd) == (2 + 1) * 3 * 4 and len(bwd) == (2 * 2 * 3 + 2) * 3 * 4
+    assert {sig["r_ptr"] for fn, sig, c in k.AOT_VARIANTS if fn is k._bn_lif_bwd and c["RES"] == 1 and c["ILIF"]} \
+        == {"*fp32", "*fp64", "*bf16", "*fp16"}   # ILIF's residual counts stay floats
     for fn, sig, c in k.AOT_VARIANTS:  # every argument typed, constexprs valued
         assert list(sig) == fn.arg_names
         assert {a for a, t in sig.items() if t == "constexpr"} == set(c)

@@ -129,28 +129,31 @@ def small_net(neuron, fuse_bn, **kw):
     return nn.Sequential(Layer(2, 4, **kw), BasicBlock(4, 4, **kw), BasicBlock(4, 6, stride=2, **kw))
 
 
+def net_step(neuron, fuse_bn, backend, kw, dtype):
+    """Output, input gradient, parameter gradients and buffers of :func:`small_net` (BatchNorm affines drawn
+    at random) after one backward on a fixed input."""
+    torch.manual_seed(0)
+    net = small_net(neuron, fuse_bn, backend=backend, **kw).to(dtype).train()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.8, 1.6)
+                m.bias.uniform_(0.1, 0.6)
+    x = torch.rand(2, 3, 2, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
+    x = x.to(dtype).requires_grad_()
+    out = net(x)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype))
+    return (out, x.grad, {k: p.grad for k, p in net.named_parameters()},
+            {k: b.clone() for k, b in net.named_buffers()})
+
+
 @pytest.mark.parametrize("neuron,kw", [("plif", {}), ("plif", dict(decay_input=True, tau=0.7, reset="soft")),
                                        ("lif", dict(decay_input=True, detach_reset=True, tau=0.5))])
 @pytest.mark.parametrize("backend", ["fused", "triton"])
 def test_batchnorm_fusion_on_and_off(neuron, kw, backend):
     """conv-BN-neuron and ResNet blocks with the BatchNorm fused into the neuron equal the same modules run
     one by one: spikes, every parameter's gradient (the decays' included) and the running statistics."""
-    results = []
-    for fuse in (True, False):
-        torch.manual_seed(0)
-        net = small_net(neuron, fuse, backend=backend, **kw).double().train()
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                with torch.no_grad():
-                    m.weight.uniform_(0.8, 1.6)
-                    m.bias.uniform_(0.1, 0.6)
-        x = torch.rand(2, 3, 2, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
-        x.requires_grad_()
-        out = net(x)
-        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
-        grads = {k: p.grad for k, p in net.named_parameters()}
-        results.append((out, x.grad, grads, {k: b.clone() for k, b in net.named_buffers()}))
-    (o1, g1, p1, b1), (o2, g2, p2, b2) = results
+    (o1, g1, p1, b1), (o2, g2, p2, b2) = [net_step(neuron, fuse, backend, kw, torch.float64) for fuse in (True, False)]
     assert torch.equal(o1, o2) and 0 < o1.mean() < 1
     torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-10)
     assert p1.keys() == p2.keys()
@@ -162,6 +165,46 @@ def test_batchnorm_fusion_on_and_off(neuron, kw, backend):
         torch.testing.assert_close(b1[k], b2[k], rtol=0, atol=0)
 
 
+# (neuron, options, dtype): PLIF with decay_input (its decay's gradient reads the normalised input) and ILIF
+FUSED_BN_CASES = [("plif", dict(decay_input=True, tau=0.7), torch.float64),
+                  ("plif", dict(decay_input=True, tau=0.6, reset="soft", detach_reset=True, surrogate="atan"),
+                   torch.float32),
+                  ("ilif", dict(max_level=4), torch.float64),
+                  ("ilif", dict(max_level=2, tau=0.5, detach_reset=True), torch.float32)]
+
+
+@pytest.mark.parametrize("case,backend", [(c, "triton") for c in range(len(FUSED_BN_CASES))] + [(2, "fused")])
+def test_batchnorm_fused_equals_the_loop(case, backend, monkeypatch):
+    """BatchNorm fused into PLIF(decay_input=True) and ILIF, on the Triton (interpreted) path and, for ILIF,
+    the numba path (test_batchnorm_fusion_on_and_off covers numba's PLIF against the unfused kernels),
+    against the same modules unfused on the per-step loop: spikes exactly, the gradients of the input and
+    of every parameter (PLIF's decays included) to rounding; every conv-BN-neuron of the net runs fused
+    (forward and backward), the residual block's ILIF counts included."""
+    from tetsnn.kernels import triton_bn_lif
+    neuron, kw, dtype = FUSED_BN_CASES[case]
+    calls = []
+    if backend == "triton":
+        for name in ("forward", "backward"):
+            fn = getattr(triton_bn_lif, name)
+            monkeypatch.setattr(triton_bn_lif, name, lambda *a, _fn=fn, _n=name, **k: calls.append(_n) or _fn(*a, **k))
+    else:
+        fn = ops._numba_backward
+        monkeypatch.setattr(ops, "_numba_backward", lambda *a, **k: calls.append("backward") or fn(*a, **k))
+    results = [net_step(neuron, fuse, b, kw, dtype) for fuse, b in ((True, backend), (False, "loop"))]
+    assert sorted(calls) == (["backward"] * 5 + (["forward"] * 5 if backend == "triton" else []))
+    (o1, g1, p1, _), (o2, g2, p2, _) = results
+    assert torch.equal(o1, o2) and 0 < o1.mean()
+    if neuron == "ilif":
+        assert o1.max() > 1   # counts above one reach the residual add
+    assert p1.keys() == p2.keys() and sum(k.endswith(".w") for k in p1) == (5 if neuron == "plif" else 0)
+    pairs = [(g1, g2)] + [(p1[k], p2[k]) for k in p1]
+    scale = max(b.abs().max().item() for a, b in pairs)   # float32: sums over the batch round to this scale
+    for a, b in pairs:
+        assert b.abs().max() > 0
+        f64 = dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=0 if f64 else 1e-5, atol=1e-10 if f64 else 1e-6 * scale)
+
+
 def test_planner_table():
     x = torch.zeros(2, 3, 4)
     bn = nn.BatchNorm2d(3).train()
@@ -171,7 +214,9 @@ def test_planner_table():
     assert plan(NeuronSpec(surrogate=lambda v: v), x) is Path.CUSTOM
     assert plan(NeuronSpec(), x, bn) is Path.BN_NUMBA
     assert plan(NeuronSpec(), x, bn, backend="triton") is Path.BN_TRITON
-    assert plan(NeuronSpec(learnable_decay=True, decay_input=True), x, bn, backend="triton") is Path.TRITON
+    assert plan(NeuronSpec(learnable_decay=True, decay_input=True), x, bn, backend="triton") is Path.BN_TRITON
+    ilif = NeuronSpec(dynamics="ilif", reset="soft", surrogate="rectangle", max_level=4)
+    assert plan(ilif, x, bn) is Path.BN_NUMBA and plan(ilif, x, bn, backend="triton") is Path.BN_TRITON
     assert plan(NeuronSpec(), x, bn.eval()) is Path.NUMBA
     with torch.no_grad():
         assert plan(NeuronSpec(), x, bn.train()) is Path.NUMBA

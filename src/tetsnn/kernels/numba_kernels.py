@@ -18,7 +18,7 @@ import warnings
 from ..neuron.spec import C_DECAY, C_INPUT, C_K, C_LEVELS, C_ONE, C_THRESHOLD, C_WIDTH, C_ZERO
 from ..surrogate import SURROGATE_IDS, numba_grad
 
-__all__ = ["available", "module", "call", "kernel", "BLOCK", "PACK_BLOCK"]
+__all__ = ["available", "module", "call", "kernel", "jobs", "BLOCK", "PACK_BLOCK"]
 
 STATE = {"numba": None}  # the numba module once imported, False when numba is unusable
 _KERNELS = {}  # (kind, *flags) -> numba kernel
@@ -65,11 +65,36 @@ def call(key, *args) -> bool:
 def kernel(key):
     """The numba kernel ``key = (kind, *flags)``, built on first use."""
     if key not in _KERNELS:
-        build = {"load": _load_kernel, "values": _values_kernel, "step": _step_kernel, "integrate": _integrate_kernel,
+        build = {"blocks": _blocks_kernel, "load": _load_kernel, "values": _values_kernel, "step": _step_kernel, "integrate": _integrate_kernel,
                  "fwd": _forward_kernel, "bwd": _backward_kernel, "scale_shift": _scale_shift_kernel,
                  "pack": _pack_kernel, "unpack": _unpack_kernel}[key[0]]
         _KERNELS[key] = build(*key[1:])
     return _KERNELS[key]
+
+
+def jobs(n: int, m: int, block: int = BLOCK) -> int:
+    """The number of work items of ``block`` neurons (of one sample each) over ``[n, T, m]``."""
+    return n * ((m + block - 1) // block)
+
+
+def _blocks_kernel(block: int):
+    """How the kernels split ``[N, T, M]`` into work items of ``block`` neurons of one sample (threads
+    take items): ``count(n, m)`` items (:func:`jobs`); item ``job`` is ``at(job, m) -> (n, m0, w)``,
+    neurons ``m0 .. m0+w`` of sample ``n``. (Imports numba itself: the PSN kernels use it whether or not
+    a failed LIF kernel switched these off.)"""
+    import numba
+    njit = numba.njit(inline="always")
+
+    @njit
+    def count(n_, m_):
+        return n_ * ((m_ + block - 1) // block)
+
+    @njit
+    def at(job, m_):
+        nb = (m_ + block - 1) // block
+        m0 = (job % nb) * block
+        return job // nb, m0, min(block, m_ - m0)
+    return count, at
 
 
 def _fma():
@@ -94,7 +119,8 @@ def _load_kernel(source: str, fused_madd: bool):
       ``y`` and the per-neuron scale ``a`` and shift ``b`` (``fused_madd``: rounded once, by fma);
     - ``"bn+bn"``: ``src = (y, a, b, y2, a2, b2)``, the sum of two such outputs;
     - ``"bn+bits"``: ``src = (y, a, b, bits)``, one such output plus 0/1 spikes packed as bits
-      (bit ``f % 8`` of byte ``f // 8`` for the flat index ``f`` of ``[n, t, m]``).
+      (bit ``f % 8`` of byte ``f // 8`` for the flat index ``f`` of ``[n, t, m]``);
+    - ``"bn+x"``: ``src = (y, a, b, r)``, one such output plus the values ``r[n, t, m]`` (ILIF's counts).
     """
     numba = module()
     fma = _fma()
@@ -129,6 +155,14 @@ def _load_kernel(source: str, fused_madd: bool):
         @njit
         def value(r, i):
             return bn(r[0], r[1], r[2], i) + bn(r[3], r[4], r[5], i)
+    elif source == "bn+x":
+        @njit
+        def rows(src, n, t, m0, w, c):
+            return src[0][n, t, m0:m0 + w], src[1][m0:m0 + w], src[2][m0:m0 + w], src[3][n, t, m0:m0 + w]
+
+        @njit
+        def value(r, i):
+            return bn(r[0], r[1], r[2], i) + r[3][i]
     else:  # "bn+bits"
         @njit
         def rows(src, n, t, m0, w, c):
@@ -235,14 +269,14 @@ def _forward_kernel(dynamics: str, hard: bool, decay_input: bool):
     """Spikes of ``src = (x,)`` into ``s``; threads over blocks of neurons."""
     numba = module()
     integrate = kernel(("integrate", dynamics, hard, decay_input, "x", False))
+    count, at = kernel(("blocks", BLOCK))
 
     @numba.njit(parallel=True)
     def fwd(src, s, c):
         n_, t_, m_ = src[0].shape
-        nb = (m_ + BLOCK - 1) // BLOCK
-        for job in numba.prange(n_ * nb):
-            n, m0 = job // nb, (job % nb) * BLOCK
-            integrate(src, n, m0, min(BLOCK, m_ - m0), c, s, False)
+        for job in numba.prange(count(n_, m_)):
+            n, m0, w = at(job, m_)
+            integrate(src, n, m0, w, c, s, False)
     return fwd
 
 
@@ -255,14 +289,13 @@ def _backward_kernel(dynamics: str, hard: bool, detach: bool, surrogate: str, de
     rows, value = kernel(("load", source, fused_madd))
     integrate = kernel(("integrate", dynamics, hard, decay_input, source, fused_madd))
     params, fire, grad = kernel(("step", dynamics, hard))
+    count, at = kernel(("blocks", BLOCK))
 
     @numba.njit(parallel=True)
     def bwd(gs, src, gx, gd, c):
         n_, t_, m_ = src[0].shape
-        nb = (m_ + BLOCK - 1) // BLOCK
-        for job in numba.prange(n_ * nb):
-            n, m0 = job // nb, (job % nb) * BLOCK
-            w = min(BLOCK, m_ - m0)
+        for job in numba.prange(count(n_, m_)):
+            n, m0, w = at(job, m_)
             h = np.empty((t_, w), c.dtype)
             integrate(src, n, m0, w, c, h, True)
             p = params(c)

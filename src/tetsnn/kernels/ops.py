@@ -110,7 +110,7 @@ def _spikes(x: Tensor, spec: NeuronSpec, kernel: str, decay: Optional[Tensor]) -
     if kernel == "triton":
         from . import triton_lif
         c = constants(spec, x.dtype, x.device, decay)
-        return triton_lif.forward(x, c, spec.hard and spec.dynamics == "lif", spec.dynamics == "ilif")
+        return triton_lif.forward(x, c, _triton_hard(spec), spec.dynamics == "ilif")
     if numba_applies(x):
         x3 = _as3d(x)
         s = torch.empty_like(x3)
@@ -120,8 +120,13 @@ def _spikes(x: Tensor, spec: NeuronSpec, kernel: str, decay: Optional[Tensor]) -
     return tk.forward(x, spec, _decay_value(spec, decay, x.dtype))[0]
 
 
+def _triton_hard(spec: NeuronSpec) -> bool:
+    """The Triton kernels' HARD flag (ILIF resets softly whatever ``reset`` says)."""
+    return spec.hard and spec.dynamics == "lif"
+
+
 def _jobs(x3: Tensor) -> int:
-    return x3.shape[0] * ((x3.shape[2] + nk.BLOCK - 1) // nk.BLOCK)
+    return nk.jobs(x3.shape[0], x3.shape[2])
 
 
 def _input_grad(grad_s: Tensor, x: Tensor, spec: NeuronSpec, kernel: str,
@@ -131,7 +136,7 @@ def _input_grad(grad_s: Tensor, x: Tensor, spec: NeuronSpec, kernel: str,
     if kernel == "triton":
         from . import triton_lif
         c = constants(spec, x.dtype, x.device, decay)
-        gx, gd = triton_lif.backward(grad_s, x, c, spec.hard and spec.dynamics == "lif", spec.detach_reset,
+        gx, gd = triton_lif.backward(grad_s, x, c, _triton_hard(spec), spec.detach_reset,
                                      spec.surrogate, grad_decay, spec.dynamics == "ilif")
         return gx, None if gd is None else gd.sum()
     if numba_applies(x):
@@ -363,7 +368,7 @@ def pack_once(x: Tensor) -> Tensor:
 # BatchNorm keeps its input ``y`` (the conv output) and the neuron its input ``z = BN(y)``. ``z`` is an
 # elementwise function of ``y`` and four per-channel vectors, so the fused op keeps ``y`` alone and
 # rebuilds ``z`` in backward. With the residual add of a ResNet block before the neuron, the second
-# operand is either the block input (0/1 spikes: kept as packed bits) or a downsample branch
+# operand is either the block input (0/1 spikes: kept as packed bits; ILIF's counts: kept as they are) or a downsample branch
 # ``BN2(y2)`` (its conv output ``y2`` is kept, as its BatchNorm would keep it anyway).
 #
 # Forward, on the per-step batch ``y`` of shape ``[N*T, C, ...]`` (statistics pooled over batch, time
@@ -447,7 +452,7 @@ def _recompute(a: SavedBN, b: Optional[SavedBN], bits, bits_meta, n, t):
         z2 = _aten.native_batch_norm(b.y, b.weight, b.bias, None, None, True, 0.0, b.eps)[0]
         z = z + z2.view(n, t, *z2.shape[1:])
     elif bits is not None:
-        z = z + unpack_spikes(bits, *bits_meta)
+        z = z + (unpack_spikes(bits, *bits_meta) if bits.dtype == torch.uint8 else bits)
     return z
 
 
@@ -531,7 +536,8 @@ def _bn_save(ctx, inputs, output):
     bits = None
     ctx.bits_dtype = y.dtype
     if residual is not None and y2 is None:
-        bits = pack_once(residual)   # 0/1 spikes: one bit each
+        # 0/1 spikes: one bit each; ILIF's counts are kept as they are
+        bits = residual if spec.dynamics == "ilif" else pack_once(residual)
         ctx.bits_dtype = residual.dtype
     ctx.save_for_backward(y, bn.weight, bn.bias, mean, invstd, y2, bn2.weight, bn2.bias, mean2, invstd2, bits, decay)
     ctx.eps = (bn.eps, bn2.eps)
@@ -727,8 +733,10 @@ def _numba_backward(grad_s, a: SavedBN, b: Optional[SavedBN], bits, bits_dtype, 
     source = "bn"
     if b is not None:
         src, source = src + operand(b), "bn+bn"
-    elif bits is not None:
+    elif bits is not None and bits.dtype == torch.uint8:
         src, source = src + (bits.numpy(),), "bn+bits"
+    elif bits is not None:   # ILIF's residual counts, kept as floats
+        src, source = src + (_as3d(bits).numpy(),), "bn+x"
     gz = torch.empty(shape, dtype=y.dtype)
     gs = _as3d(grad_s.to(y.dtype))
     grad_decay = decay is not None
@@ -763,7 +771,7 @@ def _triton_forward(y, bn: BNOperand, y2, bn2: BNOperand, residual, T, spec: Neu
         ab = torch.cat([ab, k.affine(stats2[0], stats2[1], bn2.weight, bn2.bias, cd)])
         y2 = y2.to(y.dtype)
     r = None if residual is None else residual.to(y.dtype)
-    s = k.forward(y, ab, y2, r, T, constants(spec, cd, y.device, decay), spec.hard)
+    s = k.forward(y, ab, y2, r, T, constants(spec, cd, y.device, decay), _triton_hard(spec), spec.dynamics == "ilif")
     return [s, *stats, *stats2]
 
 
@@ -776,8 +784,11 @@ def _triton_backward(grad_s, a: SavedBN, b: Optional[SavedBN], bits, T, spec: Ne
     if b is not None:
         ab = torch.cat([ab, k.affine(b.mean, b.invstd, b.weight, b.bias, cd)])
         y2 = b.y.to(y.dtype)
-    gz, gd = k.backward(grad_s.to(y.dtype), y, ab, y2, bits, T, constants(spec, cd, y.device, decay), spec.hard,
-                        spec.detach_reset, spec.surrogate, decay is not None)
+    if bits is not None and bits.dtype != torch.uint8:   # ILIF's residual counts
+        bits = bits.to(y.dtype)
+    gz, gd = k.backward(grad_s.to(y.dtype), y, ab, y2, bits, T, constants(spec, cd, y.device, decay),
+                        _triton_hard(spec), spec.detach_reset, spec.surrogate, decay is not None,
+                        spec.dynamics == "ilif")
     return gz.to(y.dtype), None if gd is None else gd.sum().to(decay.dtype)
 
 
@@ -786,7 +797,8 @@ def bn_neuron(y: Tensor, bn, spec: NeuronSpec, kernel: str, T: int, decay: Optio
     """Spikes of ``neuron(BN(y).view(N, T, ...) [+ BN2(y2) | + residual])`` for ``y = conv(x)`` of shape
     ``[N*T, C, ...]``, with ``bn`` / ``bn2`` training-mode ``nn.BatchNorm`` modules (their running statistics
     and ``num_batches_tracked`` are updated), the neuron described by ``spec`` (with its learnable ``decay``)
-    and run by ``kernel`` ("fused" or "triton"). ``residual`` must be 0/1 spikes ``[N, T, C, ...]``."""
+    and run by ``kernel`` ("fused" or "triton"). ``residual`` must be 0/1 spikes ``[N, T, C, ...]`` (kept as
+    bits), or for an ILIF neuron its counts (kept as they are)."""
     second = BNOperand.of(bn2) if y2 is not None else NO_BN
     inputs = bn_flatten(y, BNOperand.of(bn), y2, second, residual, T, spec, kernel, decay)
     if decay is None:   # the ops' defaults for what a fixed-decay LIF does not use

@@ -67,13 +67,11 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def bn_fusable(bn: nn.Module, spec: NeuronSpec, backend: str) -> bool:
     """Whether ``bn`` can run inside the neuron: a plain ``nn.BatchNorm1d/2d/3d`` (not SyncBatchNorm, whose
     statistics are gathered across processes), or a subclass that declares ``fusable_batchnorm = True``
-    (its forward is BatchNorm's, as :class:`tetsnn.tdBN`'s), in training with gradients enabled, before a binary neuron
-    with a built-in surrogate on a fused backend. A learnable decay with decay_input is not fused on
-    Triton (its gradient needs the normalised input, which the Triton kernels never write)."""
+    (its forward is BatchNorm's, as :class:`tetsnn.tdBN`'s), in training with gradients enabled, before a neuron
+    (binary or ILIF's counts, fixed or learnable decay) with a built-in surrogate on a fused backend."""
     plain = type(bn) in _BATCHNORMS or getattr(type(bn), "fusable_batchnorm", False)
-    return (plain and bn.training and torch.is_grad_enabled() and spec.dynamics == "lif"
-            and spec.builtin_surrogate and backend != "loop"
-            and not (backend == "triton" and spec.learnable_decay and spec.decay_input))
+    return (plain and bn.training and torch.is_grad_enabled() and spec.builtin_surrogate
+            and backend != "loop")
 
 
 def plan(spec: NeuronSpec, x: Tensor, bn: Optional[nn.Module] = None, backend: str = "auto") -> Path:

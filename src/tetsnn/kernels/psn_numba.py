@@ -1,7 +1,7 @@
 """numba kernels of the parallel spiking neurons (:mod:`tetsnn.neuron.psn`) on CPU float32 / float64.
 
-``x`` is ``[N, T, F]`` (contiguous). Threads take blocks of ``_BLOCK`` neurons of one sample; each
-block is read once per direction:
+``x`` is ``[N, T, F]`` (contiguous). Threads take blocks of ``_BLOCK`` neurons of one sample (split as
+:mod:`tetsnn.kernels.numba_kernels` splits its work items); each block is read once per direction:
 
 - forward: ``s[n, t, f] = H(b[t] + sum_j W[t, j] x[n, j, f])``;
 - backward: ``H`` again, ``g = dL/ds * surrogate(H)``, then ``dL/dx[n, j, f] = sum_t W[t, j] g[n, t, f]``
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..surrogate import SURROGATE_IDS, numba_grad, surrogate_constant
+from . import numba_kernels as nk
 
 __all__ = ["available", "forward", "backward"]
 
@@ -46,6 +47,7 @@ def _kernels():
         return _KERNELS
     import numba
     import numpy as np
+    count, at = nk.kernel(("blocks", _BLOCK))
 
     @numba.njit(inline="always")
     def mix(x, n, m0, w, weight, bias, h):
@@ -75,10 +77,8 @@ def _kernels():
     @numba.njit(parallel=True)
     def fwd(x, weight, bias, s):
         n_, t_, m_ = x.shape
-        nb = (m_ + _BLOCK - 1) // _BLOCK
-        for job in numba.prange(n_ * nb):
-            n, m0 = job // nb, (job % nb) * _BLOCK
-            w = min(_BLOCK, m_ - m0)
+        for job in numba.prange(count(n_, m_)):
+            n, m0, w = at(job, m_)
             h = np.empty((t_, w), x.dtype)
             mix(x, n, m0, w, weight, bias, h)
             for t in range(t_):
@@ -90,11 +90,9 @@ def _kernels():
     @numba.njit(parallel=True, fastmath={"reassoc"})  # the sums over a block may be reordered (vectorised)
     def bwd(gs, x, weight, bias, c, gx, gw_parts, gb_parts):
         n_, t_, m_ = x.shape
-        nb = (m_ + _BLOCK - 1) // _BLOCK
         kind, width, k = int(c[0]), c[1], c[2]
-        for job in numba.prange(n_ * nb):
-            n, m0 = job // nb, (job % nb) * _BLOCK
-            w = min(_BLOCK, m_ - m0)
+        for job in numba.prange(count(n_, m_)):
+            n, m0, w = at(job, m_)
             g = np.empty((t_, w), x.dtype)
             mix(x, n, m0, w, weight, bias, g)
             for t in range(t_):
@@ -146,7 +144,7 @@ def backward(grad_s: Tensor, x3: Tensor, weight: Tensor, bias: Tensor, surrogate
     """``(dL/dx, dL/dW, dL/db)`` for the forward above; ``dL/db`` is ``[T, 1]``."""
     _, bwd = _kernels()
     n, t, m = x3.shape
-    jobs = n * ((m + _BLOCK - 1) // _BLOCK)
+    jobs = nk.jobs(n, m, _BLOCK)
     gx = torch.empty_like(x3)
     gw = torch.empty(jobs, t, t, dtype=x3.dtype)
     gb = torch.empty(jobs, t, dtype=x3.dtype)

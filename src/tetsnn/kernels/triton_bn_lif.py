@@ -1,14 +1,18 @@
-"""BatchNorm + (residual) + LIF as Triton kernels: the normalised input is never written to memory.
+"""BatchNorm + (residual) + neuron (LIF, or ILIF's counts) as Triton kernels: the normalised input is
+never written to memory.
 
 The math is that of :mod:`tetsnn.kernels.ops` (see its BatchNorm section) with the normalisation done
 inside the LIF loop. With per-channel ``alpha = invstd * weight`` and ``beta = bias - mean * alpha``
 (computed once from the batch statistics, in the compute dtype)::
 
-    z[t] = fma(y[t], alpha, beta)                          the normalised conv output
-         (+ r[t])                   RES == 1: residual spikes (floats forward, packed bits backward)
+    z[t] = fma(y[t], alpha, beta)                          the normalised conv output (triton_lif.input_at)
+         (+ r[t])                   RES == 1: residual spikes (floats forward, packed bits backward;
+                                    ILIF's counts stay floats)
          (+ fma(y2[t], alpha2, beta2))  RES == 2: a downsample branch's normalised conv output
-    forward:   the LIF recurrence of :mod:`tetsnn.kernels.triton_lif` on z, spikes out
-    backward:  the same recurrence again for h, then reverse-time BPTT, dL/dz out
+    forward:   the neuron recurrence of :mod:`tetsnn.kernels.triton_lif` on z, spikes out
+    backward:  the same recurrence again for h, then reverse-time BPTT (:func:`triton_lif.bptt`),
+               dL/dz out; a learnable decay with decay_input forms z once more at each step for
+               dL/d decay (``- z[t]`` in dh[t]/d decay)
 
 Forward and backward form ``z`` with the same explicit fused multiply-add, so backward rebuilds
 exactly the ``z`` the forward integrated. (It may differ by an ulp from torch's batch_norm kernel;
@@ -31,31 +35,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ..surrogate import SURROGATE_IDS
-from .triton_lif import bptt, check_device, consts, fire
+from .triton_lif import bptt, check_device, consts, fire, input_at
 
 BLOCK = 1024
 _TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-
-
-@triton.jit
-def _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES: tl.constexpr, BITS: tl.constexpr):
-    """The normalised input (plus the residual) of step offsets ``at``, in alpha's dtype. Each
-    BatchNorm output and the residual sum are rounded to y's dtype first, as the unfused modules
-    store them (a no-op for float32 and float64; for bfloat16 / float16 the LIF then integrates
-    exactly the values the unfused path hands it)."""
-    yt = y_ptr.dtype.element_ty
-    z = tl.fma(tl.load(y_ptr + at, mask=mask, other=0.0).to(alpha.dtype), alpha, beta).to(yt).to(alpha.dtype)
-    if RES == 1:
-        if BITS:
-            byte = tl.load(r_ptr + at // 8, mask=mask, other=0).to(tl.int32)
-            z = z + ((byte >> (at % 8).to(tl.int32)) & 1).to(alpha.dtype)
-        else:
-            z = z + tl.load(r_ptr + at, mask=mask, other=0.0).to(alpha.dtype)
-        z = z.to(yt).to(alpha.dtype)
-    elif RES == 2:
-        z2 = tl.fma(tl.load(y2_ptr + at, mask=mask, other=0.0).to(alpha.dtype), alpha2, beta2).to(yt)
-        z = (z + z2.to(alpha.dtype)).to(yt).to(alpha.dtype)
-    return z
 
 
 @triton.jit
@@ -75,15 +58,16 @@ def _neurons(ab_ptr, n_neurons, T, M, HW, C, BLOCK: tl.constexpr):
 
 @triton.jit
 def _bn_integrate(y_ptr, y2_ptr, r_ptr, c_ptr, out_ptr, mask, base, alpha, beta, alpha2, beta2, T, M,
-                  HARD: tl.constexpr, RES: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+                  HARD: tl.constexpr, RES: tl.constexpr, BACKWARD: tl.constexpr, BITS: tl.constexpr,
+                  BLOCK: tl.constexpr, ILIF: tl.constexpr):
     """The forward recurrence on z: stores the spikes (in out_ptr's dtype), or for BACKWARD the
-    pre-reset membranes (the residual spikes then come as packed bits)."""
+    pre-reset membranes (the residual then comes as packed bits where BITS)."""
     decay, th, w, k, cin, levels = consts(c_ptr)
     u = tl.zeros([BLOCK], dtype=decay.dtype)
     for t in range(T):
         at = base + t * M
-        h = decay * u + cin * _z(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES, BACKWARD)
-        s, u = fire(h, th, levels, HARD, False)
+        h = decay * u + cin * input_at(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES, BITS)
+        s, u = fire(h, th, levels, HARD, ILIF)
         if BACKWARD:
             tl.store(out_ptr + at, h, mask=mask)
         else:
@@ -92,23 +76,25 @@ def _bn_integrate(y_ptr, y2_ptr, r_ptr, c_ptr, out_ptr, mask, base, alpha, beta,
 
 @triton.jit
 def _bn_lif_fwd(y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, s_ptr, n_neurons, T, M, HW, C,
-                HARD: tl.constexpr, RES: tl.constexpr, BLOCK: tl.constexpr):
-    """Spikes of LIF(BN(y) [+ r | + BN2(y2)]), in s_ptr's dtype."""
+                HARD: tl.constexpr, RES: tl.constexpr, BLOCK: tl.constexpr, ILIF: tl.constexpr):
+    """Spikes (counts with ILIF) of neuron(BN(y) [+ r | + BN2(y2)]), in s_ptr's dtype."""
     mask, base, alpha, beta, alpha2, beta2 = _neurons(ab_ptr, n_neurons, T, M, HW, C, BLOCK)
     _bn_integrate(y_ptr, y2_ptr, r_ptr, c_ptr, s_ptr, mask, base, alpha, beta, alpha2, beta2, T, M,
-                  HARD, RES, False, BLOCK)
+                  HARD, RES, False, False, BLOCK, ILIF)
 
 
 @triton.jit
 def _bn_lif_bwd(gs_ptr, y_ptr, y2_ptr, r_ptr, ab_ptr, c_ptr, gz_ptr, gd_ptr, n_neurons, T, M, HW, C, grad_decay,
                 HARD: tl.constexpr, DETACH: tl.constexpr, KIND: tl.constexpr, RES: tl.constexpr,
-                BLOCK: tl.constexpr):
+                BLOCK: tl.constexpr, ILIF: tl.constexpr):
     """dL/dz from dL/ds: the recurrence for h (kept in gz), then BPTT back in time over it; with
-    ``grad_decay`` each neuron's dL/d decay into gd (without decay_input: the input is not re-read)."""
+    ``grad_decay`` each neuron's dL/d decay into gd (with decay_input it forms z again at each step).
+    A residual (RES == 1) comes as packed bits, or for ILIF's counts as floats in y's dtype."""
     mask, base, alpha, beta, alpha2, beta2 = _neurons(ab_ptr, n_neurons, T, M, HW, C, BLOCK)
     _bn_integrate(y_ptr, y2_ptr, r_ptr, c_ptr, gz_ptr, mask, base, alpha, beta, alpha2, beta2, T, M,
-                  HARD, RES, True, BLOCK)
-    acc = bptt(gs_ptr, gz_ptr, c_ptr, base, mask, T, M, gz_ptr, grad_decay, HARD, DETACH, KIND, BLOCK, False)
+                  HARD, RES, True, not ILIF, BLOCK, ILIF)
+    acc = bptt(gs_ptr, gz_ptr, c_ptr, base, mask, T, M, y_ptr, y2_ptr, r_ptr, alpha, beta, alpha2, beta2,
+               grad_decay, HARD, DETACH, KIND, RES, not ILIF, BLOCK, ILIF)
     if grad_decay != 0:
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         tl.store(gd_ptr + i, acc, mask=mask)
@@ -132,10 +118,10 @@ def _geometry(y: Tensor, T: int):
     return n * m, m, m // max(c, 1), c, (triton.cdiv(n * m, BLOCK),)
 
 
-def forward(y: Tensor, ab: Tensor, y2, r, T: int, consts_: Tensor, hard: bool) -> Tensor:
-    """Spikes ``[N, T, C, ...]`` (in y's dtype) of a ``[N*T, C, ...]`` conv output ``y``; ``ab`` is
-    :func:`affine` of one or (with ``y2``) two BatchNorms; ``r`` residual spikes ``[N, T, C, ...]``;
-    ``c`` the constant array in ab's dtype."""
+def forward(y: Tensor, ab: Tensor, y2, r, T: int, consts_: Tensor, hard: bool, ilif: bool = False) -> Tensor:
+    """Spikes ``[N, T, C, ...]`` (in y's dtype; counts with ``ilif``) of a ``[N*T, C, ...]`` conv output
+    ``y``; ``ab`` is :func:`affine` of one or (with ``y2``) two BatchNorms; ``r`` residual spikes
+    ``[N, T, C, ...]``; ``c`` the constant array in ab's dtype."""
     check_device(y)
     y = y.contiguous()
     s = torch.empty((y.shape[0] // T, T, *y.shape[1:]), dtype=y.dtype, device=y.device)
@@ -144,14 +130,15 @@ def forward(y: Tensor, ab: Tensor, y2, r, T: int, consts_: Tensor, hard: bool) -
         other = y2.contiguous() if res == 2 else y
         rr = r.contiguous() if res == 1 else y
         neurons, m, hw, c, grid = _geometry(y, T)
-        _bn_lif_fwd[grid](y, other, rr, _pad(ab, c), consts_, s, neurons, T, m, hw, c, HARD=hard, RES=res, BLOCK=BLOCK)
+        _bn_lif_fwd[grid](y, other, rr, _pad(ab, c), consts_, s, neurons, T, m, hw, c, HARD=hard, RES=res, BLOCK=BLOCK,
+                          ILIF=ilif)
     return s
 
 
 def backward(grad_s: Tensor, y: Tensor, ab: Tensor, y2, bits, T: int, consts_: Tensor, hard: bool,
-             detach_reset: bool, surrogate: str, grad_decay: bool = False):
+             detach_reset: bool, surrogate: str, grad_decay: bool = False, ilif: bool = False):
     """``(dL/dz [N, T, C, ...] in the compute dtype, per-neuron dL/d decay or None)``; ``bits`` are the
-    residual spikes packed."""
+    residual spikes packed (with ``ilif``: the residual counts themselves, in y's dtype)."""
     y = y.contiguous()
     gz = torch.empty((y.shape[0] // T, T, *y.shape[1:]), dtype=ab.dtype, device=y.device)
     gd = torch.zeros(gz.numel() // T if grad_decay else 1, dtype=ab.dtype, device=y.device)
@@ -161,8 +148,8 @@ def backward(grad_s: Tensor, y: Tensor, ab: Tensor, y2, bits, T: int, consts_: T
         rr = bits if res == 1 else y
         neurons, m, hw, c, grid = _geometry(y, T)
         _bn_lif_bwd[grid](grad_s.contiguous(), y, other, rr, _pad(ab, c), consts_, gz, gd, neurons, T, m, hw, c,
-                          int(grad_decay), HARD=hard, DETACH=detach_reset, KIND=SURROGATE_IDS[surrogate], RES=res,
-                          BLOCK=BLOCK)
+                          int(grad_decay), HARD=hard, DETACH=detach_reset, KIND=SURROGATE_IDS.get(surrogate, 0),
+                          RES=res, BLOCK=BLOCK, ILIF=ilif)
     return gz, (gd if grad_decay else None)
 
 
@@ -174,19 +161,26 @@ def _pad(ab: Tensor, c: int) -> Tensor:
 # --------------------------------------------------------------------------- ahead-of-time variants
 
 def _aot_variants():
+    """LIF (hard or soft reset, every surrogate) and ILIF (soft reset; its straight-through window is
+    no surrogate kind, so 0), each with no residual, residual spikes (bits backward; ILIF's counts as
+    floats) and a downsample branch."""
     scalars = {"n_neurons": "i32", "T": "i32", "M": "i32", "HW": "i32", "C": "i32"}
+    neurons = [(hard, detach, kind, False) for hard, detach, kind in
+               itertools.product((True, False), (False, True), sorted(SURROGATE_IDS.values()))]
+    neurons += [(False, detach, 0, True) for detach in (False, True)]
     out = []
-    for ydt, hard, res in itertools.product(_TYPES, (True, False), (0, 1, 2)):
+    for ydt, res in itertools.product(_TYPES, (0, 1, 2)):
         y, cd = _TYPES[ydt], _TYPES[compute_dtype(ydt)]
-        r = y if res != 1 else y  # forward: residual spikes in the activation dtype
-        sig = dict(y_ptr=y, y2_ptr=y, r_ptr=r, ab_ptr=cd, c_ptr=cd, s_ptr=y, **scalars,
-                   HARD="constexpr", RES="constexpr", BLOCK="constexpr")
-        out.append((_bn_lif_fwd, sig, dict(HARD=hard, RES=res, BLOCK=BLOCK)))
-        for detach, kind in itertools.product((False, True), sorted(SURROGATE_IDS.values())):
-            sig = dict(gs_ptr=y, y_ptr=y, y2_ptr=y, r_ptr="*u8" if res == 1 else y, ab_ptr=cd, c_ptr=cd, gz_ptr=cd,
-                       gd_ptr=cd, **scalars, grad_decay="i32", HARD="constexpr", DETACH="constexpr", KIND="constexpr", RES="constexpr",
-                       BLOCK="constexpr")
-            out.append((_bn_lif_bwd, sig, dict(HARD=hard, DETACH=detach, KIND=kind, RES=res, BLOCK=BLOCK)))
+        for hard, ilif in sorted({(hard, ilif) for hard, _, _, ilif in neurons}):
+            sig = dict(y_ptr=y, y2_ptr=y, r_ptr=y, ab_ptr=cd, c_ptr=cd, s_ptr=y, **scalars,
+                       HARD="constexpr", RES="constexpr", BLOCK="constexpr", ILIF="constexpr")
+            out.append((_bn_lif_fwd, sig, dict(HARD=hard, RES=res, BLOCK=BLOCK, ILIF=ilif)))
+        for hard, detach, kind, ilif in neurons:
+            sig = dict(gs_ptr=y, y_ptr=y, y2_ptr=y, r_ptr="*u8" if res == 1 and not ilif else y, ab_ptr=cd,
+                       c_ptr=cd, gz_ptr=cd, gd_ptr=cd, **scalars, grad_decay="i32", HARD="constexpr",
+                       DETACH="constexpr", KIND="constexpr", RES="constexpr", BLOCK="constexpr", ILIF="constexpr")
+            out.append((_bn_lif_bwd, sig, dict(HARD=hard, DETACH=detach, KIND=kind, RES=res, BLOCK=BLOCK,
+                                               ILIF=ilif)))
     return out
 
 

@@ -21,16 +21,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..neuron.spec import C_DECAY, C_INPUT, C_K, C_LEVELS, C_THRESHOLD, C_WIDTH
+from ..neuron.spec import C_DECAY, C_INPUT, C_K, C_LEVELS, C_ONE, C_THRESHOLD, C_WIDTH, C_ZERO
 from ..surrogate import SURROGATE_IDS, triton_surrogate
 
-__all__ = ["fire", "bptt", "check_device", "forward", "backward", "BLOCK", "AOT_VARIANTS"]
+__all__ = ["fire", "bptt", "input_at", "consts", "check_device", "forward", "backward", "BLOCK", "AOT_VARIANTS"]
 
 BLOCK = 1024
 surrogate_grad = triton_surrogate()
 
-_C_DECAY, _C_THRESHOLD, _C_WIDTH, _C_K, _C_INPUT, _C_LEVELS = (tl.constexpr(v) for v in (
-    C_DECAY, C_THRESHOLD, C_WIDTH, C_K, C_INPUT, C_LEVELS))
+_C_DECAY, _C_THRESHOLD, _C_WIDTH, _C_K, _C_INPUT, _C_LEVELS, _C_ONE, _C_ZERO = (tl.constexpr(v) for v in (
+    C_DECAY, C_THRESHOLD, C_WIDTH, C_K, C_INPUT, C_LEVELS, C_ONE, C_ZERO))
 
 
 @triton.jit
@@ -116,18 +116,45 @@ def _lif_bwd(gs_ptr, gx_ptr, c_ptr, x_ptr, gd_ptr, n_neurons, T, M, grad_decay, 
     """Reverse-time BPTT reading the membranes from gx (where _integrate put them), writing dL/dx."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n_neurons
-    acc = bptt(gs_ptr, gx_ptr, c_ptr, (i // M) * T * M + i % M, mask, T, M, x_ptr, grad_decay, HARD, DETACH,
-               KIND, BLOCK, ILIF)
+    one, zero = tl.load(c_ptr + _C_ONE), tl.load(c_ptr + _C_ZERO)   # input_at(x) = fma(x, 1, 0) = x
+    acc = bptt(gs_ptr, gx_ptr, c_ptr, (i // M) * T * M + i % M, mask, T, M, x_ptr, x_ptr, x_ptr, one, zero, one,
+               zero, grad_decay, HARD, DETACH, KIND, 0, False, BLOCK, ILIF)
     if grad_decay != 0:
         tl.store(gd_ptr + i, acc, mask=mask)
 
 
 @triton.jit
-def bptt(gs_ptr, g_ptr, c_ptr, base, mask, T, M, x_ptr, grad_decay, HARD: tl.constexpr, DETACH: tl.constexpr,
-         KIND: tl.constexpr, BLOCK: tl.constexpr, ILIF: tl.constexpr):
+def input_at(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES: tl.constexpr, BITS: tl.constexpr):
+    """The neuron's input at step offsets ``at``, in alpha's dtype: ``fma(y, alpha, beta)`` (a BatchNorm's
+    output; ``y`` itself for alpha 1, beta 0), plus with RES == 1 the residual ``r`` (0/1 spikes packed
+    as bits where BITS, values otherwise), or with RES == 2 a second ``fma(y2, alpha2, beta2)``. Each
+    BatchNorm output and the residual sum are rounded to y's dtype first, as the unfused modules store
+    them (a no-op for float32 and float64; for bfloat16 / float16 the neuron then integrates exactly
+    the values the unfused path hands it)."""
+    yt = y_ptr.dtype.element_ty
+    z = tl.fma(tl.load(y_ptr + at, mask=mask, other=0.0).to(alpha.dtype), alpha, beta).to(yt).to(alpha.dtype)
+    if RES == 1:
+        if BITS:
+            byte = tl.load(r_ptr + at // 8, mask=mask, other=0).to(tl.int32)
+            z = z + ((byte >> (at % 8).to(tl.int32)) & 1).to(alpha.dtype)
+        else:
+            z = z + tl.load(r_ptr + at, mask=mask, other=0.0).to(alpha.dtype)
+        z = z.to(yt).to(alpha.dtype)
+    elif RES == 2:
+        z2 = tl.fma(tl.load(y2_ptr + at, mask=mask, other=0.0).to(alpha.dtype), alpha2, beta2).to(yt)
+        z = (z + z2.to(alpha.dtype)).to(yt).to(alpha.dtype)
+    return z
+
+
+@triton.jit
+def bptt(gs_ptr, g_ptr, c_ptr, base, mask, T, M, y_ptr, y2_ptr, r_ptr, alpha, beta, alpha2, beta2, grad_decay,
+         HARD: tl.constexpr, DETACH: tl.constexpr, KIND: tl.constexpr, RES: tl.constexpr, BITS: tl.constexpr,
+         BLOCK: tl.constexpr, ILIF: tl.constexpr):
     """Reverse-time BPTT over the neurons at offsets ``base`` (+ t*M): reads the pre-reset membranes
     from g_ptr and overwrites them with dL/dx (the input scale applied); returns each neuron's
-    dL/d decay where ``grad_decay`` (reading the input from x_ptr with decay_input), zeros otherwise."""
+    dL/d decay where ``grad_decay``, zeros otherwise. With decay_input that needs the input at each
+    step, formed by :func:`input_at` from the operands after ``M`` (the input itself, or a BatchNorm's
+    output rebuilt from its conv output: never written)."""
     decay, th, w, k, cin, levels = consts(c_ptr)
     gu = tl.zeros([BLOCK], dtype=decay.dtype)
     acc = tl.zeros([BLOCK], dtype=decay.dtype)
@@ -143,7 +170,7 @@ def bptt(gs_ptr, g_ptr, c_ptr, base, mask, T, M, x_ptr, grad_decay, HARD: tl.con
                 hp = tl.load(g_ptr + at - M, mask=mask, other=0.0)
                 sp, up = fire(hp, th, levels, HARD, ILIF)
             if cin != 1:
-                up = up - tl.load(x_ptr + at, mask=mask, other=0.0).to(h.dtype)
+                up = up - input_at(y_ptr, y2_ptr, r_ptr, at, mask, alpha, beta, alpha2, beta2, RES, BITS)
             acc += gh * up
         tl.store(g_ptr + at, gh * cin, mask=mask)
         gu = decay * gh
