@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import tetsnn  # noqa: E402
-from tetsnn import LIF, PLIF, Layer  # noqa: E402
+from tetsnn import LIF, PLIF, PSN, Layer, SlidingPSN  # noqa: E402
 from tetsnn.kernels import numba_kernels, ops  # noqa: E402
 from tetsnn.kernels.plan import Path, plan  # noqa: E402
 from tetsnn.kernels.torch_kernels import forward as torch_forward  # noqa: E402
@@ -222,12 +222,19 @@ def test_planner_table():
         assert plan(NeuronSpec(), x, bn.train()) is Path.NUMBA
     assert plan(NeuronSpec(), x, nn.SyncBatchNorm(3)) is Path.NUMBA
     assert LIF().path(x) is Path.NUMBA and LIF(backend="triton").path(x) is Path.TRITON
+    # parallel neurons: no recurrence, so no Triton path and no fused BatchNorm
+    psn = NeuronSpec(dynamics="psn", surrogate="sigmoid", width=4.0)
+    assert plan(psn, x) is Path.PSN_NUMBA and plan(psn, x, bn, backend="triton") is Path.PSN_NUMBA
+    assert plan(psn, x, backend="loop") is Path.LOOP and plan(psn, x.half()) is Path.PSN_TORCH
+    assert plan(NeuronSpec(dynamics="psn", surrogate=lambda v: v), x) is Path.PSN_TORCH
+    assert PSN(3).path(x) is Path.PSN_NUMBA and SlidingPSN(2, backend="loop").path(x) is Path.LOOP
 
 
 def test_torch_ops_path_without_numba(monkeypatch):
     monkeypatch.setitem(numba_kernels.STATE, "numba", False)
     assert plan(NeuronSpec(), torch.zeros(2, 3)) is Path.TORCH_OPS
     assert plan(NeuronSpec(), torch.zeros(2, 3), nn.BatchNorm1d(3).train()) is Path.BN_TORCH
+    assert PSN(2).path(torch.zeros(2, 2, 3)) is Path.PSN_TORCH
 
 
 def test_plif_parameter_and_state_dict():

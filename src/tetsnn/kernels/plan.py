@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..neuron.spec import NeuronSpec
+from . import psn_numba
 from .ops import numba_applies
 
 __all__ = ["Path", "plan", "resolve_backend", "BACKENDS", "has_triton", "bn_fusable"]
@@ -30,6 +31,8 @@ class Path(enum.Enum):
     BN_NUMBA = "bn_numba"    # BatchNorm fused: torch's batch_norm + numba forward; backward rebuilds BN(y) in numba
     BN_TORCH = "bn_torch"    # BatchNorm fused: torch's batch_norm + torch-op neuron; backward re-runs batch_norm
     BN_TRITON = "bn_triton"  # BatchNorm fused into the Triton kernels: BN(y) never written
+    PSN_NUMBA = "psn_numba"  # a parallel neuron: the mix over time and the spike in one numba kernel per direction
+    PSN_TORCH = "psn_torch"  # a parallel neuron: one batched matmul and torch ops per direction
 
     @property
     def kernel(self) -> str:
@@ -78,6 +81,10 @@ def plan(spec: NeuronSpec, x: Tensor, bn: Optional[nn.Module] = None, backend: s
     """The path that runs ``spec`` on ``x`` (the neuron's input, or the conv output a fused BatchNorm
     normalises), with the module's ``backend`` setting; ``bn`` the BatchNorm before the neuron, offered
     for fusion (the caller has checked that no hook needs to see the modules run)."""
+    if spec.dynamics == "psn":   # no recurrence: never Triton, never a fused BatchNorm
+        if backend == "loop":
+            return Path.LOOP
+        return Path.PSN_NUMBA if psn_numba.applies(x, spec.surrogate) else Path.PSN_TORCH
     b = resolve_backend(spec, x, backend)
     if b == "loop":
         return Path.LOOP

@@ -23,19 +23,12 @@ __all__ = ["available", "forward", "backward"]
 
 _BLOCK = 1024
 _KERNELS = []
-_NUMBA = None
 
 
 def available() -> bool:
-    """Whether numba can be imported (checked once)."""
-    global _NUMBA
-    if _NUMBA is None:
-        try:
-            import numba  # noqa: F401
-            _NUMBA = True
-        except ImportError:
-            _NUMBA = False
-    return _NUMBA
+    """Whether the numba kernels can run (numba imports and is not switched off: see
+    :func:`tetsnn.kernels.numba_kernels.available`)."""
+    return nk.available()
 
 
 def _constants(surrogate: str, width: float, dtype) -> Tensor:

@@ -23,6 +23,9 @@ Paths (``backend``):
   (:mod:`tetsnn.kernels.psn_numba`: one read of the input per direction); elsewhere (a GPU, other
   dtypes, a callable surrogate) it is a batched matmul and torch ops.
 - ``"auto"``: ``"fused"``.
+
+The module's ``spec`` (``dynamics="psn"``) goes to :func:`tetsnn.kernels.plan.plan`, which names the
+path: ``LOOP``, ``PSN_NUMBA`` or ``PSN_TORCH``.
 """
 from __future__ import annotations
 
@@ -32,7 +35,9 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..kernels.plan import Path, plan
 from ..surrogate import resolve_surrogate
+from .spec import NeuronSpec
 
 __all__ = ["PSN", "SlidingPSN", "Surrogate", "psn_loop", "psn_fused"]
 
@@ -66,40 +71,40 @@ def _mix(weight: Tensor, bias: Tensor, x3: Tensor) -> Tensor:
     return torch.baddbmm(bias, weight.expand(x3.shape[0], -1, -1), x3.to(weight.dtype))
 
 
-def _numba_kernels(x3: Tensor, surrogate: Surrogate):
-    """:mod:`tetsnn.kernels.psn_numba` where it runs on ``x3`` with ``surrogate``, else None."""
+def _numba_kernels(x3: Tensor, weight: Tensor, path: Path):
+    """:mod:`tetsnn.kernels.psn_numba` on the ``PSN_NUMBA`` path (the input in the weights' dtype), else None."""
     from ..kernels import psn_numba
-    return psn_numba if psn_numba.applies(x3, surrogate.name) else None
+    return psn_numba if path is Path.PSN_NUMBA and x3.dtype == weight.dtype else None
 
 
 class _PSNFn(torch.autograd.Function):
     """``S = H(W X + b)`` keeping only ``X`` (or its bits) for backward, where ``H`` is rebuilt."""
 
     @staticmethod
-    def forward(ctx, x3, weight, bias, surrogate, spikes):
-        kernels = _numba_kernels(x3, surrogate) if x3.dtype == weight.dtype else None
+    def forward(ctx, x3, weight, bias, surrogate, spikes, path):
+        kernels = _numba_kernels(x3, weight, path)
         s = kernels.forward(x3, weight, bias) if kernels else _mix(weight, bias, x3).gt_(0)
         if spikes:
             from ..kernels.ops import pack_spikes
             ctx.save_for_backward(pack_spikes(x3), weight, bias)
         else:
             ctx.save_for_backward(x3, weight, bias)
-        ctx.meta = (surrogate, spikes, x3.shape, x3.dtype)
+        ctx.meta = (surrogate, spikes, x3.shape, x3.dtype, path)
         return s
 
     @staticmethod
     def backward(ctx, grad_s):
         saved, weight, bias = ctx.saved_tensors
-        surrogate, spikes, shape, dtype = ctx.meta
+        surrogate, spikes, shape, dtype, path = ctx.meta
         if spikes:
             from ..kernels.ops import unpack_spikes
             x3 = unpack_spikes(saved, list(shape), dtype)
         else:
             x3 = saved
-        kernels = _numba_kernels(x3, surrogate) if x3.dtype == weight.dtype else None
+        kernels = _numba_kernels(x3, weight, path)
         if kernels:
             return (*kernels.backward(grad_s.to(dtype), x3, weight, bias, surrogate.name, surrogate.width),
-                    None, None)
+                    None, None, None)
         x3 = x3.to(weight.dtype)
         g = surrogate.grad_fn(_mix(weight, bias, x3)) * grad_s  # dL/dH
         grad_x = grad_w = grad_b = None
@@ -109,14 +114,18 @@ class _PSNFn(torch.autograd.Function):
             grad_w = torch.bmm(g, x3.transpose(1, 2)).sum(0)
         if ctx.needs_input_grad[2]:
             grad_b = g.sum((0, 2)).view_as(bias)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
-def psn_fused(x: Tensor, weight: Tensor, bias: Tensor, surrogate: Surrogate, spikes: bool = False) -> Tensor:
+def psn_fused(x: Tensor, weight: Tensor, bias: Tensor, surrogate: Surrogate, spikes: bool = False,
+              path: Optional[Path] = None) -> Tensor:
     """``H(W X + b)`` on ``[N, T, ...]`` in one pass over time, with ``surrogate`` giving dS/dH.
 
-    ``bias`` is ``[T, 1]``; ``spikes=True`` keeps ``x`` (which must be 0/1) as packed bits for backward.
+    ``bias`` is ``[T, 1]``; ``spikes=True`` keeps ``x`` (which must be 0/1) as packed bits for backward;
+    ``path`` is the planner's (``PSN_NUMBA`` or ``PSN_TORCH``; None: asked here).
     """
+    if path is None:
+        path = plan(NeuronSpec(dynamics="psn", surrogate=surrogate.name), x, backend="fused")
     shape = x.shape
     x3 = x.reshape(shape[0], shape[1], -1)
     with torch.autocast(x.device.type, enabled=False):  # H in the parameters' dtype, forward as backward
@@ -124,7 +133,7 @@ def psn_fused(x: Tensor, weight: Tensor, bias: Tensor, surrogate: Surrogate, spi
             return _mix(weight, bias, x3).gt_(0).to(x.dtype).view(shape)  # nothing to keep
         if not x3.is_contiguous():
             x3 = x3.contiguous()
-        return _PSNFn.apply(x3, weight, bias, surrogate, bool(spikes)).to(x.dtype).view(shape)
+        return _PSNFn.apply(x3, weight, bias, surrogate, bool(spikes), path).to(x.dtype).view(shape)
 
 
 # --------------------------------------------------------------------------- modules
@@ -143,10 +152,16 @@ class _ParallelNeuron(nn.Module):
         self.surrogate = surrogate
         self.surrogate_name, self.width, self.spike_fn, self.grad_fn = resolve_surrogate(surrogate, gamma, alpha)
         self._surrogate = Surrogate(self.surrogate_name, self.width, self.grad_fn)
+        self.spec = NeuronSpec(dynamics="psn", surrogate=surrogate if callable(surrogate) else self.surrogate_name,
+                               width=1.0 if self.width is None else float(self.width))
+
+    def path(self, x: Tensor) -> Path:
+        """The :class:`~tetsnn.kernels.plan.Path` that runs on ``x``: ``LOOP``, ``PSN_NUMBA`` or ``PSN_TORCH``."""
+        return plan(self.spec, x, backend=self.backend)
 
     def resolve_backend(self, x: Tensor) -> str:
-        """The path that runs on ``x``: ``self.backend``, with "auto" made concrete."""
-        return "fused" if self.backend == "auto" else self.backend
+        """``self.backend`` with "auto" made concrete: "loop" or "fused"."""
+        return "loop" if self.path(x) is Path.LOOP else "fused"
 
     def mixing(self, T: int):
         """``(W [T, T], b [T, 1])`` for ``T`` steps (differentiable in the parameters)."""
@@ -160,9 +175,10 @@ class _ParallelNeuron(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
         weight, bias = self.mixing(x.shape[1])
-        if self.resolve_backend(x) == "loop":
+        path = self.path(x)
+        if path is Path.LOOP:
             return psn_loop(x, weight, bias, self.spike_fn)
-        return psn_fused(x, weight, bias, self._surrogate, self.spikes)
+        return psn_fused(x, weight, bias, self._surrogate, self.spikes, path)
 
     def extra_repr(self) -> str:
         return f"surrogate={self.surrogate_name}, width={self.width}, backend={self.backend}, spikes={self.spikes}"

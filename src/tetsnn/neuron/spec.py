@@ -11,6 +11,9 @@ A recurrent neuron (``dynamics="lif"``) integrates, fires and resets, per step t
 resets softly, ``u[t] = h[t] - threshold * s[t]``, with a straight-through rectangle gradient on
 ``[0, max_level]``.
 
+``dynamics="psn"`` is a parallel neuron (:mod:`tetsnn.neuron.psn`): a learnable mix over time, then a
+spike, with no membrane and no reset; only its surrogate and width apply.
+
 The decay is either fixed (a float in the spec) or a parameter of the module (``learnable_decay``),
 handed to the kernels as a 0-dim tensor operand next to the input; the spec then holds its value at
 construction only for display.
@@ -26,7 +29,7 @@ from ..surrogate import surrogate_constant
 __all__ = ["NeuronSpec", "DYNAMICS", "C_DECAY", "C_THRESHOLD", "C_WIDTH", "C_K", "C_ZERO", "C_ONE", "C_INPUT",
            "C_LEVELS", "N_CONSTANTS"]
 
-DYNAMICS = ("lif", "ilif")
+DYNAMICS = ("lif", "ilif", "psn")
 
 # The one layout of the constant array every kernel reads (numba and Triton alike), in the compute dtype.
 C_DECAY, C_THRESHOLD, C_WIDTH, C_K, C_ZERO, C_ONE, C_INPUT, C_LEVELS = range(8)
@@ -38,7 +41,8 @@ class NeuronSpec:
     """What a kernel needs to know about a neuron.
 
     Attributes:
-        dynamics: "lif" (binary spikes; also IF and PLIF) or "ilif" (integer spikes 0..max_level).
+        dynamics: "lif" (binary spikes; also IF and PLIF), "ilif" (integer spikes 0..max_level) or
+            "psn" (a parallel neuron: no recurrence).
         decay: the membrane's decay factor (TET's tau), or the initial value of a learnable one.
         learnable_decay: the decay is a module parameter passed to the kernels as a tensor.
         decay_input: scale the input by ``1 - decay`` (SpikingJelly's default charge).
