@@ -4,7 +4,6 @@ running statistics bit for bit.
 
 The Triton kernels run on the CPU through Triton's interpreter, switched on before they are built.
 """
-import gc
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -130,10 +129,8 @@ def kept_bytes(model, x) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(add, lambda t: t):
         out = model(x)
-    for obj in gc.get_objects():
-        if type(obj) is memory._Block:
-            for t in (*obj.kept, *(obj.input if isinstance(obj.input, tuple) else (obj.input,))):
-                add(t)
+    for t in memory.kept_tensors():
+        add(t)
     del out
     return sum(storages.values())
 

@@ -23,7 +23,8 @@ Evaluation and no-grad forwards run the block as it is (no hooks, nothing kept).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+import gc
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .compact import _pack, _unpack
 
-__all__ = ["MEMORY", "check_memory", "recomputes", "run_block", "run_sequence"]
+__all__ = ["MEMORY", "check_memory", "recomputes", "run_block", "run_sequence", "kept_tensors"]
 
 MEMORY = ("default", "min")
 
@@ -76,7 +77,9 @@ class _Block:
     def pack(self, t: Tensor) -> int:
         keep = isinstance(t, nn.Parameter) or (t.is_floating_point() and t.dim() <= 1) or (
             self.storage is not None and t.untyped_storage().data_ptr() == self.storage)
-        self.kept.append(t if keep else None)
+        # detached: a kept output of an operation in the block would otherwise hold its own graph node
+        # (through these hooks) in a reference cycle
+        self.kept.append((t if isinstance(t, nn.Parameter) else t.detach()) if keep else None)
         return len(self.kept) - 1
 
     def unpack(self, i: int) -> Tensor:
@@ -184,6 +187,15 @@ def run_sequence(seq: nn.Sequential, x: Tensor) -> Tensor:
         else:
             x, pending, levels = m(_chain(pending, x)), [], 0
     return _chain(pending, x)
+
+
+def kept_tensors() -> Iterator[Tensor]:
+    """The tensors the live ``memory="min"`` block forwards keep for backward (their inputs or input bits
+    and the small saved tensors), which hooks outside the blocks do not see: for measuring memory."""
+    for obj in gc.get_objects():
+        if type(obj) is _Block:
+            yield from (t for t in obj.kept if t is not None)
+            yield from obj.input if isinstance(obj.input, tuple) else (obj.input,)
 
 
 def _chain(modules, x):
