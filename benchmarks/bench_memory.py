@@ -167,7 +167,7 @@ def mib(b) -> str:
 
 def markdown(res: dict) -> str:
     lines = ["## memory=\"min\": recompute in backward (`bench_memory.py`)", "",
-             f"Measured at commit `{res.get('commit', '?')}` on {res['machine']} with {res['torch_threads']} torch "
+             f"Measured at commits {', '.join(f'`{c}` ({k})' for k, c in res.get('commits', {}).items())} on {res['machine']} with {res['torch_threads']} torch "
              f"threads (torch {res['torch']}), CPU, float32; load average (1, 5, 15 min) "
              f"{res.get('load_before')} before and {res.get('load_after')} after (the machine is shared with other "
              f"work). Step times are medians of {res.get('rounds', '?')} interleaved per-round ratios.", ""]
@@ -230,7 +230,8 @@ def main(argv=None) -> int:
     result.update(measured, device="cpu", machine=platform.machine(), cpu_count=os.cpu_count(),
                   torch_threads=torch.get_num_threads(), torch=torch.__version__)
     if measured:
-        result.update(seconds=round(time.time() - t0), load_before=before, load_after=load(), commit=commit())
+        result.update(seconds=round(time.time() - t0), load_before=before, load_after=load())
+        result["commits"] = {**result.get("commits", {}), **{k: commit() for k in measured if k != "rounds"}}
     write_results(NAME, result, markdown(result))
     return 0
 

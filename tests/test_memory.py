@@ -69,8 +69,9 @@ def batch(shape, n=2, seed=3):
     return torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def model_case(name, dtype, neuron_kw, autocast=False):
+def model_case(name, dtype, neuron_kw, autocast=False, side=None):
     shape, kw = SMALL[name]
+    shape = shape if side is None else (*shape[:-2], side, side)
     build = lambda m: create_model(name, T=2, num_classes=4, memory=m, **kw, **neuron_kw)  # noqa: E731
     assert_min_equals_default(build, batch(shape), autocast, dtype)
 
@@ -92,7 +93,9 @@ def test_registry_models_min_equals_default(name, dtype, neuron):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "vggsnn" else slow) for n in SMALL])
 def test_bf16_autocast(name):
-    model_case(name, torch.float32, {}, autocast=True)
+    # the ImageNet models at 64 x 64: torch's CPU bfloat16 convolution backward has returned garbage
+    # in the zero border of a 3x3 weight gradient where the input is 1 x 1 (the default mode as well)
+    model_case(name, torch.float32, {}, autocast=True, side=64 if name.startswith(("resnet1", "resnet3", "sew")) else None)
 
 
 @pytest.mark.parametrize("neuron_kw", [

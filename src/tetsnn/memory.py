@@ -63,6 +63,8 @@ class _Block:
         self.channels_last = not x.is_contiguous() and x.dim() == 4 and \
             x.is_contiguous(memory_format=torch.channels_last)
         self.requires_grad = x.requires_grad
+        if levels < 0:
+            levels = self.levels = _count_levels(x)
         if levels:
             self.input = _pack(x.detach(), levels)   # bit planes
             self.storage = None
@@ -155,11 +157,22 @@ class _copied_running_stats:
         self.saved = []
 
 
+def _count_levels(x: Tensor) -> int:
+    """The largest value of ``x`` where it holds non-negative integer counts (a SEW ``ADD`` join of
+    spikes), else 0 (kept as it is)."""
+    v = x.detach()
+    if v.numel() == 0 or not bool(((v == v.round()) & (v >= 0)).all()):
+        return 0
+    return max(1, int(v.max()))
+
+
 def run_block(fn: Callable[[Tensor], Tensor], x: Tensor, levels: int, memory: str,
               modules: Sequence[nn.Module]) -> Tensor:
     """``fn(x)``, a spiking block made of ``modules``; with ``memory="min"`` (in training with gradients)
-    it keeps only ``x`` (as bits when ``levels`` > 0: ``x`` holds spike counts 0..levels) and the small
-    saved tensors, and recomputes the rest in backward (see the module docstring)."""
+    it keeps only ``x`` and the small saved tensors, and recomputes the rest in backward (see the module
+    docstring). ``levels``: 0 keeps ``x`` as it is; ``L > 0`` declares spike counts 0..L, kept as
+    ``ceil(log2(L + 1))`` bit planes; -1 declares non-negative integer counts whose bound this batch
+    tells (a SEW ``ADD`` join), kept as bit planes when they are (as it is otherwise)."""
     if not recomputes(memory, modules[0] if modules else None):
         return fn(x)
     block = _Block(fn, modules, x, levels)

@@ -40,7 +40,7 @@ class SEWBlock(nn.Module):
         self.connect = connect
         spikes = spike_levels(neuron, **neuron_kw)  # sn1's output is spikes; the block's input too unless ADD made it 0/1/2
         in_spikes = spikes if connect != "ADD" and spikes == 1 else 0   # AND / IAND of counts are no counts
-        self.in_levels = in_spikes
+        self.in_levels = in_spikes or (-1 if spikes else 0)   # ADD: counts, as many bits as the batch needs
         bn = lambda c: make_norm(norm, c, T, neuron_kw.get("threshold", 1.0))  # noqa: E731
         self.conv1 = ConvBN(conv3x3(cin, cout, stride, in_spikes), bn(cout))
         self.sn1 = make_neuron(neuron, T=T, **neuron_kw)
