@@ -216,23 +216,20 @@ def main(argv=None) -> int:
     if args.peak_child:
         return peak_child(args.peak_child)
     t0, before = time.time(), load()
-    measured = {}
-    if not args.skip_saved:
-        measured["saved"] = saved_table()
-    if not args.skip_peak:
-        measured["peak"] = peak_table()
-    if not args.skip_time:
-        measured.update(time=time_table(args.rounds), rounds=args.rounds)
-    if not args.skip_long:
-        measured["long"] = long_table()
-    last = ROOT / "benchmarks" / "results" / f"{NAME}.json"
-    result = json.loads(last.read_text()) if last.exists() else {}
-    result.update(measured, device="cpu", machine=platform.machine(), cpu_count=os.cpu_count(),
-                  torch_threads=torch.get_num_threads(), torch=torch.__version__)
-    if measured:
-        result.update(seconds=round(time.time() - t0), load_before=before, load_after=load())
-        result["commits"] = {**result.get("commits", {}), **{k: commit() for k in measured if k != "rounds"}}
-    write_results(NAME, result, markdown(result))
+    tables = {"saved": saved_table, "peak": peak_table, "time": lambda: time_table(args.rounds), "long": long_table}
+    for table, measure in tables.items():   # each table is written as it finishes
+        if getattr(args, f"skip_{table}"):
+            continue
+        measured = {table: measure()}
+        if table == "time":
+            measured["rounds"] = args.rounds
+        last = ROOT / "benchmarks" / "results" / f"{NAME}.json"
+        result = json.loads(last.read_text()) if last.exists() else {}
+        result.update(measured, device="cpu", machine=platform.machine(), cpu_count=os.cpu_count(),
+                      torch_threads=torch.get_num_threads(), torch=torch.__version__, seconds=round(time.time() - t0),
+                      load_before=before, load_after=load())
+        result["commits"] = {**result.get("commits", {}), table: commit()}
+        write_results(NAME, result, markdown(result))
     return 0
 
 
