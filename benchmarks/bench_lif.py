@@ -34,6 +34,7 @@ import torch
 from tetsnn import ILIF, LIF, PLIF, create_model, tet_loss
 from tetsnn import compact
 from tetsnn.kernels import numba_kernels, ops
+from tetsnn.memory import kept_tensors
 from tetsnn.neuron.spec import NeuronSpec
 
 from report import load_average, load_sentence, write_results
@@ -60,10 +61,13 @@ def saved_bytes(fn, exclude=None) -> int:
         st = t.untyped_storage()
         if (st.device, st.data_ptr()) not in skip:
             storages[(st.device, st.data_ptr())] = st.nbytes()
-        return t
+        return t.detach()   # a saved output kept with its graph node would hold the graph in a cycle
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+        out = fn()
+    for t in kept_tensors():   # memory="min" blocks keep theirs behind their own hooks
+        pack(t)
+    del out
     return sum(storages.values())
 
 

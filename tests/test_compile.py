@@ -43,6 +43,17 @@ def test_digits_snn_training_step_has_no_graph_breaks():
     assert "tetsnn.lif_forward.default" in ops    # the neuron stays one custom op in the graph
 
 
+def test_memory_min_traces_without_graph_breaks():
+    """``memory: min`` with ``compile: true``: the graph is traced as in the default mode (the same ops,
+    one graph)."""
+    torch.manual_seed(0)
+    model = tetsnn.create_model("digits_snn", T=4, memory="min").train()
+    x, y = digits_batch(8)
+    explained = torch._dynamo.explain(lambda x, y: tetsnn.tet_loss(model(x), y))(x, y)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
 def test_compiled_first_step_matches_eager():
     cfg = resolve({**load_config("digits"), "compile": True})
     torch.manual_seed(0)

@@ -214,3 +214,18 @@ def test_failed_write_stops_every_rank_with_rank0s_message(tmp_path):
     assert "exitcode  : 1" in err and "exitcode  : -" not in err         # both workers exited 1
     assert not (out / "last.pt").exists()
     assert_clean(out)
+
+
+def test_memory_min_under_ddp_matches_the_default_mode(tmp_path):
+    """Two gloo ranks training with ``--memory min`` end with the weights and metrics of the default mode."""
+    args = TINY + ["--epochs", "1"]
+    runs = {}
+    for mode in ("default", "min"):
+        job = Torchrun(tmp_path, args + ["--memory", mode, "--out", tmp_path / mode], name=mode)
+        assert job.finish() == 0, job.stderr()[-3000:]
+        runs[mode] = load_checkpoint(tmp_path / mode / "last.pt")
+    assert runs["min"]["config"]["memory"] == "min"
+    for k, v in runs["default"]["model"].items():
+        assert torch.equal(v, runs["min"]["model"][k]), k
+    strip = lambda rows: [{k: v for k, v in m.items() if k != "seconds"} for m in rows]
+    assert strip(read_metrics(tmp_path / "min")) == strip(read_metrics(tmp_path / "default"))

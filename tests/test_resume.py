@@ -197,3 +197,17 @@ def test_failed_write_keeps_the_previous_checkpoints(tmp_path, monkeypatch, caps
     assert f"cannot write checkpoint {out / 'last.pt'}: no space left on the device" in err
     assert {n: (out / n).read_bytes() for n in before} == before
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_resume_with_memory_min_continues_bit_identically(tmp_path):
+    """``memory`` may change on resume: a run whose second epoch runs with ``--memory min`` ends with the
+    weights (and BatchNorm statistics) of a run that trained both epochs in the default mode."""
+    args = ["--limit-train", "128", "--limit-test", "64", "--batch-size", "64", "--epochs", "2", "--seed", "3"]
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    out = tmp_path / "run"
+    assert main(args[:-4] + ["--epochs", "1", "--seed", "3", "--out", str(out)]) == 0
+    assert main(["--resume", str(out), "--epochs", "2", "--memory", "min"]) == 0
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(out / "last.pt")
+    assert b["config"]["memory"] == "min" and a["config"]["memory"] == "default"
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k

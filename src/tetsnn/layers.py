@@ -10,6 +10,7 @@ from torch import nn
 from .compact import spike_conv2d
 from .kernels.ops import bn_neuron
 from .kernels.plan import Path, plan
+from .memory import check_memory, run_block
 from .neuron import make_neuron, resolve_surrogate, spike_levels
 from .norm import make_norm
 
@@ -166,12 +167,17 @@ class Layer(nn.Module):
     ``spikes=True`` declares that the input is 0/1 spikes: with a spiking ``neuron`` the conv then
     keeps it for backward as packed bits (:class:`tetsnn.compact.SpikeConv2d`).
     ``fuse_bn`` runs the BatchNorm inside the neuron in training (:func:`conv_bn_spike`).
+    ``memory="min"`` keeps only the input (as bits with ``spikes=True``) and the BatchNorm batch statistics
+    for backward and recomputes the layer there (:mod:`tetsnn.memory`).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  padding: int = 1, neuron: str = "lif", spikes: bool = False, fuse_bn: bool = True,
-                 norm: str = "bn", T: int = None, **neuron_kw):
+                 norm: str = "bn", T: int = None, memory: str = "default", **neuron_kw):
         super().__init__()
+        self.memory = check_memory(memory)
+        self.in_levels = spike_levels(neuron, **neuron_kw) if spikes else 0   # what the input holds
+        self.out_levels = spike_levels(neuron, **neuron_kw)
         self.fwd = ConvBN(
             spike_conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=True,
                          spikes=spike_levels(neuron, **neuron_kw) if spikes else 0),
@@ -180,19 +186,27 @@ class Layer(nn.Module):
         self.act = make_neuron(neuron, T=T, **neuron_kw)
         self.fuse_bn = fuse_bn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def block(self, x: torch.Tensor) -> torch.Tensor:
         return conv_bn_spike(self.fwd, self.act, x, self.fuse_bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_block(self.block, x, self.in_levels, self.memory, (self,))
 
 
 class ConvBNSpike(nn.Sequential):
     """``nn.Sequential(SeqToANNContainer(conv, batchnorm), neuron, *more)`` whose first two run through
-    :func:`conv_bn_spike` (same children and state_dict keys as the plain ``nn.Sequential``)."""
+    :func:`conv_bn_spike` (same children and state_dict keys as the plain ``nn.Sequential``);
+    ``memory="min"`` recomputes it in backward from its input (kept as it is; :mod:`tetsnn.memory`)."""
 
-    def __init__(self, *modules: nn.Module, fuse_bn: bool = True):
+    def __init__(self, *modules: nn.Module, fuse_bn: bool = True, memory: str = "default"):
         super().__init__(*modules)
         self.fuse_bn = fuse_bn
+        self.memory = check_memory(memory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_block(self.block, x, 0, self.memory, (self,))
+
+    def block(self, x: torch.Tensor) -> torch.Tensor:
         x = conv_bn_spike(self[0], self[1], x, self.fuse_bn)
         for m in list(self)[2:]:
             x = m(x)

@@ -120,7 +120,10 @@ def set_rng_state(rng: dict) -> None:
 def build_model(cfg: dict) -> nn.Module:
     """The model a config describes (its weights are freshly initialised)."""
     try:
-        return create_model(cfg["model"], num_classes=cfg["num_classes"], T=cfg["T"], **cfg["model_kw"])
+        kw = dict(cfg["model_kw"])
+        if cfg.get("memory", "default") != "default":   # models built before the key know no memory argument
+            kw["memory"] = cfg["memory"]
+        return create_model(cfg["model"], num_classes=cfg["num_classes"], T=cfg["T"], **kw)
     except (TypeError, ValueError) as e:   # e.g. a misspelt neuron argument in model_kw
         raise ConfigError(f"bad model_kw {cfg['model_kw']!r} for model {cfg['model']!r}: {e}") from None
 

@@ -62,6 +62,7 @@ DEFAULTS = {
     "device": "auto",         # auto: cuda when available, else cpu
     "sync_bn": False,
     "compile": False,         # torch.compile the model for training and evaluation
+    "memory": "default",      # min: spiking blocks keep only their input (bits) and recompute in backward
     "mmap_threshold": 0,      # bytes: fix glibc's mmap threshold (lower, steadier peak RSS; slower CPU steps); 0: glibc's default
     "init_from": None,        # start from the weights of a ReLU twin (ANN-to-SNN transfer)
     "freeze": None,           # comma-separated glob patterns of parameter names not to train
@@ -85,7 +86,7 @@ DATASETS = {
 
 CHOICES = {"optimizer": ("adam", "sgd", "adamw"), "loss": ("tet", "sdt"), "amp": ("bf16", "fp16", "none"),
            "dataset": tuple(DATASETS), "split": ("tet", "tebn"), "split_by": ("count", "time"),
-           "on_error": ("raise", "skip")}
+           "on_error": ("raise", "skip"), "memory": ("default", "min")}
 READERS = ("aedat2", "aedat31", "atis", "npy")
 
 # keys that name files or folders: relative values are taken from the current directory, and a run
@@ -150,6 +151,9 @@ HELP = {
     "device": "auto (cuda when available), cpu, cuda or cuda:N",
     "sync_bn": "synchronise BatchNorm statistics across GPUs",
     "compile": "torch.compile the model",
+    "memory": "default, or min: each spiking block keeps only its input (as bits when it is spikes) and its "
+              "BatchNorm batch statistics for backward, and recomputes the rest there (the same gradients, "
+              "bit for bit, for one more forward per block)",
     "init_from": "checkpoint of a ReLU twin to start from (ANN-to-SNN transfer)",
     "freeze": "comma-separated glob patterns of parameter names not to train",
     "T_schedule": "T per epoch range, e.g. 2:5,4:5,6 (static data only)",
@@ -282,6 +286,8 @@ def validate(cfg: dict) -> dict:
     _check(cfg, "device", lambda v: isinstance(v, str) and v.split(":")[0] in ("auto", "cpu", "cuda"),
            "auto, cpu, cuda or cuda:N")
     _check(cfg, "model_kw", lambda v: isinstance(v, dict), "a mapping of model keyword arguments")
+    if isinstance(cfg.get("model_kw"), dict) and "memory" in cfg["model_kw"]:
+        raise ConfigError("model_kw: memory is a key of its own (memory: min, or --memory min), not a model_kw entry")
     _check(cfg, "num_classes", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
     _check(cfg, "reader", lambda v: v is None or v in READERS, "one of " + ", ".join(READERS))
     _check(cfg, "sensor_size", lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2
@@ -352,7 +358,7 @@ class Parser(argparse.ArgumentParser):
 
 
 STRING_KEYS = {"model", "dataset", "data_dir", "split", "cache_dir", "reader", "optimizer", "loss", "amp", "out",
-               "resume", "device", "init_from", "freeze", "T_schedule", "split_by", "on_error"}
+               "resume", "device", "init_from", "freeze", "T_schedule", "split_by", "on_error", "memory"}
 
 
 def _flag_value(key):

@@ -133,7 +133,7 @@ def prepare_model(cfg: dict, model: nn.Module, say=print) -> None:
 
 
 # keys that say where and how the run executes, not what is trained: a resumed run may change them
-LOCATION_KEYS = ("data_dir", "cache_dir", "device", "workers", "compile", "mmap_threshold")
+LOCATION_KEYS = ("data_dir", "cache_dir", "device", "workers", "compile", "mmap_threshold", "memory")
 # keys that say how long and how often, not what: a resumed run may change them too
 SCHEDULE_KEYS = ("epochs", "checkpoint_every")
 
@@ -634,6 +634,9 @@ def fit(cfg: dict, stop: StopRequest = None) -> dict:
     cfg = absolute_paths({**cfg, "data_dir": cfg["data_dir"] or default_data_dir(cfg["dataset"])})
     if cfg["sync_bn"] and not (cfg["device"].startswith("cuda") or (cfg["device"] == "auto" and torch.cuda.is_available())):
         raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm does not run on the CPU)")
+    if cfg["sync_bn"] and cfg["memory"] == "min":
+        raise ConfigError("--memory min does not combine with --sync-bn (the recompute in backward would gather "
+                          "the BatchNorm statistics across processes a second time)")
     rank, world, device = setup(cfg["device"])
     main = rank == 0
     say = print if main else (lambda *a, **k: None)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..compact import spike_adaptive_avg_pool2d, spike_conv2d, spike_linear, spike_max_pool2d
 from ..layers import ConvBN, ConvBNSpike, SeqToANNContainer, bn_path, bn_spikes, conv_bn_spike, per_step
+from ..memory import check_memory, run_block
 from ..neuron import make_neuron, spike_levels
 from ..norm import make_norm
 from ._registry import register_model
@@ -23,10 +24,13 @@ def conv3x3(cin, cout, stride=1, spikes=False):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride=1, neuron="lif", fuse_bn=True, norm="bn", T=None, **neuron_kw):
+    def __init__(self, cin, cout, stride=1, neuron="lif", fuse_bn=True, norm="bn", T=None, memory="default",
+                 **neuron_kw):
         super().__init__()
         self.fuse_bn = fuse_bn
+        self.memory = check_memory(memory)
         spikes = spike_levels(neuron, **neuron_kw)  # the block's input and sn1's output are spikes
+        self.in_levels = spikes
         bn = lambda c: make_norm(norm, c, T, neuron_kw.get("threshold", 1.0))  # noqa: E731
         self.conv1 = ConvBN(conv3x3(cin, cout, stride, spikes), bn(cout))
         self.sn1 = make_neuron(neuron, T=T, **neuron_kw)
@@ -38,6 +42,9 @@ class BasicBlock(nn.Module):
         self.sn2 = make_neuron(neuron, T=T, **neuron_kw)
 
     def forward(self, x):
+        return run_block(self.block, x, self.in_levels, self.memory, (self,))
+
+    def block(self, x):
         ds = self.downsample
         path = bn_path(self.conv2.bn, self.sn2, self.fuse_bn, x)
         if path.fuses_bn and (ds is None or bn_path(ds.bn, self.sn2, True, x).fuses_bn):
@@ -57,13 +64,13 @@ def make_stage(block, cin, cout, blocks, stride, **kw):
     return nn.Sequential(*layers)
 
 
-def imagenet_stem(neuron="lif", fuse_bn=True, norm="bn", T=None, **neuron_kw):
+def imagenet_stem(neuron="lif", fuse_bn=True, norm="bn", T=None, memory="default", **neuron_kw):
     """7x7/2 conv (64, no bias) + BN + SN + 3x3/2 max pool (of spikes: kept as bits)."""
     return ConvBNSpike(
         ConvBN(nn.Conv2d(3, 64, 7, 2, 3, bias=False), make_norm(norm, 64, T, neuron_kw.get("threshold", 1.0))),
         make_neuron(neuron, T=T, **neuron_kw),
         SeqToANNContainer(spike_max_pool2d(3, 2, 1, spikes=spike_levels(neuron, **neuron_kw))),
-        fuse_bn=fuse_bn,
+        fuse_bn=fuse_bn, memory=memory,
     )
 
 
@@ -80,12 +87,13 @@ def kaiming_init(model: nn.Module) -> None:
 class ResNet19(SpikingModel):
     """TET's CIFAR ResNet19 (12,630,858 parameters at 10 classes), PyTorch's default init."""
 
-    def __init__(self, num_classes=10, T=4, neuron="lif", fuse_bn=True, norm="bn", **neuron_kw):
+    def __init__(self, num_classes=10, T=4, neuron="lif", fuse_bn=True, norm="bn", memory="default", **neuron_kw):
         super().__init__(T)
-        kw = dict(neuron=neuron, fuse_bn=fuse_bn, norm=norm, T=T, **neuron_kw)
+        self.memory = check_memory(memory)
+        kw = dict(neuron=neuron, fuse_bn=fuse_bn, norm=norm, T=T, memory=memory, **neuron_kw)
         self.stem = ConvBNSpike(
             ConvBN(conv3x3(3, 64), make_norm(norm, 64, T, neuron_kw.get("threshold", 1.0))),
-            make_neuron(neuron, T=T, **neuron_kw), fuse_bn=fuse_bn)
+            make_neuron(neuron, T=T, **neuron_kw), fuse_bn=fuse_bn, memory=memory)
         self.layer1 = make_stage(BasicBlock, 64, 128, 3, 1, **kw)
         self.layer2 = make_stage(BasicBlock, 128, 256, 3, 2, **kw)
         self.layer3 = make_stage(BasicBlock, 256, 512, 2, 2, **kw)
@@ -96,17 +104,21 @@ class ResNet19(SpikingModel):
 
     def forward_seq(self, x):
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.fc2(self.sn_fc(self.fc1(self.pool(x))))
+        # the head (pool -> linear -> neuron) is a block too, fed the last stage's spikes
+        x = run_block(lambda v: self.sn_fc(self.fc1(self.pool(v))), x, self.layer3[-1].in_levels, self.memory,
+                      (self.fc1, self.sn_fc))
+        return self.fc2(x)
 
 
 class ImageNetResNet(SpikingModel):
     """ImageNet-style spiking ResNet (stem 7x7/2 + max pool, four stages, avg pool + one Linear)."""
 
     def __init__(self, block, layers, num_classes=1000, T=4, widths=(64, 128, 256, 512),
-                 strides=(1, 2, 2, 2), neuron="lif", block_kw=None, fuse_bn=True, norm="bn", **neuron_kw):
+                 strides=(1, 2, 2, 2), neuron="lif", block_kw=None, fuse_bn=True, norm="bn", memory="default",
+                 **neuron_kw):
         super().__init__(T)
-        kw = dict(neuron=neuron, fuse_bn=fuse_bn, norm=norm, T=T, **(block_kw or {}), **neuron_kw)
-        self.stem = imagenet_stem(neuron, fuse_bn, norm, T, **neuron_kw)
+        kw = dict(neuron=neuron, fuse_bn=fuse_bn, norm=norm, T=T, memory=memory, **(block_kw or {}), **neuron_kw)
+        self.stem = imagenet_stem(neuron, fuse_bn, norm, T, memory, **neuron_kw)
         stages, cin = [], 64
         for cout, n, s in zip(widths, layers, strides):
             stages.append(make_stage(block, cin, cout, n, s, **kw))

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..compact import spike_conv2d
 from ..layers import ConvBN, ConvBNSpike, conv_bn_spike
+from ..memory import check_memory, run_block
 from ..neuron import make_neuron, spike_levels
 from ..norm import make_norm
 from ._registry import register_model
@@ -30,14 +31,16 @@ def sew_connect(identity, out, connect: str):
 
 class SEWBlock(nn.Module):
     def __init__(self, cin, cout, stride=1, connect="ADD", neuron="lif", fuse_bn=True, norm="bn", T=None,
-                 **neuron_kw):
+                 memory="default", **neuron_kw):
         super().__init__()
         self.fuse_bn = fuse_bn
+        self.memory = check_memory(memory)
         if connect not in CONNECTS:
             raise ValueError(f"unknown connect {connect!r}: expected one of {CONNECTS}")
         self.connect = connect
         spikes = spike_levels(neuron, **neuron_kw)  # sn1's output is spikes; the block's input too unless ADD made it 0/1/2
         in_spikes = spikes if connect != "ADD" and spikes == 1 else 0   # AND / IAND of counts are no counts
+        self.in_levels = in_spikes or (-1 if spikes else 0)   # ADD: counts, as many bits as the batch needs
         bn = lambda c: make_norm(norm, c, T, neuron_kw.get("threshold", 1.0))  # noqa: E731
         self.conv1 = ConvBN(conv3x3(cin, cout, stride, in_spikes), bn(cout))
         self.sn1 = make_neuron(neuron, T=T, **neuron_kw)
@@ -50,6 +53,9 @@ class SEWBlock(nn.Module):
                 make_neuron(neuron, T=T, **neuron_kw), fuse_bn=fuse_bn)
 
     def forward(self, x):
+        return run_block(self.block, x, self.in_levels, self.memory, (self,))
+
+    def block(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = conv_bn_spike(self.conv1, self.sn1, x, self.fuse_bn)
         out = conv_bn_spike(self.conv2, self.sn2, out, self.fuse_bn)

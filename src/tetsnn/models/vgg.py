@@ -6,15 +6,16 @@ from torch import nn
 from ..compact import spike_avg_pool2d
 from ..neuron import spike_levels
 from ..layers import Layer, SeqToANNContainer
+from ..memory import run_sequence
 from ._registry import register_model
 from .base import SpikingModel
 
 
 class VGGSNN(SpikingModel):
     def __init__(self, num_classes=10, T=10, in_channels=2, size=48, neuron="lif", fuse_bn=True, norm="bn",
-                 **neuron_kw):
+                 memory="default", **neuron_kw):
         super().__init__(T)
-        kw = dict(neuron=neuron, fuse_bn=fuse_bn, norm=norm, T=T, **neuron_kw)
+        kw = dict(neuron=neuron, fuse_bn=fuse_bn, norm=norm, T=T, memory=memory, **neuron_kw)
         # average pooling keeps nothing for backward in the SNN (its gradient needs the shape only)
         pool = lambda: SeqToANNContainer(spike_avg_pool2d(2, spikes=spike_levels(neuron, **neuron_kw)))  # noqa: E731
         self.features = nn.Sequential(
@@ -30,7 +31,7 @@ class VGGSNN(SpikingModel):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward_seq(self, x):
-        return self.classifier(self.features(x))
+        return self.classifier(run_sequence(self.features, x))
 
 
 @register_model("vggsnn", num_classes=10)
