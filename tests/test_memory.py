@@ -32,6 +32,9 @@ SMALL = {
     "resnet34": ((3, 16, 16), dict(widths=(8, 8, 16, 16))),
     "sew_resnet18": ((3, 16, 16), dict(widths=(8, 8, 16, 16), connect="AND")),
     "sew_resnet34": ((3, 16, 16), dict(widths=(8, 8, 16, 16))),
+    "spikformer": ((3, 16, 16), dict(embed_dim=32, heads=2, depth=2, img_size=16)),
+    "spike_driven_transformer": ((3, 16, 16), dict(preset="cifar-2-512", embed_dim=32, heads=2, depth=2, img_size=16)),
+    "qkformer": ((3, 16, 16), dict(preset="cifar-4-384", embed_dim=32, heads=2, depth=3, img_size=16)),
 }
 
 
@@ -76,7 +79,8 @@ def model_case(name, dtype, neuron_kw, autocast=False, side=None):
     assert_min_equals_default(build, batch(shape), autocast, dtype)
 
 
-FAST = {("digits_snn", "float64", "lif-hard"), ("vggsnn", "float32", "if-soft"), ("sew_resnet18", "float32", "lif-hard")}
+FAST = {("digits_snn", "float64", "lif-hard"), ("vggsnn", "float32", "if-soft"), ("sew_resnet18", "float32", "lif-hard"),
+        ("spikformer", "float64", "lif-hard")}
 NEURONS = {"lif-hard": dict(), "if-soft": dict(neuron="if", reset="soft")}
 
 
@@ -181,3 +185,13 @@ def test_bad_memory_values_are_one_line_errors():
     assert "memory" in HELP
     assert resolve_run_config(["--memory", "min"])["memory"] == "min"
     assert resolve_run_config([])["memory"] == "default"
+
+
+def test_transformer_blocks_keep_their_inputs_only():
+    shape, kw = SMALL["spikformer"]
+    x = batch(shape, n=4)
+    kept = {}
+    for m in ("default", "min"):
+        torch.manual_seed(0)
+        kept[m] = kept_bytes(create_model("spikformer", T=2, num_classes=4, memory=m, **kw).train(), x)
+    assert kept["min"] < 0.25 * kept["default"], kept

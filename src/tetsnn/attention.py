@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .compact import spike_conv1d
 from .kernels.ops import pack_spikes, unpack_spikes
 from .layers import ConvBN, conv_bn_spike
+from .memory import check_memory, run_block
 from .neuron import make_neuron, spike_levels
 
 __all__ = ["ATTENTION_THRESHOLD", "TRANSFORMER_LIF", "transformer_neuron", "spike_attention", "spike_mul",
@@ -207,7 +208,11 @@ class SpikingSelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """``x + attn(x)``, then ``+ mlp(x)`` on tokens (Spikformer's block; QKFormer's with its attention)."""
+    """``x + attn(x)``, then ``+ mlp(x)`` on tokens (Spikformer's block; QKFormer's with its attention).
+    With ``memory="min"`` each half is a block of :func:`tetsnn.memory.run_block`: it keeps its input (the
+    residual stream, as bit planes when it holds spike counts) and recomputes the rest in backward."""
+
+    memory = "default"
 
     def __init__(self, attn: nn.Module, mlp: nn.Module):
         super().__init__()
@@ -215,8 +220,23 @@ class TransformerBlock(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(x)
+        x = run_block(self._attention, x, -1, self.memory, (self,))
+        return run_block(self._mlp, x, -1, self.memory, (self,))
+
+    def _attention(self, x: Tensor) -> Tensor:
+        return x + self.attn(x)
+
+    def _mlp(self, x: Tensor) -> Tensor:
         return x + self.mlp(x)
+
+
+def set_memory(model: nn.Module, memory: str) -> str:
+    """Give every block of a transformer (the modules with a ``memory`` setting) ``memory``; returns it."""
+    check_memory(memory)
+    for m in model.modules():
+        if m is not model and "memory" in vars(type(m)):
+            m.memory = memory
+    return memory
 
 
 def trunc_normal_init(model: nn.Module) -> None:

@@ -18,9 +18,10 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from ..attention import (ChannelSum, Neurons, SpikingSelfAttention, TokenMLP, TransformerBlock, check_norm,
+from ..attention import (ChannelSum, Neurons, SpikingSelfAttention, TokenMLP, TransformerBlock, check_norm, set_memory,
                          resolve_preset, spike_mul, trunc_normal_init)
 from ..compact import spike_conv2d
+from ..memory import run_block
 from ..layers import ConvBN, conv_bn_spike
 from ._registry import register_model
 from .base import SpikingModel
@@ -142,7 +143,10 @@ class TokenQKAttention(nn.Module):
 
 
 class QKStage(nn.Module):
-    """A patch embedding, then blocks on its tokens (back to ``[N, T, C, H, W]``)."""
+    """A patch embedding, then blocks on its tokens (back to ``[N, T, C, H, W]``); with ``memory="min"``
+    the embedding is a block of :func:`tetsnn.memory.run_block`."""
+
+    memory = "default"
 
     def __init__(self, embed: PatchEmbed, blocks: Sequence[nn.Module]):
         super().__init__()
@@ -150,7 +154,7 @@ class QKStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
+        x = run_block(self.embed, x, -1, self.memory, (self,))
         return self.blocks(x.flatten(3)).view(x.shape)
 
 
@@ -160,7 +164,8 @@ class QKFormer(SpikingModel):
 
     def __init__(self, num_classes: int = 1000, T: int = 4, embed_dim: int = 384, depth: int = 10, heads: int = 6,
                  img_size: int = 224, in_channels: int = 3, mlp_ratio: float = 4.0, layout: str = "imagenet",
-                 scale: float = 0.125, neuron: str = "lif", fuse_bn: bool = True, norm: str = "bn", **neuron_kw):
+                 scale: float = 0.125, neuron: str = "lif", fuse_bn: bool = True, norm: str = "bn",
+                 memory: str = "default", **neuron_kw):
         super().__init__(T)
         check_norm(norm)
         if embed_dim % 16:
@@ -186,6 +191,7 @@ class QKFormer(SpikingModel):
         self.stages = nn.Sequential(*stages)
         self.head = nn.Linear(embed_dim, num_classes)
         trunc_normal_init(self)
+        self.memory = set_memory(self, memory)
 
     def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.stages(x).flatten(3).mean(3))

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import (ConvBNNeuron, MaskedTokenSum, Neurons, check_norm, resolve_preset, spike_mul,
+from ..attention import (ConvBNNeuron, MaskedTokenSum, Neurons, check_norm, resolve_preset, set_memory, spike_mul,
                          trunc_normal_init)
 from ..compact import spike_conv1d, spike_conv2d, spike_linear, spike_max_pool2d
+from ..memory import run_block
 from ..layers import ConvBN, SeqToANNContainer
 from ._registry import register_model
 from .base import SpikingModel
@@ -135,13 +136,19 @@ class SpikeDrivenMLP(nn.Module):
 
 
 class SpikeDrivenBlock(nn.Module):
+    """Attention, then MLP, each with its residual; with ``memory="min"`` each is a block of
+    :func:`tetsnn.memory.run_block`."""
+
+    memory = "default"
+
     def __init__(self, dim: int, heads: int, hidden: int, neurons: Neurons, dvs: bool = False):
         super().__init__()
         self.attn = SpikeDrivenSelfAttention(dim, heads, neurons, dvs)
         self.mlp = SpikeDrivenMLP(dim, hidden, neurons)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.attn(x))
+        x = run_block(self.attn, x, -1, self.memory, (self,))
+        return run_block(self.mlp, x, -1, self.memory, (self,))
 
 
 class SpikeDrivenTransformer(SpikingModel):
@@ -150,7 +157,8 @@ class SpikeDrivenTransformer(SpikingModel):
 
     def __init__(self, num_classes: int = 1000, T: int = 4, embed_dim: int = 384, depth: int = 8, heads: int = 8,
                  img_size: int = 224, in_channels: int = 3, mlp_ratio: float = 4.0, pooling: str = "1111",
-                 dvs: bool = False, neuron: str = "lif", fuse_bn: bool = True, norm: str = "bn", **neuron_kw):
+                 dvs: bool = False, neuron: str = "lif", fuse_bn: bool = True, norm: str = "bn",
+                 memory: str = "default", **neuron_kw):
         super().__init__(T)
         check_norm(norm)
         side = img_size // 2 ** pooling.count("1") if isinstance(pooling, str) else 0
@@ -163,9 +171,10 @@ class SpikeDrivenTransformer(SpikingModel):
         self.head_act = neurons.make()
         self.head = spike_linear(embed_dim, num_classes, spikes=neurons.levels)
         trunc_normal_init(self)
+        self.memory = set_memory(self, memory)
 
     def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.patch_embed(x))
+        x = self.blocks(run_block(self.patch_embed, x, 0, self.memory, (self,)))
         return self.head(self.head_act(x.flatten(3).mean(3)))
 
 

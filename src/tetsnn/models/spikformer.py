@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from ..attention import (ConvBNNeuron, Neurons, SpikingSelfAttention, TokenMLP, TransformerBlock, check_norm,
-                         resolve_preset, trunc_normal_init)
+                         resolve_preset, set_memory, trunc_normal_init)
 from ..compact import spike_conv2d, spike_max_pool2d
+from ..memory import run_block
 from ..layers import SeqToANNContainer
 from ._registry import register_model
 from .base import SpikingModel
@@ -77,7 +78,7 @@ class Spikformer(SpikingModel):
     def __init__(self, num_classes: int = 10, T: int = 4, embed_dim: int = 384, depth: int = 4, heads: int = 12,
                  patch_size: int = 4, img_size: int = 32, in_channels: int = 3, mlp_ratio: float = 4.0,
                  scale: float = 0.125, qkv_bias: bool = False, neuron: str = "lif", fuse_bn: bool = True,
-                 norm: str = "bn", **neuron_kw):
+                 norm: str = "bn", memory: str = "default", **neuron_kw):
         super().__init__(T)
         check_norm(norm)
         if img_size % patch_size:
@@ -95,9 +96,10 @@ class Spikformer(SpikingModel):
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(embed_dim, num_classes)
         trunc_normal_init(self)
+        self.memory = set_memory(self, memory)
 
     def forward_seq(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.patch_embed(x))
+        x = self.blocks(run_block(self.patch_embed, x, 0, self.memory, (self,)))
         return self.head(x.mean(3))
 
 
