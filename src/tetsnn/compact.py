@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .kernels.ops import check_spikes, pack_once, pack_spikes, unpack_spikes
 
-__all__ = ["pack_spikes", "unpack_spikes", "bits_per_value", "SpikeConv2d", "SpikeConv1d", "SpikeLinear", "spike_conv2d", "spike_conv1d",
+__all__ = ["pack_spikes", "unpack_spikes", "bits_per_value", "pack_levels", "unpack_levels", "SpikeConv2d", "SpikeConv1d", "SpikeLinear", "spike_conv2d", "spike_conv1d",
            "spike_linear",
            "ShapeOnlyAvgPool2d", "ShapeOnlyAdaptiveAvgPool2d", "SpikeMaxPool2d", "spike_avg_pool2d",
            "spike_adaptive_avg_pool2d", "spike_max_pool2d"]
@@ -29,7 +29,7 @@ def bits_per_value(levels: int) -> int:
     return max(1, int(levels).bit_length())
 
 
-def _pack(x: Tensor, levels: int):
+def pack_levels(x: Tensor, levels: int):
     """Bit planes of integer spikes 0..levels (one plane, bit 0, for 0/1 spikes)."""
     if levels <= 1:
         return (pack_once(x),)
@@ -39,7 +39,8 @@ def _pack(x: Tensor, levels: int):
     return tuple(pack_spikes(((xi >> b) & 1).to(x.dtype)) for b in range(bits_per_value(levels)))
 
 
-def _unpack(planes, shape, dtype) -> Tensor:
+def unpack_levels(planes, shape, dtype) -> Tensor:
+    """The integer spikes of :func:`pack_levels`' bit planes, as a ``shape`` tensor of ``dtype``."""
     x = unpack_spikes(planes[0], shape, dtype)
     for b, plane in enumerate(planes[1:], 1):
         x = x + unpack_spikes(plane, shape, dtype) * (1 << b)
@@ -54,14 +55,14 @@ class _SpikeConv2dFn(torch.autograd.Function):
         ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and \
             x.is_contiguous(memory_format=torch.channels_last)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(weight, *_pack(x, levels))
+        ctx.save_for_backward(weight, *pack_levels(x, levels))
         conv = F.conv1d if x.dim() == 3 else F.conv2d   # SpikeConv1d shares this function
         return conv(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         weight, *packed = ctx.saved_tensors
-        x = _unpack(packed, *ctx.x_meta)
+        x = unpack_levels(packed, *ctx.x_meta)
         if ctx.channels_last:   # the layout the plain convolution's backward would see
             x = x.contiguous(memory_format=torch.channels_last)
         stride, padding, dilation, groups = ctx.conv
@@ -76,14 +77,14 @@ class _SpikeLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, levels=1):
         ctx.x_meta = (list(x.shape), x.dtype)
-        ctx.save_for_backward(weight, bias, *_pack(x, levels))
+        ctx.save_for_backward(weight, bias, *pack_levels(x, levels))
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         # the products autograd forms for F.linear (addmm on the flattened input)
         weight, bias, *packed = ctx.saved_tensors
-        x = _unpack(packed, *ctx.x_meta).view(-1, weight.shape[1])
+        x = unpack_levels(packed, *ctx.x_meta).view(-1, weight.shape[1])
         g = grad.reshape(-1, weight.shape[0])
         gx = g.mm(weight).view(ctx.x_meta[0]) if ctx.needs_input_grad[0] else None
         gw = g.t().mm(x) if ctx.needs_input_grad[1] else None
@@ -224,12 +225,12 @@ class _SpikeMaxPool2dFn(torch.autograd.Function):
         ctx.args = args
         ctx.x_meta = (list(x.shape), x.dtype)
         ctx.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        ctx.save_for_backward(*_pack(x, levels))
+        ctx.save_for_backward(*pack_levels(x, levels))
         return torch.ops.aten.max_pool2d_with_indices(x, *args)[0]
 
     @staticmethod
     def backward(ctx, grad):
-        x = _unpack(ctx.saved_tensors, *ctx.x_meta)
+        x = unpack_levels(ctx.saved_tensors, *ctx.x_meta)
         if ctx.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         indices = torch.ops.aten.max_pool2d_with_indices(x, *ctx.args)[1]  # the forward's, from the same 0/1 values

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .compact import _pack, _unpack
+from .compact import pack_levels, unpack_levels
 
 __all__ = ["MEMORY", "check_memory", "recomputes", "run_block", "run_sequence", "kept_tensors"]
 
@@ -66,7 +66,7 @@ class _Block:
         if levels < 0:
             levels = self.levels = _count_levels(x)
         if levels:
-            self.input = _pack(x.detach(), levels)   # bit planes
+            self.input = pack_levels(x.detach(), levels)   # bit planes
             self.storage = None
         else:
             self.input = x.detach()
@@ -97,7 +97,7 @@ class _Block:
     def _input(self) -> Tensor:
         if not self.levels:
             return self.input
-        x = _unpack(self.input, *self.meta)
+        x = unpack_levels(self.input, *self.meta)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _recompute(self) -> List[Optional[Tensor]]:
