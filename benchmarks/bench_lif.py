@@ -444,7 +444,7 @@ def main(argv=None) -> int:
         return 0
     result = dict(device=str(device), machine=platform.machine(), cpu=platform.processor() or platform.machine(),
                   cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                  rounds=args.rounds, numba=numba_kernels.available())
+                  rounds=args.rounds, numba=numba_kernels.available(), commit=git_commit())
     if device.type == "cpu" and numba_kernels.available():
         result["numba_compile"] = numba_compile_cost()
     result["lif"] = bench_lif(device, args.rounds)
@@ -473,7 +473,8 @@ def section_name(device) -> str:
 
 def markdown(res: dict) -> str:
     lines = [f"## LIF backends and the ResNet19 step (`benchmarks/bench_lif.py`, {res['device']}, "
-             f"{res['cpu_count']} CPUs, {res['torch_threads']} torch threads, torch {res['torch']})", "",
+             f"{res['cpu_count']} CPUs, {res['torch_threads']} torch threads, torch {res['torch']}, "
+             f"commit {res.get('commit', 'unknown')})", "",
              f"{res['rounds']} interleaved rounds: each ratio is taken within a round (the variants ran back to back) "
              "and the median over rounds is quoted; the bracket gives the lowest and highest round "
              "(the machine is shared, so the spread is the noise). Times are medians.", "",
