@@ -34,7 +34,7 @@ import torch
 
 from tetsnn import create_model
 
-from bench_lif import interleave, peak_memory, saved_bytes, train_step
+from bench_lif import interleave, mib, peak_memory, saved_bytes, train_step, verdict
 from report import write_results
 
 NAME = "bench_bn_fused"
@@ -154,14 +154,6 @@ def time_table(rounds: int) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-
-def verdict(value, goal) -> str:
-    return "meets the goal" if value <= goal else "misses the goal"
-
-
-def mib(b) -> str:
-    return f"{b / 2 ** 20:,.1f} MiB"
-
 
 def markdown(res: dict) -> str:
     lines = [f"## BatchNorm fused into the neuron (`benchmarks/bench_bn_fused.py`, {res['device']}, "
