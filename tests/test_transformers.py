@@ -169,12 +169,22 @@ def _spikformer_pool_after_neuron(sj):
             stage.neuron = nn.Sequential(stage.neuron, layer.SeqToANNContainer(block[2]))
 
 
-def _randomise(sj, g):
+# the BatchNorm before the q, k, v neurons of Spikformer's self-attention (QKFormer's last stage too):
+# its bias is raised so that q, k and v fire often enough for the attention neuron (threshold 0.5 on
+# 0.125 times a count of spike triples) to fire on a substantial share of its elements. QKFormer's last
+# stage has 4 tokens (Spikformer's test model 16), so fewer triples: it needs the larger raise
+SSA_INPUT_BN = "qkv_conv_bn.1"
+SSA_DRIVE = {"spikformer": 1.0, "qkformer": 1.4}
+
+
+def _randomise(sj, g, drive=0.0):
     with torch.no_grad():
-        for m in sj.modules():
+        for name, m in sj.named_modules():
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g, dtype=m.weight.dtype) * 2 + 1)
                 m.bias.copy_(torch.rand(m.bias.shape, generator=g, dtype=m.bias.dtype) - 0.3)
+                if name.endswith(SSA_INPUT_BN):
+                    m.bias.add_(drive)
             elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g, dtype=m.weight.dtype) * 0.3)
                 if m.bias is not None:
@@ -197,6 +207,28 @@ CASES = {
 }
 
 
+def _calibrate(sj, x):
+    """Running statistics set to the batch statistics of ``x`` (one train-mode pass with momentum 1), so
+    that eval-mode BatchNorm normalises as train mode does and the neurons fire in both modes."""
+    bns = [m for m in sj.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    for m in bns:
+        m.momentum = 1.0
+    with torch.no_grad():
+        functional.reset_net(sj)
+        sj.train()(x)
+    for m in bns:
+        m.momentum = 0.1
+
+
+def _firing_rates(sj):
+    """Hooks recording each SpikingJelly neuron's share of spikes in the next forward pass."""
+    rates = {}
+    for name, m in sj.named_modules():
+        if isinstance(m, sj_neuron.LIFNode):
+            m.register_forward_hook(lambda mod, inp, out, name=name: rates.__setitem__(name, out.mean().item()))
+    return rates
+
+
 def _grads(model):
     return {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
 
@@ -206,17 +238,19 @@ def test_equal_to_spikingjelly_in_float64(name):
     build_sj, kw, size = CASES[name]
     g = torch.Generator().manual_seed(0)
     sj = build_sj().double().train()
-    _randomise(sj, g)
+    _randomise(sj, g, SSA_DRIVE.get(name, 0.0))
     _official_neurons(sj)
     if name == "spikformer":
         _spikformer_pool_after_neuron(sj)
+    x = torch.rand(3, 3, size, size, generator=g, dtype=torch.float64) * 2
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    _calibrate(sj, x)
+    rates = _firing_rates(sj)
     ours = tetsnn.create_model(name, 5, T=2, **kw).double().train()
     sd = tetsnn.convert_state_dict(sj.state_dict(), source="spikingjelly", model=name, **kw)
     ours.load_state_dict(sd, strict=True)
     sj_ptrs = {t.data_ptr() for t in sj.state_dict().values()}
     added = {k for k, t in sd.items() if t.data_ptr() not in sj_ptrs and not t.any()}   # zero biases
-    x = torch.rand(3, 3, size, size, generator=g, dtype=torch.float64) * 2
-    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
     for mode in ("train", "eval"):
         sj.train(mode == "train")
         ours.train(mode == "train")
@@ -224,8 +258,13 @@ def test_equal_to_spikingjelly_in_float64(name):
         ours.zero_grad()
         xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
         functional.reset_net(sj)
+        rates.clear()
         ref = sj(xs)
         ref = ref.mean(0) if ref.dim() == 3 else ref        # Spikformer's head is per step: [T, N, classes]
+        # every neuron, the attention neurons of every stage included, fires on a substantial share
+        assert len(rates) >= 15 and any("attn_lif" in n for n in rates)
+        quiet = {n: round(r, 3) for n, r in rates.items() if not 0.05 <= r <= 0.95}
+        assert not quiet, f"{mode}: neurons firing too little or too much: {quiet}"
         out = ours(xo)
         assert out.shape == (3, 2, 5)
         torch.testing.assert_close(out.mean(1), ref, rtol=0, atol=1e-10)
