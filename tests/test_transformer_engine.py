@@ -6,8 +6,6 @@ on the 8x8 digits (``model_kw`` sets their size)."""
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from tetsnn.engine.checkpoint import load_checkpoint
 from tetsnn.engine.evaluate import main as evaluate_main
 from tetsnn.engine.train import main
 
-from conftest import CHILD_ENV
+from test_ddp import Torchrun
 from test_train import _criterion_with, read_metrics
 
 # model_kw of each model at its smallest: 8x8 grey digits, 16 channels, 2 heads
@@ -29,7 +27,6 @@ TINY = {
 }
 # 3 optimizer steps per epoch; 65 test samples (under DDP: 2 evaluation batches on rank 0, 1 on rank 1)
 DATA = ["--limit-train", "192", "--limit-test", "65", "--batch-size", "64", "--seed", "5"]
-TIMEOUT = 300
 
 
 def args_of(name):
@@ -130,13 +127,10 @@ def test_T_schedule_and_sigterm_resume_are_bit_identical(tmp_path, monkeypatch, 
 
 
 def torchrun(tmp_path, args, name):
-    """``torchrun --standalone --nproc_per_node=2 -m tetsnn train ARGS``; fails with its output if it does."""
-    env = {**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "--monitor-interval=0.1", "-m", "tetsnn", "train", *map(str, args)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
-    assert res.returncode == 0, f"{name}: {res.stderr[-3000:]}"
-    return res
+    """A torchrun job of 2 processes (test_ddp's runner) that must succeed; its stdout."""
+    job = Torchrun(tmp_path, args, name=name)
+    assert job.finish() == 0, f"{name}: {job.stderr()[-3000:]}"
+    return job.stdout()
 
 
 @pytest.mark.slow   # three torchrun jobs of two processes each
@@ -145,15 +139,13 @@ def test_ddp_with_T_schedule_and_resume_across_runs(tmp_path, capsys):
     run of 1 epoch extended to 2 by a second torchrun job with --resume; the DDP evaluation (uneven
     shares of the 65 test samples) agrees with a one-process ``tetsnn test``."""
     args = args_of("spikformer") + ["--T-schedule", "1:1,2"]
-    ref = torchrun(tmp_path, args + ["--epochs", "2", "--out", tmp_path / "ref"], "ref")
-    assert "2 process(es)" in ref.stdout
+    assert "2 process(es)" in torchrun(tmp_path, args + ["--epochs", "2", "--out", tmp_path / "ref"], "ref")
     rows = read_metrics(tmp_path / "ref")
     assert [(m["epoch"], m["T"], m["world_size"]) for m in rows] == [(1, 1, 2), (2, 2, 2)]
 
     run = tmp_path / "run"
     torchrun(tmp_path, args + ["--epochs", "1", "--out", run], "first")
-    res = torchrun(tmp_path, ["--resume", run, "--epochs", "2"], "resumed")
-    assert "resuming" in res.stdout
+    assert "resuming" in torchrun(tmp_path, ["--resume", run, "--epochs", "2"], "resumed")
     a, b = load_checkpoint(tmp_path / "ref" / "last.pt"), load_checkpoint(run / "last.pt")
     assert (a["epoch"], b["epoch"], b["world_size"]) == (2, 2, 2)
     assert_same_weights(a["model"], b["model"])
