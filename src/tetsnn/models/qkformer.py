@@ -9,7 +9,8 @@ The head is linear on the token mean, per time step.
 
 ``layout`` picks the official code's embedding for "imagenet" (three stages of 1, 2 and depth-3 blocks,
 widths C/4, C/2, C), "cifar" (1, 1 and depth-2 blocks) and "dvs" (two stages of one block each, widths
-C/2 and C, on 128x128 event frames).
+C/2 and C, on 128x128 event frames; the shortcut of its first embedding starts after the first pooled
+step, with stride 4, as in the code that trained the paper's CIFAR10-DVS model).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ PRESETS = {
     "imagenet-10-512": dict(_IMAGENET, embed_dim=512, depth=10, heads=8),
     "imagenet-10-768": dict(_IMAGENET, embed_dim=768, depth=10, heads=12),
     "cifar-4-384": dict(img_size=32, in_channels=3, mlp_ratio=4.0, layout="cifar", embed_dim=384, depth=4, heads=8),
-    "dvs-2-256": dict(img_size=128, in_channels=2, mlp_ratio=4.0, layout="dvs", embed_dim=256, depth=2, heads=16),
+    "dvs-2-256": dict(img_size=128, in_channels=2, mlp_ratio=1.0, layout="dvs", embed_dim=256, depth=2, heads=16),
 }
 
 
@@ -66,7 +67,7 @@ def _embeds(layout: str, in_channels: int, dim: int):
     if layout == "dvs":
         e = h   # the first stage's width
         return [EmbedSpec([Step(in_channels, e // 8, False), Step(e // 8, e // 4, True), Step(e // 4, e // 2, True),
-                           Step(e // 2, e, True)], 0, 8),
+                           Step(e // 2, e, True)], 1, 4),
                 EmbedSpec([Step(h, dim, False), Step(dim, dim, True)], -1, 2)]
     raise ValueError(f"unknown qkformer layout {layout!r}: expected 'imagenet', 'cifar' or 'dvs'")
 
