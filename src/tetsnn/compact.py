@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels.ops import check_spikes, pack_once, pack_spikes, unpack_spikes
+from .kernels.ops import check_spikes, pack_checked, pack_once, pack_spikes, unpack_counts, unpack_spikes
 
 __all__ = ["pack_spikes", "unpack_spikes", "bits_per_value", "pack_levels", "unpack_levels", "SpikeConv2d", "SpikeConv1d", "SpikeLinear", "spike_conv2d", "spike_conv1d",
            "spike_linear",
@@ -30,21 +30,26 @@ def bits_per_value(levels: int) -> int:
 
 
 def pack_levels(x: Tensor, levels: int):
-    """Bit planes of integer spikes 0..levels (one plane, bit 0, for 0/1 spikes)."""
+    """Bit planes of integer spikes 0..levels (one plane, bit 0, for 0/1 spikes), checked to be such
+    counts (a ValueError names a value that is not)."""
     if levels <= 1:
         return (pack_once(x),)
-    if not torch.compiler.is_compiling():   # a data-dependent check: eager only, as pack_once's
-        check_spikes(x, levels)
-    xi = x.detach().to(torch.int32)
-    return tuple(pack_spikes(((xi >> b) & 1).to(x.dtype)) for b in range(bits_per_value(levels)))
+    if torch.compiler.is_compiling():   # the check is data-dependent: eager only, as pack_once's
+        xi = x.detach().to(torch.int32)
+        return tuple(pack_spikes(((xi >> b) & 1).to(x.dtype)) for b in range(bits_per_value(levels)))
+    return tuple(pack_checked(x, levels).unbind(0))   # one pass checks and packs on the CPU
 
 
 def unpack_levels(planes, shape, dtype) -> Tensor:
     """The integer spikes of :func:`pack_levels`' bit planes, as a ``shape`` tensor of ``dtype``."""
-    x = unpack_spikes(planes[0], shape, dtype)
-    for b, plane in enumerate(planes[1:], 1):
-        x = x + unpack_spikes(plane, shape, dtype) * (1 << b)
-    return x
+    if len(planes) == 1:
+        return unpack_spikes(planes[0], shape, dtype)
+    if torch.compiler.is_compiling():
+        x = unpack_spikes(planes[0], shape, dtype)
+        for b, plane in enumerate(planes[1:], 1):
+            x = x + unpack_spikes(plane, shape, dtype) * (1 << b)
+        return x
+    return unpack_counts(torch.stack(planes), shape, dtype)
 
 
 class _SpikeConv2dFn(torch.autograd.Function):
