@@ -1,15 +1,17 @@
-"""The checked bit planes of spike counts (``pack_checked`` / ``unpack_counts``, and ``pack_levels`` /
+"""The checked bit planes of spike counts (``pack_counts`` / ``unpack_counts``, and ``pack_levels`` /
 ``unpack_levels`` built on them) against the plain per-plane reference, with numba and torch ops."""
 import pytest
 import torch
 
 from tetsnn.compact import pack_levels, pack_spikes, unpack_levels
+from tetsnn.kernels import levels as levels_mod
 from tetsnn.kernels import ops
 
 
 @pytest.fixture(params=["numba", "torch"])
 def kernels(request, monkeypatch):
     if request.param == "torch":
+        monkeypatch.setattr(levels_mod, "numba_applies", lambda t: False)
         monkeypatch.setattr(ops, "_cpu_fast", lambda t: False)
     return request.param
 
@@ -26,10 +28,10 @@ def reference_planes(x, levels):
 def test_planes_match_the_reference_and_rebuild_the_counts(kernels, dtype, levels, n):
     g = torch.Generator().manual_seed(n + levels)
     x = torch.randint(0, levels + 1, (n,), generator=g).to(dtype)
-    planes = ops.pack_checked(x, levels)
+    planes = levels_mod.pack_counts(x, levels)
     assert planes.dtype == torch.uint8 and planes.shape == (max(1, levels.bit_length()), (n + 7) // 8)
     assert torch.equal(planes, reference_planes(x, levels))
-    assert torch.equal(ops.unpack_counts(planes, [n], dtype), x)
+    assert torch.equal(levels_mod.unpack_counts(planes, [n], dtype), x)
     y = x.view(1, n)   # pack_levels / unpack_levels: the tuple of planes of any shape
     got = unpack_levels(pack_levels(y, levels), list(y.shape), dtype)
     assert got.dtype == dtype and torch.equal(got, y)
@@ -41,7 +43,7 @@ def test_a_value_that_is_no_count_raises_naming_it(kernels, levels, bad):
     x = torch.randint(0, levels + 1, (3, 5000), generator=torch.Generator().manual_seed(1)).float()
     x[2, 4321] = bad
     with pytest.raises(ValueError, match=r"spikes=True\) got the value") as info:
-        ops.pack_checked(x, levels)
+        levels_mod.pack_counts(x, levels)
     assert "\n" not in str(info.value)
     assert f"{bad:g}" in str(info.value)
 
@@ -49,4 +51,4 @@ def test_a_value_that_is_no_count_raises_naming_it(kernels, levels, bad):
 def test_strided_input_packs_its_values_in_logical_order(kernels):
     x = torch.randint(0, 4, (6, 40), generator=torch.Generator().manual_seed(2)).float()
     t = x.t()   # not contiguous
-    assert torch.equal(ops.pack_checked(t, 3), reference_planes(t.contiguous(), 3))
+    assert torch.equal(levels_mod.pack_counts(t, 3), reference_planes(t.contiguous(), 3))

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels.ops import check_spikes, pack_checked, pack_once, pack_spikes, unpack_counts, unpack_spikes
+from .kernels.levels import pack_counts, planes_for, unpack_counts
+from .kernels.ops import check_spikes, pack_once, pack_spikes, unpack_spikes
 
 __all__ = ["pack_spikes", "unpack_spikes", "bits_per_value", "pack_levels", "unpack_levels", "SpikeConv2d", "SpikeConv1d", "SpikeLinear", "spike_conv2d", "spike_conv1d",
            "spike_linear",
@@ -26,7 +27,7 @@ __all__ = ["pack_spikes", "unpack_spikes", "bits_per_value", "pack_levels", "unp
 
 def bits_per_value(levels: int) -> int:
     """Bits that hold the integers 0..levels: ``ceil(log2(levels + 1))``."""
-    return max(1, int(levels).bit_length())
+    return planes_for(levels)
 
 
 def pack_levels(x: Tensor, levels: int):
@@ -37,7 +38,7 @@ def pack_levels(x: Tensor, levels: int):
     if torch.compiler.is_compiling():   # the check is data-dependent: eager only, as pack_once's
         xi = x.detach().to(torch.int32)
         return tuple(pack_spikes(((xi >> b) & 1).to(x.dtype)) for b in range(bits_per_value(levels)))
-    return tuple(pack_checked(x, levels).unbind(0))   # one pass checks and packs on the CPU
+    return tuple(pack_counts(x, levels).unbind(0))   # one pass checks and packs on the CPU
 
 
 def unpack_levels(planes, shape, dtype) -> Tensor:

@@ -67,8 +67,7 @@ def kernel(key):
     if key not in _KERNELS:
         build = {"blocks": _blocks_kernel, "load": _load_kernel, "values": _values_kernel, "step": _step_kernel, "integrate": _integrate_kernel,
                  "fwd": _forward_kernel, "bwd": _backward_kernel, "scale_shift": _scale_shift_kernel,
-                 "pack": _pack_kernel, "unpack": _unpack_kernel, "pack_levels": _pack_levels_kernel,
-                 "unpack_levels": _unpack_levels_kernel}[key[0]]
+                 "pack": _pack_kernel, "unpack": _unpack_kernel}[key[0]]
         _KERNELS[key] = build(*key[1:])
     return _KERNELS[key]
 
@@ -373,65 +372,3 @@ def _unpack_kernel():
         for k in range(out.shape[0] - 8 * full):
             out[8 * full + k] = (numba.int32(p[full]) >> k) & 1
     return unpack
-
-
-def _pack_levels_kernel():
-    numba, np = module(), __import__("numpy")
-
-    @numba.njit(parallel=True)
-    def pack_levels(x, levels, out, bad):
-        # x: flat float array of spike counts 0..levels; out[b, j] holds bit b of x[8j .. 8j+7] (x[8j] in
-        # the lowest bit), one plane per bit of the counts; bad[0] = the number of values that are no such
-        # count (NaN included), found in the same pass. Loops without branches, so that they vectorise;
-        # the bits of a value that is no count are never used (the caller raises).
-        n, planes = x.shape[0], out.shape[0]
-        lv = x.dtype.type(levels)
-        blocks = (n + PACK_BLOCK - 1) // PACK_BLOCK
-        count = 0
-        for j in numba.prange(blocks):
-            i0 = j * PACK_BLOCK
-            w = min(PACK_BLOCK, n - i0)
-            xs = x[i0:i0 + w]
-            flags = np.empty(PACK_BLOCK, np.uint8)
-            flags[w:] = 0
-            f64 = flags.view(np.uint64)
-            nb = (w + 7) // 8
-            wrong = 0
-            if planes == 1:
-                for i in range(w):
-                    v = xs[i]
-                    wrong += (v != 0) & (v != 1)
-                    flags[i] = v != 0
-            else:
-                ks = np.empty(w, np.int32)
-                for i in range(w):
-                    v = xs[i]
-                    wrong += (v < 0) | (v > lv) | (v != np.floor(v))
-                    ks[i] = numba.int32(min(max(v, 0), lv))
-            count += wrong
-            for b in range(planes):
-                if planes > 1:
-                    for i in range(w):
-                        flags[i] = (ks[i] >> b) & 1
-                o = out[b, i0 // 8:i0 // 8 + nb]
-                for i in range(nb):
-                    o[i] = (f64[i] * np.uint64(0x0102040810204080)) >> np.uint64(56)
-        bad[0] = count
-    return pack_levels
-
-
-def _unpack_levels_kernel():
-    numba, np = module(), __import__("numpy")
-    # byte k of SPREAD[B] is bit k of B
-    spread = np.array([sum(((b >> k) & 1) << (8 * k) for k in range(8)) for b in range(256)], np.uint64)
-
-    @numba.njit(parallel=True)
-    def unpack_levels(p, out):  # the counts sum_b bit_b * 2**b of pack_levels' planes p [bits, ceil(n/8)]
-        n, planes = out.shape[0], p.shape[0]
-        for j in numba.prange((n + 7) // 8):
-            acc = np.uint64(0)
-            for b in range(planes):
-                acc |= spread[p[b, j]] << np.uint64(b)
-            for k in range(min(8, n - 8 * j)):
-                out[8 * j + k] = (acc >> np.uint64(8 * k)) & np.uint64(0xFF)
-    return unpack_levels

@@ -47,7 +47,6 @@ from . import torch_kernels as tk
 
 __all__ = ["neuron_spikes", "bn_neuron", "BNOperand", "NO_BN", "flatten_neuron", "unflatten_neuron", "constants",
            "half_to_float", "numba_applies", "pack_spikes", "unpack_spikes", "pack_once", "check_spikes",
-           "pack_checked", "unpack_counts",
            "lif_forward", "lif_backward", "bn_lif_forward", "bn_lif_backward"]
 
 _aten = torch.ops.aten
@@ -345,40 +344,6 @@ def check_spikes(x: Tensor, levels: int = 1) -> None:
                          f"build layers whose input is not {kind} with spikes=False")
 
 
-def pack_checked(x: Tensor, levels: int = 1) -> Tensor:
-    """The bit planes ``[bits, ceil(numel / 8)]`` (uint8) of the spike counts 0..levels in ``x`` (one plane
-    for 0/1 spikes; plane b holds bit b of each count, as :func:`pack_spikes` lays out bits), raising
-    :func:`check_spikes`' error where ``x`` holds another value. On the CPU one numba pass checks and
-    packs; elsewhere the check, then a :func:`pack_spikes` per plane."""
-    planes = max(1, int(levels).bit_length())
-    flat = x.detach().contiguous().view(-1)
-    if _cpu_fast(flat):
-        out = torch.empty((planes, (flat.numel() + 7) // 8), dtype=torch.uint8)
-        bad = torch.zeros(1, dtype=torch.int64)
-        if nk.call(("pack_levels",), flat.numpy(), int(levels), out.numpy(), bad.numpy()):
-            if bad.item():
-                check_spikes(x, levels)   # raises, naming a value
-            return out
-    check_spikes(x, levels)
-    if planes == 1:
-        return pack_spikes(flat).unsqueeze(0)
-    xi = flat.to(torch.int32)
-    return torch.stack([pack_spikes(((xi >> b) & 1).to(x.dtype)) for b in range(planes)])
-
-
-def unpack_counts(planes: Tensor, shape: List[int], dtype: torch.dtype) -> Tensor:
-    """The spike counts of :func:`pack_checked`'s planes ``[bits, bytes]`` as a ``shape`` tensor of ``dtype``."""
-    out = torch.empty(shape, dtype=dtype, device=planes.device)
-    if planes.shape[0] == 1:
-        return unpack_spikes(planes[0], shape, dtype)
-    if _cpu_fast(out) and nk.call(("unpack_levels",), planes.contiguous().numpy(), out.view(-1).numpy()):
-        return out
-    out.zero_()
-    for b in range(planes.shape[0]):
-        out += unpack_spikes(planes[b], shape, dtype) * (1 << b)
-    return out
-
-
 def pack_once(x: Tensor) -> Tensor:
     """``pack_spikes(x)``, reusing the bits of one of the last few calls when it packed the same,
     unmodified tensor (a block's input feeds conv1, the downsample and the residual add)."""
@@ -390,7 +355,8 @@ def pack_once(x: Tensor) -> Tensor:
     for k, owner, bits in _RECENT:
         if k == key and owner() is not None and bits() is not None:
             return bits()
-    bits = pack_checked(x, 1)[0]
+    check_spikes(x)
+    bits = pack_spikes(x)
     owner = x if x._base is None else x._base  # alive => its memory cannot hold another tensor
     _RECENT.append((key, weakref.ref(owner), weakref.ref(bits)))
     del _RECENT[:-_RECENT_SIZE]
