@@ -129,6 +129,7 @@ def main(argv=None) -> int:
         "model": kw, "rounds": args.rounds,
         "median_step_s": {n: statistics.median(t) for n, t in times.items()},
         "tetsnn_over_relu_twin": ratio("tetsnn", "relu twin"),
+        "tetsnn_over_relu_twin_per_round": [round(a / b, 3) for a, b in zip(times["tetsnn"], times["relu twin"])],
         "tetsnn_over_spikingjelly": ratio("tetsnn", "spikingjelly"),
         "spikingjelly_over_relu_twin": ratio("spikingjelly", "relu twin"),
         "saved_bytes": saved, "saved_tetsnn_over_spikingjelly": saved["tetsnn"] / saved["spikingjelly"],

@@ -52,3 +52,12 @@ def test_strided_input_packs_its_values_in_logical_order(kernels):
     x = torch.randint(0, 4, (6, 40), generator=torch.Generator().manual_seed(2)).float()
     t = x.t()   # not contiguous
     assert torch.equal(levels_mod.pack_counts(t, 3), reference_planes(t.contiguous(), 3))
+
+
+def test_unpack_reads_the_planes_in_place_or_from_copies():
+    x = torch.randint(0, 6, (4, 300), generator=torch.Generator().manual_seed(3)).float()
+    planes = pack_levels(x, 5)
+    assert len(planes) == 3 and all(p._base is planes[0]._base for p in planes)
+    assert torch.equal(unpack_levels(planes, list(x.shape), x.dtype), x)
+    copies = tuple(p.clone() for p in planes)   # separate tensors (as a caller may keep them)
+    assert torch.equal(unpack_levels(copies, list(x.shape), x.dtype), x)

@@ -50,7 +50,18 @@ def unpack_levels(planes, shape, dtype) -> Tensor:
         for b, plane in enumerate(planes[1:], 1):
             x = x + unpack_spikes(plane, shape, dtype) * (1 << b)
         return x
-    return unpack_counts(torch.stack(planes), shape, dtype)
+    return unpack_counts(_stacked(planes), shape, dtype)
+
+
+def _stacked(planes) -> Tensor:
+    """The planes as one ``[bits, bytes]`` tensor: the tensor they are the rows of (what
+    :func:`pack_levels` returns), else a stacked copy."""
+    base = planes[0]._base
+    if base is not None and base.dim() == 2 and base.shape[0] == len(planes) and base.is_contiguous() and all(
+            p._base is base and p.data_ptr() == base[i].data_ptr() and p.shape == base[i].shape
+            for i, p in enumerate(planes)):
+        return base
+    return torch.stack(planes)
 
 
 class _SpikeConv2dFn(torch.autograd.Function):
