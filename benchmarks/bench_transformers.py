@@ -13,7 +13,9 @@ Settings, each a training step (forward, TET loss, backward, SGD step with momen
 Timed interleaved: each round times every setting once, in an order rotated from round to round; the
 ratios are taken within a round and the median over rounds is quoted. Bytes kept for backward: the
 distinct storages ``saved_tensors_hooks`` sees during one training forward, parameters and buffers
-excluded (``bench_lif.saved_bytes``). Writes benchmarks/results/bench_transformers.json.
+excluded (``bench_lif.saved_bytes``). ``--breakdown N`` adds where tetsnn's step and its twin's differ:
+the self CPU time of each operator (``torch.profiler``) averaged over N profiled steps of each, the
+largest differences first. Writes benchmarks/results/bench_transformers.json.
 """
 from __future__ import annotations
 
@@ -68,12 +70,32 @@ def step_fn(module, forward, x, y):
     return step
 
 
+def breakdown(steps: dict, reps: int, top: int = 14) -> dict:
+    """Self CPU milliseconds per operator of one step of tetsnn and of its ReLU twin (mean over ``reps``
+    profiled steps each, interleaved), the ``top`` largest differences first, and the totals."""
+    from torch.profiler import ProfilerActivity, profile
+    ms = {"tetsnn": {}, "relu twin": {}}
+    for _ in range(reps):
+        for name, per_op in ms.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                steps[name]()
+            for e in prof.key_averages():
+                per_op[e.key] = per_op.get(e.key, 0.0) + e.self_cpu_time_total / 1e3 / reps
+    ours, twin = ms["tetsnn"], ms["relu twin"]
+    ops = sorted(set(ours) | set(twin), key=lambda k: -abs(ours.get(k, 0.0) - twin.get(k, 0.0)))[:top]
+    return {"total_ms": {n: round(sum(d.values()), 1) for n, d in ms.items()},
+            "ops_ms": [{"op": k, "tetsnn": round(ours.get(k, 0.0), 1), "relu twin": round(twin.get(k, 0.0), 1)}
+                       for k in ops]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--T", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="a small model, to check the script")
+    ap.add_argument("--breakdown", type=int, default=0, metavar="N",
+                    help="profile N steps of tetsnn and of its twin and record the per-operator difference")
     args = ap.parse_args(argv)
     kw = dict(embed_dims=384, num_heads=12, depths=4) if not args.quick else dict(embed_dims=64, num_heads=2,
                                                                                    depths=1)
@@ -107,10 +129,13 @@ def main(argv=None) -> int:
         "model": kw, "rounds": args.rounds,
         "median_step_s": {n: statistics.median(t) for n, t in times.items()},
         "tetsnn_over_relu_twin": ratio("tetsnn", "relu twin"),
+        "tetsnn_over_relu_twin_per_round": [round(a / b, 3) for a, b in zip(times["tetsnn"], times["relu twin"])],
         "tetsnn_over_spikingjelly": ratio("tetsnn", "spikingjelly"),
         "spikingjelly_over_relu_twin": ratio("spikingjelly", "relu twin"),
         "saved_bytes": saved, "saved_tetsnn_over_spikingjelly": saved["tetsnn"] / saved["spikingjelly"],
     }
+    if args.breakdown:
+        res["gap_breakdown"] = breakdown(steps, args.breakdown)
     print(json.dumps(res, indent=1))
     if not args.quick:
         RESULTS.parent.mkdir(exist_ok=True)

@@ -1,0 +1,129 @@
+"""Bit planes of integer spike counts: what a layer fed by a sum of spikes (a transformer's residual
+stream) keeps of its input for backward.
+
+``pack_counts(x, levels)`` checks that every value of ``x`` is an integer 0..levels and returns the
+planes ``[bits, ceil(numel / 8)]`` (uint8; plane b holds bit b of each count, laid out as
+:func:`tetsnn.kernels.ops.pack_spikes` lays out 0/1 spikes); ``unpack_counts`` rebuilds the counts.
+On the CPU (float32 / float64, numba importable) each is one parallel numba pass over the values: the
+check is fused into the packing. Elsewhere the check, then a ``pack_spikes`` per plane.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import List
+
+import torch
+from torch import Tensor
+
+from . import numba_kernels as nk
+from .ops import check_spikes, numba_applies, pack_spikes, unpack_spikes
+
+__all__ = ["planes_for", "pack_counts", "unpack_counts"]
+
+_KERNELS = {}   # name -> numba kernel
+
+
+def planes_for(levels: int) -> int:
+    """Bits that hold the integers 0..levels: ``ceil(log2(levels + 1))``."""
+    return max(1, int(levels).bit_length())
+
+
+def pack_counts(x: Tensor, levels: int) -> Tensor:
+    """The bit planes ``[planes_for(levels), ceil(numel / 8)]`` of the spike counts in ``x`` (in its logical
+    order), raising :func:`tetsnn.kernels.ops.check_spikes`' error where a value is no integer 0..levels."""
+    planes = planes_for(levels)
+    flat = x.detach().contiguous().view(-1)
+    if numba_applies(flat):
+        out = torch.empty((planes, (flat.numel() + 7) // 8), dtype=torch.uint8)
+        bad = torch.zeros(1, dtype=torch.int64)
+        if _call("pack", flat.numpy(), int(levels), out.numpy(), bad.numpy()):
+            if bad.item():
+                check_spikes(x, levels)   # raises, naming a value
+            return out
+    check_spikes(x, levels)
+    xi = flat.to(torch.int32)
+    return torch.stack([pack_spikes(((xi >> b) & 1).to(x.dtype)) for b in range(planes)])
+
+
+def unpack_counts(planes: Tensor, shape: List[int], dtype: torch.dtype) -> Tensor:
+    """The spike counts of :func:`pack_counts`' planes as a ``shape`` tensor of ``dtype``."""
+    if planes.shape[0] == 1:
+        return unpack_spikes(planes[0], shape, dtype)
+    out = torch.empty(shape, dtype=dtype, device=planes.device)
+    if numba_applies(out) and _call("unpack", planes.contiguous().numpy(), out.view(-1).numpy()):
+        return out
+    out.zero_()
+    for b in range(planes.shape[0]):
+        out += unpack_spikes(planes[b], shape, dtype) * (1 << b)
+    return out
+
+
+def _call(name: str, *args) -> bool:
+    """Run kernel ``name``; False (with a warning, numba disabled, as :func:`tetsnn.kernels.numba_kernels.call`
+    does) when it cannot build or run."""
+    try:
+        if name not in _KERNELS:
+            _KERNELS[name] = {"pack": _pack_kernel, "unpack": _unpack_kernel}[name]()
+        _KERNELS[name](*args)
+    except Exception as e:  # a failed compile leaves the torch-op path in charge
+        nk.disable()
+        warnings.warn(f"the numba spike-count {name} kernel failed ({type(e).__name__}: {e}); falling back to "
+                      f"torch ops", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def _pack_kernel():
+    numba, np = nk.module(), __import__("numpy")
+    block = nk.PACK_BLOCK
+
+    @numba.njit(parallel=True)
+    def pack(x, levels, out, bad):
+        # x: flat float array of spike counts 0..levels; out[b, j] holds bit b of x[8j .. 8j+7] (x[8j] in
+        # the lowest bit); bad[0] = the number of values that are no such count (NaN included), found in
+        # the same pass. The loops have no branches, so that they vectorise; the bits of a value that is no
+        # count are never used (the caller raises).
+        n, planes = x.shape[0], out.shape[0]
+        lv = x.dtype.type(levels)
+        count = 0
+        for j in numba.prange((n + block - 1) // block):
+            i0 = j * block
+            w = min(block, n - i0)
+            xs = x[i0:i0 + w]
+            flags = np.empty(block, np.uint8)
+            flags[w:] = 0
+            f64 = flags.view(np.uint64)
+            ks = np.empty(w, np.int32)
+            wrong = 0
+            for i in range(w):
+                v = xs[i]
+                wrong += (v < 0) | (v > lv) | (v != np.floor(v))
+                ks[i] = numba.int32(min(max(v, 0), lv))
+            count += wrong
+            nb = (w + 7) // 8
+            for b in range(planes):
+                for i in range(w):
+                    flags[i] = (ks[i] >> b) & 1
+                # eight 0/1 bytes -> one byte: the multiply moves byte k to bit 56 + k (little-endian)
+                o = out[b, i0 // 8:i0 // 8 + nb]
+                for i in range(nb):
+                    o[i] = (f64[i] * np.uint64(0x0102040810204080)) >> np.uint64(56)
+        bad[0] = count
+    return pack
+
+
+def _unpack_kernel():
+    numba, np = nk.module(), __import__("numpy")
+    # byte k of spread[B] is bit k of B
+    spread = np.array([sum(((b >> k) & 1) << (8 * k) for k in range(8)) for b in range(256)], np.uint64)
+
+    @numba.njit(parallel=True)
+    def unpack(p, out):  # out[f] = sum_b bit (f % 8) of p[b, f // 8] * 2**b
+        n, planes = out.shape[0], p.shape[0]
+        for j in numba.prange((n + 7) // 8):
+            acc = np.uint64(0)
+            for b in range(planes):   # each byte of acc gathers one value's bits
+                acc |= spread[p[b, j]] << np.uint64(b)
+            for k in range(min(8, n - 8 * j)):
+                out[8 * j + k] = (acc >> np.uint64(8 * k)) & np.uint64(0xFF)
+    return unpack
