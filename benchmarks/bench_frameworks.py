@@ -542,6 +542,12 @@ def markdown(res: dict) -> str:
             rr = r["rounds_vs_tetsnn"]
             lines.append(f"| {k} | {r['median_s'] * 1e3:,.0f} ms | {r['vs_tetsnn']}x [{rr[0]:.2f}-{rr[-1]:.2f}] | "
                          f"{mib(r['saved_bytes'])} | {r['saved_vs_tetsnn']}x |")
+        if net == "linear":
+            s = res["sizes"][net]
+            loss = 2 * s["batch"] * s["T"] * s["neurons"] * 4
+            lines += ["", f"Every setting's bytes include the {mib(loss)} that the MSE loss keeps (its input, the "
+                          "spikes, and its target); beside them a setting that keeps only the layer's input is at the "
+                          "floor."]
     lines += ["", "### Equal outputs and gradients in float64", "",
               "| network | framework | largest output difference | largest gradient difference (relative) | "
               "compared with |", "|---|---|---|---|---|"]
