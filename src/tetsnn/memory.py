@@ -18,6 +18,10 @@ input with the same deterministic kernels, so every tensor it saves is bit-ident
 first forward saved, and backward, which reads the kept batch statistics and the recomputed
 activations through the unchanged autograd graph, gives the default mode's gradients bit for bit.
 
+The recompute computes only what backward reads (:func:`replaying`): the fused BatchNorm-neuron op that
+forms the block's output saves its tensors without computing (the kept statistics serve backward), and
+a rebuilt spike input hands the kept bits to the operations that pack it, with no second 0/1 check.
+
 Evaluation and no-grad forwards run the block as it is (no hooks, nothing kept). Under
 ``torch.compile`` the graph is traced as in the default mode (docs/decisions.md).
 """
