@@ -536,7 +536,8 @@ def markdown(res: dict) -> str:
              "in one training forward, parameters and buffers excluded.",
              f"Load average (1, 5, 15 min) at the start: {', '.join(f'{v:.1f}' for v in res['load_average'])}."]
     for net, rows in res["measured"].items():
-        lines += ["", f"### {describe(net, res['sizes'][net])}", "",
+        kept = res.get("net_commits", {}).get(net)
+        lines += ["", f"### {describe(net, res['sizes'][net])}" + (f" (kept from the run at commit {kept})" if kept else ""), "",
                   "| setting | step | vs tetsnn | kept for backward | vs tetsnn |", "|---|---|---|---|---|"]
         for k, r in rows.items():
             rr = r["rounds_vs_tetsnn"]
@@ -627,6 +628,13 @@ def main(argv=None) -> int:
                torch_threads=torch.get_num_threads(), versions=versions(), commit=commit(), quick=args.quick,
                rounds=args.rounds, sizes={n: sizes[n] for n in args.nets}, load_average=os.getloadavg(),
                equality={}, measured={})
+    last = Path(__file__).resolve().parent / "results" / f"{NAME}.json"
+    if not args.quick and last.exists():   # the networks not run this time keep their last run, marked with its commit
+        old = json.loads(last.read_text())
+        for net in [n for n in old.get("measured", {}) if n not in args.nets]:
+            res["measured"][net], res["equality"][net] = old["measured"][net], old["equality"].get(net, {})
+            res["sizes"][net] = old["sizes"][net]
+            res.setdefault("net_commits", {})[net] = old.get("net_commits", {}).get(net, old["commit"])
     for net in args.nets:   # each network proven equal, then timed; the results written after each
         res["equality"][net] = check_equal(net)
         bad = {k: r for k, r in res["equality"][net].items() if r["output_max_abs_diff"] > 1e-9
