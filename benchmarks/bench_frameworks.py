@@ -11,8 +11,10 @@ Networks (float32 on the CPU; ``--quick`` shrinks every size to check the script
   scaled down 4x in width and 2x in time for a 2-core CPU, with a narrow input so that the neuron,
   not the matrix product, takes the time.
 
-Settings: tetsnn (default model), its ANN twin (``neuron="relu"``, the same layers with ReLU: the
-floor for this design), SpikingJelly 2.0 (plain, and ``memopt.optimize_memory(level=1)``:
+Settings: tetsnn (default model), tetsnn with ``memory="min"`` (each spiking block keeps only its input,
+as bits where it is spikes, and recomputes the rest in backward; bit-identical to the default mode, so
+it is proven equal to tetsnn's default build; for ``linear`` the Linear + LIF pair is one block), its
+ANN twin (``neuron="relu"``, the same layers with ReLU: the floor for this design), SpikingJelly 2.0 (plain, and ``memopt.optimize_memory(level=1)``:
 checkpointing plus spike compression; levels 2-4 search CUDA memory), snnTorch 1.0 and Norse 1.1.
 Every framework build copies tetsnn's weights and is first proven equal to tetsnn in float64
 (:func:`check_equal`: outputs and every parameter gradient). How each framework's conventions are
@@ -114,15 +116,32 @@ def has(framework: str) -> bool:
 
 # --------------------------------------------------------------------------- tetsnn builds
 
+MIN = "tetsnn memory=min"
+
+
+class LinearBlock(nn.Sequential):
+    """Linear + LIF run as one ``memory`` block (:func:`tetsnn.memory.run_block`): with ``"min"`` it keeps
+    the layer's input (not spikes: kept as it is) and recomputes the rest in backward."""
+
+    def __init__(self, *modules, memory="default"):
+        super().__init__(*modules)
+        self.memory = memory
+
+    def forward(self, x):
+        from tetsnn.memory import run_block
+
+        return run_block(super().forward, x, 0, self.memory, (self,))
+
+
 def tetsnn_model(net: str, sizes: dict, **kw) -> nn.Module:
     """tetsnn's network: a registry model, or Linear + LIF for ``linear`` (batch-first)."""
     from tetsnn import LIF, SeqToANNContainer, create_model, make_neuron
 
     torch.manual_seed(0)
     if net == "linear":
-        neuron = kw.pop("neuron", "lif")
-        return nn.Sequential(SeqToANNContainer(nn.Linear(sizes["input"][0], sizes["neurons"])),
-                             make_neuron(neuron, **kw) if neuron != "lif" else LIF(**kw))
+        neuron, memory = kw.pop("neuron", "lif"), kw.pop("memory", "default")
+        return LinearBlock(SeqToANNContainer(nn.Linear(sizes["input"][0], sizes["neurons"])),
+                           make_neuron(neuron, **kw) if neuron != "lif" else LIF(**kw), memory=memory)
     extra = dict(size=sizes["input"][-1]) if net == "vggsnn" else {}
     return create_model(net, num_classes=10, T=sizes["T"], **extra, **kw)
 
@@ -377,12 +396,13 @@ def loss_fn(net, out, y):
 # --------------------------------------------------------------------------- equality in float64
 
 def check_equal(net: str, frameworks=FRAMEWORKS, sizes=None, memopt=True, snntorch_grads=True,
-                device="cpu") -> dict:
+                device="cpu", tetsnn_min=True) -> dict:
     """Each framework build against tetsnn in float64 on one small batch: the largest output
     difference and the largest parameter-gradient difference relative to the largest gradient.
     snnTorch's reset is always detached, so its gradients are compared with tetsnn's at
     ``detach_reset=True`` (one more tetsnn pass; ``snntorch_grads=False`` compares its outputs only).
-    ``memopt`` adds SpikingJelly with ``memopt.optimize_memory(level=1)``. Frameworks whose
+    ``memopt`` adds SpikingJelly with ``memopt.optimize_memory(level=1)``; ``tetsnn_min`` adds tetsnn's
+    ``memory="min"`` build (bit-identical to the default: both differences are 0). Frameworks whose
     package is absent are left out."""
     sizes = sizes or EQUAL_SIZES[net]
     x, y = make_batch(net, sizes, torch.float64, device, seed=1)
@@ -418,6 +438,16 @@ def check_equal(net: str, frameworks=FRAMEWORKS, sizes=None, memopt=True, snntor
                 res.update(grad_max_rel_diff=max(diffs) / (scale or 1.0),
                            reference="tetsnn, detach_reset=True" if fw == "snntorch" else "tetsnn")
             out[fw if level == 0 else f"{fw} memopt {level}"] = res
+    if tetsnn_min:
+        ref, ref_out = reference(False)
+        low = tetsnn_model(net, sizes, memory="min").to(device, torch.float64).train()
+        low.load_state_dict(tetsnn_model(net, sizes).state_dict())   # the reference's weights, before its step
+        o = low(x)
+        loss_fn(net, o, y).backward()
+        diffs = [(a.grad - b.grad).abs().max().item() for a, b in zip(ref.parameters(), low.parameters(), strict=True)]
+        scale = max(a.grad.abs().max().item() for a in ref.parameters())
+        out[MIN] = dict(output_max_abs_diff=(o - ref_out).abs().max().item(), spikes=int(ref_out.ne(0).sum()),
+                        grad_max_rel_diff=max(diffs) / (scale or 1.0), reference="tetsnn")
     return out
 
 
@@ -431,6 +461,9 @@ def settings(net: str, sizes: dict, x, memopt_levels=(1,), device="cpu", failed=
     ann = tetsnn_model(net, sizes, neuron="relu").to(device).train()
     ann.load_state_dict(src.state_dict())
     out["tetsnn ANN twin (ReLU)"] = ann
+    low = tetsnn_model(net, sizes, memory="min").to(device).train()
+    low.load_state_dict(src.state_dict())
+    out[MIN] = low
     for fw in FRAMEWORKS:
         if not has(fw) or (fw, net) in CANNOT_BUILD:
             continue
@@ -474,7 +507,7 @@ def measure(net: str, sizes: dict, rounds: int, memopt_levels=(1,), device="cpu"
     for k, t in times.items():
         per_round = sorted(a / b for a, b in zip(t, base))
         res[k].update(median_s=round(statistics.median(t), 4), vs_tetsnn=round(statistics.median(per_round), 3),
-                      rounds_vs_tetsnn=[round(v, 3) for v in per_round],
+                      rounds_vs_tetsnn=[round(v, 3) for v in per_round], times_s=[round(v, 4) for v in t],
                       saved_vs_tetsnn=round(res[k]["saved_bytes"] / max(res["tetsnn"]["saved_bytes"], 1), 3))
     print(net, json.dumps({k: (v["vs_tetsnn"], v["saved_vs_tetsnn"]) for k, v in res.items()}), flush=True)
     return res
@@ -503,12 +536,19 @@ def markdown(res: dict) -> str:
              "in one training forward, parameters and buffers excluded.",
              f"Load average (1, 5, 15 min) at the start: {', '.join(f'{v:.1f}' for v in res['load_average'])}."]
     for net, rows in res["measured"].items():
-        lines += ["", f"### {describe(net, res['sizes'][net])}", "",
+        kept = res.get("net_commits", {}).get(net)
+        lines += ["", f"### {describe(net, res['sizes'][net])}" + (f" (kept from the run at commit {kept})" if kept else ""), "",
                   "| setting | step | vs tetsnn | kept for backward | vs tetsnn |", "|---|---|---|---|---|"]
         for k, r in rows.items():
             rr = r["rounds_vs_tetsnn"]
             lines.append(f"| {k} | {r['median_s'] * 1e3:,.0f} ms | {r['vs_tetsnn']}x [{rr[0]:.2f}-{rr[-1]:.2f}] | "
                          f"{mib(r['saved_bytes'])} | {r['saved_vs_tetsnn']}x |")
+        if net == "linear":
+            s = res["sizes"][net]
+            loss = 2 * s["batch"] * s["T"] * s["neurons"] * 4
+            lines += ["", f"Every setting's bytes include the {mib(loss)} that the MSE loss keeps (its input, the "
+                          "spikes, and its target); beside them a setting that keeps only the layer's input is at the "
+                          "floor."]
     lines += ["", "### Equal outputs and gradients in float64", "",
               "| network | framework | largest output difference | largest gradient difference (relative) | "
               "compared with |", "|---|---|---|---|---|"]
@@ -537,6 +577,19 @@ def markdown(res: dict) -> str:
         if twin:
             v = round(1 / twin["vs_tetsnn"], 3) if twin["vs_tetsnn"] else None
             goals.append((f"{net}: tetsnn step vs its ANN twin", "<= 1.00x", f"{v}x", v is not None and v <= 1.0))
+    for net, rows in res["measured"].items():
+        low, others = rows.get(MIN), {k: r for k, r in rows.items() if not k.startswith("tetsnn")}
+        if low is None or not others:
+            continue
+        leanest = min(others, key=lambda k: others[k]["saved_bytes"])
+        v = round(low["saved_bytes"] / max(others[leanest]["saved_bytes"], 1), 3)
+        goals.append((f"{net}: tetsnn memory=min bytes kept vs the leanest other setting ({leanest})", "<= 0.50x",
+                      f"{v}x", v <= 0.5))
+        memopt = f"{LABELS['spikingjelly']}, memopt level 1"
+        if memopt in rows and "times_s" in low:
+            v = round(statistics.median(a / b for a, b in zip(low["times_s"], rows[memopt]["times_s"])), 3)
+            goals.append((f"{net}: tetsnn memory=min step vs {memopt} (median per-round ratio)", "< 1.00x",
+                          f"{v}x", v < 1.0))
     if "linear" in res["measured"]:
         others = [r["vs_tetsnn"] for k, r in res["measured"]["linear"].items() if not k.startswith("tetsnn")]
         if others:
@@ -575,6 +628,13 @@ def main(argv=None) -> int:
                torch_threads=torch.get_num_threads(), versions=versions(), commit=commit(), quick=args.quick,
                rounds=args.rounds, sizes={n: sizes[n] for n in args.nets}, load_average=os.getloadavg(),
                equality={}, measured={})
+    last = Path(__file__).resolve().parent / "results" / f"{NAME}.json"
+    if not args.quick and last.exists():   # the networks not run this time keep their last run, marked with its commit
+        old = json.loads(last.read_text())
+        for net in [n for n in old.get("measured", {}) if n not in args.nets]:
+            res["measured"][net], res["equality"][net] = old["measured"][net], old["equality"].get(net, {})
+            res["sizes"][net] = old["sizes"][net]
+            res.setdefault("net_commits", {})[net] = old.get("net_commits", {}).get(net, old["commit"])
     for net in args.nets:   # each network proven equal, then timed; the results written after each
         res["equality"][net] = check_equal(net)
         bad = {k: r for k, r in res["equality"][net].items() if r["output_max_abs_diff"] > 1e-9

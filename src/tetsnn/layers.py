@@ -10,7 +10,7 @@ from torch import nn
 from .compact import spike_conv2d
 from .kernels.ops import bn_neuron
 from .kernels.plan import Path, plan
-from .memory import check_memory, run_block
+from .memory import check_memory, replaying, run_block
 from .neuron import make_neuron, resolve_surrogate, spike_levels
 from .norm import make_norm
 
@@ -131,10 +131,14 @@ def bn_path(bn: nn.Module, neuron: nn.Module, fuse_bn: bool = True, x: Optional[
     return plan(spec, probe, bn, neuron.backend)
 
 
-def bn_spikes(path: Path, y: torch.Tensor, bn: nn.Module, neuron: nn.Module, T: int, **residual) -> torch.Tensor:
+def bn_spikes(path: Path, y: torch.Tensor, bn: nn.Module, neuron: nn.Module, T: int, output_unused: bool = False,
+              **residual) -> torch.Tensor:
     """Spikes of ``neuron(bn(y))`` by the fused ``path`` (``residual``: ``residual=`` spikes, or ``y2=`` and
-    ``bn2=`` a downsample branch's conv output and BatchNorm)."""
-    return bn_neuron(y, bn, neuron.spec, path.kernel, T, neuron.decay_tensor(), **residual)
+    ``bn2=`` a downsample branch's conv output and BatchNorm). ``output_unused``: the spikes are a block's
+    output, which a ``memory="min"`` recompute discards; there it saves for backward and computes nothing
+    (:func:`tetsnn.memory.replaying`)."""
+    return bn_neuron(y, bn, neuron.spec, path.kernel, T, neuron.decay_tensor(),
+                     saved_only=output_unused and replaying(), **residual)
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -149,13 +153,15 @@ def per_step(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x.flatten(0, 1))
 
 
-def conv_bn_spike(seq: SeqToANNContainer, neuron: nn.Module, x: torch.Tensor, fuse_bn: bool = True) -> torch.Tensor:
+def conv_bn_spike(seq: SeqToANNContainer, neuron: nn.Module, x: torch.Tensor, fuse_bn: bool = True,
+                  output_unused: bool = False) -> torch.Tensor:
     """``neuron(seq(x))`` for ``seq = SeqToANNContainer(conv, batchnorm)``; the BatchNorm runs inside the
-    neuron (keeping only the conv output for backward) where :func:`fuses_bn` allows."""
+    neuron (keeping only the conv output for backward) where :func:`fuses_bn` allows. ``output_unused``:
+    the spikes are a block's output (see :func:`bn_spikes`)."""
     conv, bn = seq.module
     path = bn_path(bn, neuron, fuse_bn, x)
     if path.fuses_bn:
-        return bn_spikes(path, per_step(conv, x), bn, neuron, x.shape[1])
+        return bn_spikes(path, per_step(conv, x), bn, neuron, x.shape[1], output_unused)
     return neuron(seq(x))
 
 
@@ -187,7 +193,7 @@ class Layer(nn.Module):
         self.fuse_bn = fuse_bn
 
     def block(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_bn_spike(self.fwd, self.act, x, self.fuse_bn)
+        return conv_bn_spike(self.fwd, self.act, x, self.fuse_bn, output_unused=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return run_block(self.block, x, self.in_levels, self.memory, (self,))
@@ -207,7 +213,7 @@ class ConvBNSpike(nn.Sequential):
         return run_block(self.block, x, 0, self.memory, (self,))
 
     def block(self, x: torch.Tensor) -> torch.Tensor:
-        x = conv_bn_spike(self[0], self[1], x, self.fuse_bn)
+        x = conv_bn_spike(self[0], self[1], x, self.fuse_bn, output_unused=len(self) == 2)
         for m in list(self)[2:]:
             x = m(x)
         return x

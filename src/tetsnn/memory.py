@@ -18,6 +18,10 @@ input with the same deterministic kernels, so every tensor it saves is bit-ident
 first forward saved, and backward, which reads the kept batch statistics and the recomputed
 activations through the unchanged autograd graph, gives the default mode's gradients bit for bit.
 
+The recompute computes only what backward reads (:func:`replaying`): the fused BatchNorm-neuron op that
+forms the block's output saves its tensors without computing (the kept statistics serve backward), and
+a rebuilt spike input hands the kept bits to the operations that pack it, with no second 0/1 check.
+
 Evaluation and no-grad forwards run the block as it is (no hooks, nothing kept). Under
 ``torch.compile`` the graph is traced as in the default mode (docs/decisions.md).
 """
@@ -31,8 +35,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .compact import pack_levels, unpack_levels
+from .kernels.ops import pack_spikes, remember_packing
 
-__all__ = ["MEMORY", "check_memory", "recomputes", "run_block", "run_sequence", "kept_tensors"]
+__all__ = ["MEMORY", "check_memory", "recomputes", "replaying", "run_block", "run_sequence", "kept_tensors"]
 
 MEMORY = ("default", "min")
 
@@ -53,10 +58,34 @@ def recomputes(memory: str, module: Optional[nn.Module] = None) -> bool:
             and not torch.compiler.is_compiling())
 
 
+_replaying = False   # inside a block's recompute (and not inside a block nested in it)
+
+
+def replaying() -> bool:
+    """Whether this forward is a ``memory="min"`` recompute of a block, whose output is discarded: an
+    operation that forms the block's output may save what it saves for backward and skip the rest
+    (``output_unused`` of :func:`tetsnn.layers.conv_bn_spike`). A block nested in it (run by
+    :func:`run_block` without recomputing) is not replaying: its output is an operand of its caller."""
+    return _replaying
+
+
+class _replay:
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        global _replaying
+        self.before, _replaying = _replaying, self.on
+
+    def __exit__(self, *exc):
+        global _replaying
+        _replaying = self.before
+
+
 class _Block:
     """One block forward's state for backward: the kept input and small tensors, and the recompute."""
 
-    def __init__(self, fn: Callable, modules: Sequence[nn.Module], x: Tensor, levels: int):
+    def __init__(self, fn: Callable, modules: Sequence[nn.Module], x: Tensor, levels: int, made: bool = False):
         self.fn, self.modules = fn, tuple(modules)
         self.levels = levels
         self.meta = (list(x.shape), x.dtype)
@@ -66,7 +95,9 @@ class _Block:
         if levels < 0:
             levels = self.levels = _count_levels(x)
         if levels:
-            self.input = pack_levels(x.detach(), levels)   # bit planes
+            with torch.no_grad():   # x itself (not a detached alias): the block's spike-fed ops reuse the bits
+                self.input = (remember_packing(x, pack_spikes(x)),) if made and levels == 1 else \
+                    pack_levels(x, levels)   # bit planes
             self.storage = None
         else:
             self.input = x.detach()
@@ -102,13 +133,20 @@ class _Block:
 
     def _recompute(self) -> List[Optional[Tensor]]:
         x = self._input().detach().requires_grad_(self.requires_grad)
-        saved: List[Tensor] = []
+        if self.levels == 1:   # 0/1 spikes: an op that packs x gets the kept bits, unchecked
+            remember_packing(x, self.input[0])
+        saved: List[Optional[Tensor]] = []
+
+        kept = self.kept   # (not self: the recompute's graph holds this hook, which must not hold the block)
 
         def record(t):
-            saved.append(t)
-            return len(saved) - 1
+            # what the first forward kept is read from there: free the recomputed twin at once; the rest
+            # detached, so that it does not hold the recompute's graph (and this hook) in a cycle
+            i = len(saved)
+            saved.append(None if i < len(kept) and kept[i] is not None else t.detach())
+            return i
 
-        with torch.enable_grad(), _copied_running_stats(self.modules), \
+        with torch.enable_grad(), _copied_running_stats(self.modules), _replay(True), \
                 torch.autograd.graph.saved_tensors_hooks(record, saved.__getitem__), _autocast(self.autocast):
             self.fn(x)
         if len(saved) != len(self.kept):
@@ -167,15 +205,19 @@ def _count_levels(x: Tensor) -> int:
 
 
 def run_block(fn: Callable[[Tensor], Tensor], x: Tensor, levels: int, memory: str,
-              modules: Sequence[nn.Module]) -> Tensor:
+              modules: Sequence[nn.Module], made: bool = False) -> Tensor:
     """``fn(x)``, a spiking block made of ``modules``; with ``memory="min"`` (in training with gradients)
     it keeps only ``x`` and the small saved tensors, and recomputes the rest in backward (see the module
     docstring). ``levels``: 0 keeps ``x`` as it is; ``L > 0`` declares spike counts 0..L, kept as
     ``ceil(log2(L + 1))`` bit planes; -1 declares non-negative integer counts whose bound this batch
-    tells (a SEW ``ADD`` join), kept as bit planes when they are (as it is otherwise)."""
+    tells (a SEW ``ADD`` join), kept as bit planes when they are (as it is otherwise). ``made``: ``x`` is a
+    spiking layer's output, 0/1 by construction, so ``levels=1`` packs it without checking it."""
+    if _replaying:   # nested in a recompute: this block's output is an operand of its caller
+        with _replay(False):
+            return run_block(fn, x, levels, memory, modules, made)
     if not recomputes(memory, modules[0] if modules else None):
         return fn(x)
-    block = _Block(fn, modules, x, levels)
+    block = _Block(fn, modules, x, levels, made)
     with torch.autograd.graph.saved_tensors_hooks(block.pack, block.unpack):
         return fn(x)
 
@@ -191,7 +233,8 @@ def run_sequence(seq: nn.Sequential, x: Tensor) -> Tensor:
         if hasattr(m, "block") and hasattr(m, "in_levels"):
             if pending and levels and m.memory == "min":
                 pre = tuple(pending)
-                x = run_block(lambda v, pre=pre, m=m: m.block(_chain(pre, v)), x, levels, m.memory, (m,))
+                # x is the spikes of the layer before, made by its neuron: packed without a check
+                x = run_block(lambda v, pre=pre, m=m: m.block(_chain(pre, v)), x, levels, m.memory, (m,), made=True)
             else:
                 x = m(_chain(pending, x))
             pending, levels = [], m.out_levels

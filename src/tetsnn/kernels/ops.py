@@ -47,6 +47,7 @@ from . import torch_kernels as tk
 
 __all__ = ["neuron_spikes", "bn_neuron", "BNOperand", "NO_BN", "flatten_neuron", "unflatten_neuron", "constants",
            "half_to_float", "numba_applies", "pack_spikes", "unpack_spikes", "pack_once", "check_spikes",
+           "remember_packing",
            "lif_forward", "lif_backward", "bn_lif_forward", "bn_lif_backward"]
 
 _aten = torch.ops.aten
@@ -349,16 +350,26 @@ def pack_once(x: Tensor) -> Tensor:
     unmodified tensor (a block's input feeds conv1, the downsample and the residual add)."""
     if torch.compiler.is_compiling():
         return pack_spikes(x)
-    # a contiguous tensor's bits follow its memory, whatever its shape (x and x.flatten(0, 1) share them)
-    layout = ("contiguous", x.numel()) if x.is_contiguous() else (x.shape, x.stride())
-    key = (x.data_ptr(), layout, x.dtype, x.device, x._version)
+    key = _packing_key(x)
     for k, owner, bits in _RECENT:
         if k == key and owner() is not None and bits() is not None:
             return bits()
     check_spikes(x)
-    bits = pack_spikes(x)
+    return remember_packing(x, pack_spikes(x))
+
+
+def _packing_key(x: Tensor):
+    # a contiguous tensor's bits follow its memory, whatever its shape (x and x.flatten(0, 1) share them)
+    layout = ("contiguous", x.numel()) if x.is_contiguous() else (x.shape, x.stride())
+    return (x.data_ptr(), layout, x.dtype, x.device, x._version)
+
+
+def remember_packing(x: Tensor, bits: Tensor) -> Tensor:
+    """Record ``bits`` as ``pack_spikes(x)`` of the 0/1 tensor ``x`` (made by a neuron, or unpacked from
+    ``bits``), so that :func:`pack_once` returns them for ``x`` without checking or packing it again;
+    returns ``bits``."""
     owner = x if x._base is None else x._base  # alive => its memory cannot hold another tensor
-    _RECENT.append((key, weakref.ref(owner), weakref.ref(bits)))
+    _RECENT.append((_packing_key(x), weakref.ref(owner), weakref.ref(bits)))
     del _RECENT[:-_RECENT_SIZE]
     return bits
 
@@ -654,6 +665,26 @@ class _BNNeuronFunction(torch.autograd.Function):
         return _bn_all_grads(ctx, (grad_s,), _bn_input_grad)
 
 
+class _BNNeuronSaved(torch.autograd.Function):
+    """:class:`_BNNeuronFunction`'s saved tensors without its computation (``bn_neuron(saved_only=True)``):
+    the statistics it saves and the spikes it returns are uninitialised tensors of their shapes."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        y, bn, y2, bn2, residual, T, spec, kernel, decay = _bn_unflatten(*inputs)
+        st = torch.float64 if y.dtype == torch.float64 else torch.float32
+
+        def stats(x):
+            empty = y.new_empty(0)
+            return [empty] * 4 if x is None else [x.new_empty((x.shape[1],), dtype=st)] * 2 + [empty] * 2
+        _bn_save(ctx, inputs, [None, *stats(y), *stats(y2)])
+        return y.new_empty((y.shape[0] // T, T, *y.shape[1:]))
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        return _bn_all_grads(ctx, (grad_s,), _bn_input_grad)
+
+
 def _update_running(inputs, output):
     """Copy the op's new running statistics into the buffers it was given."""
     for old, new in ((inputs[3], output[3]), (inputs[4], output[4]), (inputs[10], output[7]), (inputs[11], output[8])):
@@ -793,16 +824,23 @@ def _triton_backward(grad_s, a: SavedBN, b: Optional[SavedBN], bits, T, spec: Ne
 
 
 def bn_neuron(y: Tensor, bn, spec: NeuronSpec, kernel: str, T: int, decay: Optional[Tensor] = None,
-              residual: Optional[Tensor] = None, y2: Optional[Tensor] = None, bn2=None) -> Tensor:
+              residual: Optional[Tensor] = None, y2: Optional[Tensor] = None, bn2=None,
+              saved_only: bool = False) -> Tensor:
     """Spikes of ``neuron(BN(y).view(N, T, ...) [+ BN2(y2) | + residual])`` for ``y = conv(x)`` of shape
     ``[N*T, C, ...]``, with ``bn`` / ``bn2`` training-mode ``nn.BatchNorm`` modules (their running statistics
     and ``num_batches_tracked`` are updated), the neuron described by ``spec`` (with its learnable ``decay``)
     and run by ``kernel`` ("fused" or "triton"). ``residual`` must be 0/1 spikes ``[N, T, C, ...]`` (kept as
-    bits), or for an ILIF neuron its counts (kept as they are)."""
+    bits), or for an ILIF neuron its counts (kept as they are).
+
+    ``saved_only`` (a ``memory="min"`` recompute, which reads the tensors the op saves for backward and
+    nothing else, in eager mode): save what the op saves, with the batch statistics uninitialised (the
+    recompute keeps the first forward's), and return uninitialised spikes; nothing is computed."""
     second = BNOperand.of(bn2) if y2 is not None else NO_BN
     inputs = bn_flatten(y, BNOperand.of(bn), y2, second, residual, T, spec, kernel, decay)
     if decay is None:   # the ops' defaults for what a fixed-decay LIF does not use
         inputs = inputs[:-1]
+    if saved_only and not torch.compiler.is_compiling():
+        return _BNNeuronSaved.apply(*inputs)
     if not torch.compiler.is_compiling():
         return _BNNeuronFunction.apply(*inputs)
     output = bn_lif_forward(*inputs)

@@ -51,8 +51,8 @@ class BasicBlock(nn.Module):
             # the block input is spikes: the fused op keeps it as bits; a downsample keeps its conv output
             y_ds = None if ds is None else per_step(ds.conv, x)
             out = per_step(self.conv2.conv, conv_bn_spike(self.conv1, self.sn1, x))
-            return bn_spikes(path, out, self.conv2.bn, self.sn2, x.shape[1], residual=x if ds is None else None,
-                             y2=y_ds, bn2=None if ds is None else ds.bn)
+            return bn_spikes(path, out, self.conv2.bn, self.sn2, x.shape[1], output_unused=True,
+                             residual=x if ds is None else None, y2=y_ds, bn2=None if ds is None else ds.bn)
         identity = x if ds is None else ds(x)
         out = self.conv2(conv_bn_spike(self.conv1, self.sn1, x, self.fuse_bn))
         return self.sn2(out + identity)

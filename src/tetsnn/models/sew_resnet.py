@@ -58,7 +58,8 @@ class SEWBlock(nn.Module):
     def block(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = conv_bn_spike(self.conv1, self.sn1, x, self.fuse_bn)
-        out = conv_bn_spike(self.conv2, self.sn2, out, self.fuse_bn)
+        # an ADD join saves nothing: a recompute need not form the spikes it adds
+        out = conv_bn_spike(self.conv2, self.sn2, out, self.fuse_bn, output_unused=self.connect == "ADD")
         return sew_connect(identity, out, self.connect)
 
 
