@@ -306,9 +306,26 @@ def pack_spikes(x: Tensor) -> Tensor:
     """uint8 tensor of ``ceil(numel / 8)`` bytes; bit k of byte j is ``x.flatten()[8j + k] != 0``."""
     x = x.contiguous().view(-1)
     out = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
-    if _cpu_fast(x) and nk.call(("pack",), x.numpy(), out.numpy()):
+    if _cpu_fast(x) and nk.call(("pack", False), x.numpy(), out.numpy(), _NO_FLAG):
         return out
     return tk.pack(x, out)
+
+
+_NO_FLAG = __import__("numpy").zeros(1, "uint8")   # the unchecked packing's unused flag
+
+
+def _pack_checked(x: Tensor) -> Tensor:
+    """:func:`pack_spikes` of ``x`` after :func:`check_spikes` (on the CPU in one pass over ``x``)."""
+    if _cpu_fast(x):
+        flat = x.detach().contiguous().view(-1)
+        out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8)
+        bad = torch.zeros(1, dtype=torch.uint8)
+        if nk.call(("pack", True), flat.numpy(), out.numpy(), bad.numpy()):
+            if bad.item():
+                check_spikes(x)   # raises, naming a value
+            return out
+    check_spikes(x)
+    return pack_spikes(x)
 
 
 @pack_spikes.register_fake
@@ -320,7 +337,7 @@ def _(x):
 def unpack_spikes(packed: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
     """The 0/1 tensor of ``shape`` and ``dtype`` that :func:`pack_spikes` packed."""
     out = torch.empty(shape, dtype=dtype, device=packed.device)
-    if _cpu_fast(out) and nk.call(("unpack",), packed.numpy(), out.view(-1).numpy()):
+    if _cpu_fast(out) and nk.call(("unpack",), packed.numpy(), out.view(-1).numpy(), _bit_table(dtype)):
         return out
     return tk.unpack(packed, out)
 
@@ -328,6 +345,17 @@ def unpack_spikes(packed: Tensor, shape: list[int], dtype: torch.dtype) -> Tenso
 @unpack_spikes.register_fake
 def _(packed, shape, dtype):
     return packed.new_empty(shape, dtype=dtype)
+
+
+_BIT_TABLES = {}
+
+
+def _bit_table(dtype):
+    """``[256, 8]`` numpy array in ``dtype``: row b holds the bits of b, lowest first (the unpacking's table)."""
+    if dtype not in _BIT_TABLES:
+        b = torch.arange(256, dtype=torch.int32).unsqueeze(1)
+        _BIT_TABLES[dtype] = ((b >> torch.arange(8, dtype=torch.int32)) & 1).to(dtype).numpy()
+    return _BIT_TABLES[dtype]
 
 
 _RECENT = []  # the latest packings, newest last: (key, weak ref to the owner of the input's memory, weak ref to the bits)
@@ -355,8 +383,7 @@ def pack_once(x: Tensor) -> Tensor:
     for k, owner, bits in _RECENT:
         if k == key and owner() is not None and bits() is not None:
             return bits()
-    check_spikes(x)
-    bits = pack_spikes(x)
+    bits = _pack_checked(x)
     owner = x if x._base is None else x._base  # alive => its memory cannot hold another tensor
     _RECENT.append((key, weakref.ref(owner), weakref.ref(bits)))
     del _RECENT[:-_RECENT_SIZE]
