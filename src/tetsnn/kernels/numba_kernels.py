@@ -272,21 +272,25 @@ def _step_kernel(dynamics: str, hard: bool):
     return params, fire, grad
 
 
-def _integrate_kernel(dynamics: str, hard: bool, decay_input: bool, source: str, fused_madd: bool):
+def _integrate_kernel(dynamics: str, hard: bool, decay_input: bool, source: str, fused_madd: bool,
+                      pack: bool = False):
     """The forward recurrence for one block of neurons (inlined into the kernels below), reading its
-    input through :func:`_load_kernel`."""
+    input through :func:`_load_kernel`; with ``pack`` (0/1 spikes, rows starting at a byte) it also packs
+    each step's spikes into ``bits`` as :func:`_pack_kernel` would, while the row is in cache."""
     numba, np = module(), __import__("numpy")
     rows, value = kernel(("load", source, fused_madd))
     params, fire, _ = kernel(("step", dynamics, hard))
 
     @numba.njit(inline="always")
-    def integrate(src, n, m0, w, c, out, to_h):
+    def integrate(src, n, m0, w, c, out, to_h, bits):
         # neurons m0 .. m0+w of sample n: spikes into out[n, t, m0 + i], or (to_h) pre-reset membranes
         # into out[t, i]
         p = params(c)
-        decay, cin = p[0], p[6]
+        decay, cin, zero = p[0], p[6], p[4]
         u = np.zeros(w, c.dtype)
-        for t in range(src[0].shape[1]):
+        flags = np.empty(w if pack else 8, np.uint8)
+        t_, m_ = src[0].shape[1], src[0].shape[2]
+        for t in range(t_):
             xt = rows(src, n, t, m0, w, c)
             ot = out[t] if to_h else out[n, t, m0:m0 + w]
             for i in range(w):
@@ -294,21 +298,30 @@ def _integrate_kernel(dynamics: str, hard: bool, decay_input: bool, source: str,
                 st, ut = fire(ht, p)
                 u[i] = ut
                 ot[i] = ht if to_h else st
+                if pack:
+                    flags[i] = st != zero
+            if pack:   # eight 0/1 bytes -> one byte: the multiply moves byte k to bit 56 + k
+                f64 = flags.view(np.uint64)
+                o = bits[((n * t_ + t) * m_ + m0) >> 3:]
+                for i in range(w >> 3):
+                    o[i] = (f64[i] * np.uint64(0x0102040810204080)) >> np.uint64(56)
     return integrate
 
 
-def _forward_kernel(dynamics: str, hard: bool, decay_input: bool):
-    """Spikes of ``src = (x,)`` into ``s``; threads over blocks of neurons."""
+def _forward_kernel(dynamics: str, hard: bool, decay_input: bool, source: str = "x", pack: bool = False):
+    """Spikes of the input ``src`` (read as ``source`` says, :func:`_load_kernel`) into ``s``; threads over
+    blocks of neurons. With ``pack`` (0/1 spikes, ``M`` a multiple of 8) also their bits into ``bits``
+    (as :func:`_pack_kernel` packs ``s``)."""
     numba = module()
-    integrate = kernel(("integrate", dynamics, hard, decay_input, "x", False))
+    integrate = kernel(("integrate", dynamics, hard, decay_input, source, False, pack))
     count, at = kernel(("blocks", BLOCK))
 
     @numba.njit(parallel=True)
-    def fwd(src, s, c):
+    def fwd(src, s, c, bits):
         n_, t_, m_ = src[0].shape
         for job in numba.prange(count(n_, m_)):
             n, m0, w = at(job, m_)
-            integrate(src, n, m0, w, c, s, False)
+            integrate(src, n, m0, w, c, s, False, bits)
     return fwd
 
 
@@ -319,7 +332,7 @@ def _backward_kernel(dynamics: str, hard: bool, detach: bool, surrogate: str, de
     numba, np = module(), __import__("numpy")
     kind = SURROGATE_IDS.get(surrogate, 0)
     rows, value = kernel(("load", source, fused_madd))
-    integrate = kernel(("integrate", dynamics, hard, decay_input, source, fused_madd))
+    integrate = kernel(("integrate", dynamics, hard, decay_input, source, fused_madd, False))
     params, fire, grad = kernel(("step", dynamics, hard))
     count, at = kernel(("blocks", BLOCK))
 
@@ -329,7 +342,7 @@ def _backward_kernel(dynamics: str, hard: bool, detach: bool, surrogate: str, de
         for job in numba.prange(count(n_, m_)):
             n, m0, w = at(job, m_)
             h = np.empty((t_, w), c.dtype)
-            integrate(src, n, m0, w, c, h, True)
+            integrate(src, n, m0, w, c, h, True, np.empty(0, np.uint8))
             p = params(c)
             decay, cin, zero = p[0], p[6], p[4]
             gu = np.zeros(w, c.dtype)
