@@ -65,7 +65,7 @@ def call(key, *args) -> bool:
 def kernel(key):
     """The numba kernel ``key = (kind, *flags)``, built on first use."""
     if key not in _KERNELS:
-        build = {"blocks": _blocks_kernel, "load": _load_kernel, "values": _values_kernel, "step": _step_kernel, "integrate": _integrate_kernel,
+        build = {"spikes": _spikes_kernel, "blocks": _blocks_kernel, "load": _load_kernel, "values": _values_kernel, "step": _step_kernel, "integrate": _integrate_kernel,
                  "fwd": _forward_kernel, "bwd": _backward_kernel, "scale_shift": _scale_shift_kernel,
                  "pack": _pack_kernel, "unpack": _unpack_kernel}[key[0]]
         _KERNELS[key] = build(*key[1:])
@@ -120,11 +120,13 @@ def _load_kernel(source: str, fused_madd: bool):
     - ``"bn+bn"``: ``src = (y, a, b, y2, a2, b2)``, the sum of two such outputs;
     - ``"bn+bits"``: ``src = (y, a, b, bits)``, one such output plus 0/1 spikes packed as bits
       (bit ``f % 8`` of byte ``f // 8`` for the flat index ``f`` of ``[n, t, m]``);
-    - ``"bn+x"``: ``src = (y, a, b, r)``, one such output plus the values ``r[n, t, m]`` (ILIF's counts).
+    - ``"bn+x"``: ``src = (y, a, b, r)``, one such output plus the values ``r[n, t, m]`` (ILIF's counts);
+    - ``"x+x"``: ``src = (x, x2)``, the sum of two inputs (a normalised input and its residual).
     """
     numba = module()
     fma = _fma()
     njit = numba.njit(inline="always")
+    spikes = kernel(("spikes",))
 
     @njit
     def bn(y, a, b, i):
@@ -163,17 +165,47 @@ def _load_kernel(source: str, fused_madd: bool):
         @njit
         def value(r, i):
             return bn(r[0], r[1], r[2], i) + r[3][i]
+    elif source == "x+x":
+        @njit
+        def rows(src, n, t, m0, w, c):
+            return src[0][n, t, m0:m0 + w], src[1][n, t, m0:m0 + w]
+
+        @njit
+        def value(r, i):
+            return r[0][i] + r[1][i]
     else:  # "bn+bits"
         @njit
         def rows(src, n, t, m0, w, c):
             f0 = (n * src[0].shape[1] + t) * src[0].shape[2] + m0   # the flat index of neuron m0
-            return (src[0][n, t, m0:m0 + w], src[1][m0:m0 + w], src[2][m0:m0 + w], src[3][f0 >> 3:],
-                    f0 & 7, c[C_ZERO], c[C_ONE])
+            return src[0][n, t, m0:m0 + w], src[1][m0:m0 + w], src[2][m0:m0 + w], spikes(src[3], f0, w, c)
 
         @njit
         def value(r, i):
-            k = r[4] + i
-            return bn(r[0], r[1], r[2], i) + (r[6] if (r[3][k >> 3] >> (k & 7)) & 1 else r[5])
+            return bn(r[0], r[1], r[2], i) + r[3][i]
+    return rows, value
+
+
+def _spikes_kernel():
+    """``spikes(bits, f0, w, c)``: the 0/1 values of bits ``f0 .. f0+w`` (bit ``f % 8`` of byte ``f // 8``)
+    in c's dtype, a byte at a time where ``f0`` starts a byte."""
+    numba, np = module(), __import__("numpy")
+
+    @numba.njit(inline="always")
+    def spikes(bits, f0, w, c):
+        out = np.empty(w, c.dtype)
+        zero, one = c[C_ZERO], c[C_ONE]
+        start = 0
+        if f0 & 7 == 0:
+            start = w & ~7
+            for j in range(w >> 3):
+                byte = bits[(f0 >> 3) + j]
+                for k in range(8):
+                    out[8 * j + k] = one if (byte >> k) & 1 else zero
+        for i in range(start, w):
+            f = f0 + i
+            out[i] = one if (bits[f >> 3] >> (f & 7)) & 1 else zero
+        return out
+    return spikes
     return rows, value
 
 
@@ -240,21 +272,25 @@ def _step_kernel(dynamics: str, hard: bool):
     return params, fire, grad
 
 
-def _integrate_kernel(dynamics: str, hard: bool, decay_input: bool, source: str, fused_madd: bool):
+def _integrate_kernel(dynamics: str, hard: bool, decay_input: bool, source: str, fused_madd: bool,
+                      pack: bool = False):
     """The forward recurrence for one block of neurons (inlined into the kernels below), reading its
-    input through :func:`_load_kernel`."""
+    input through :func:`_load_kernel`; with ``pack`` (0/1 spikes, rows starting at a byte) it also packs
+    each step's spikes into ``bits`` as :func:`_pack_kernel` would, while the row is in cache."""
     numba, np = module(), __import__("numpy")
     rows, value = kernel(("load", source, fused_madd))
     params, fire, _ = kernel(("step", dynamics, hard))
 
     @numba.njit(inline="always")
-    def integrate(src, n, m0, w, c, out, to_h):
+    def integrate(src, n, m0, w, c, out, to_h, bits):
         # neurons m0 .. m0+w of sample n: spikes into out[n, t, m0 + i], or (to_h) pre-reset membranes
         # into out[t, i]
         p = params(c)
-        decay, cin = p[0], p[6]
+        decay, cin, zero = p[0], p[6], p[4]
         u = np.zeros(w, c.dtype)
-        for t in range(src[0].shape[1]):
+        flags = np.empty(w if pack else 8, np.uint8)
+        t_, m_ = src[0].shape[1], src[0].shape[2]
+        for t in range(t_):
             xt = rows(src, n, t, m0, w, c)
             ot = out[t] if to_h else out[n, t, m0:m0 + w]
             for i in range(w):
@@ -262,21 +298,30 @@ def _integrate_kernel(dynamics: str, hard: bool, decay_input: bool, source: str,
                 st, ut = fire(ht, p)
                 u[i] = ut
                 ot[i] = ht if to_h else st
+                if pack:
+                    flags[i] = st != zero
+            if pack:   # eight 0/1 bytes -> one byte: the multiply moves byte k to bit 56 + k
+                f64 = flags.view(np.uint64)
+                o = bits[((n * t_ + t) * m_ + m0) >> 3:]
+                for i in range(w >> 3):
+                    o[i] = (f64[i] * np.uint64(0x0102040810204080)) >> np.uint64(56)
     return integrate
 
 
-def _forward_kernel(dynamics: str, hard: bool, decay_input: bool):
-    """Spikes of ``src = (x,)`` into ``s``; threads over blocks of neurons."""
+def _forward_kernel(dynamics: str, hard: bool, decay_input: bool, source: str = "x", pack: bool = False):
+    """Spikes of the input ``src`` (read as ``source`` says, :func:`_load_kernel`) into ``s``; threads over
+    blocks of neurons. With ``pack`` (0/1 spikes, ``M`` a multiple of 8) also their bits into ``bits``
+    (as :func:`_pack_kernel` packs ``s``)."""
     numba = module()
-    integrate = kernel(("integrate", dynamics, hard, decay_input, "x", False))
+    integrate = kernel(("integrate", dynamics, hard, decay_input, source, False, pack))
     count, at = kernel(("blocks", BLOCK))
 
     @numba.njit(parallel=True)
-    def fwd(src, s, c):
+    def fwd(src, s, c, bits):
         n_, t_, m_ = src[0].shape
         for job in numba.prange(count(n_, m_)):
             n, m0, w = at(job, m_)
-            integrate(src, n, m0, w, c, s, False)
+            integrate(src, n, m0, w, c, s, False, bits)
     return fwd
 
 
@@ -287,7 +332,7 @@ def _backward_kernel(dynamics: str, hard: bool, detach: bool, surrogate: str, de
     numba, np = module(), __import__("numpy")
     kind = SURROGATE_IDS.get(surrogate, 0)
     rows, value = kernel(("load", source, fused_madd))
-    integrate = kernel(("integrate", dynamics, hard, decay_input, source, fused_madd))
+    integrate = kernel(("integrate", dynamics, hard, decay_input, source, fused_madd, False))
     params, fire, grad = kernel(("step", dynamics, hard))
     count, at = kernel(("blocks", BLOCK))
 
@@ -297,7 +342,7 @@ def _backward_kernel(dynamics: str, hard: bool, detach: bool, surrogate: str, de
         for job in numba.prange(count(n_, m_)):
             n, m0, w = at(job, m_)
             h = np.empty((t_, w), c.dtype)
-            integrate(src, n, m0, w, c, h, True)
+            integrate(src, n, m0, w, c, h, True, np.empty(0, np.uint8))
             p = params(c)
             decay, cin, zero = p[0], p[6], p[4]
             gu = np.zeros(w, c.dtype)
@@ -335,17 +380,29 @@ def _scale_shift_kernel(fused_madd: bool):
 
 # --------------------------------------------------------------------------- bit packing
 
-def _pack_kernel():
+def _pack_kernel(check: bool = False):
+    """``pack(x, out, bad)``: ``out[j]`` holds the flags ``x[8j .. 8j+7] != 0``, ``x[8j]`` in the lowest
+    bit. With ``check`` it also sets ``bad[0]`` to 1 where a value is neither 0 nor 1 (in the same pass:
+    a separate check would read the input again); without, ``bad`` is left alone."""
     numba, np = module(), __import__("numpy")
 
     @numba.njit(parallel=True)
-    def pack(x, out):  # x: flat float array; out[j] holds x[8j .. 8j+7], x[8j] in the lowest bit
+    def pack(x, out, bad):  # x: flat float array
         blocks = x.shape[0] // PACK_BLOCK
+        found = np.zeros(blocks + 1, np.uint8)
         for j in numba.prange(blocks):
             flags = np.empty(PACK_BLOCK, np.uint8)
             xs = x[j * PACK_BLOCK:(j + 1) * PACK_BLOCK]
-            for i in range(PACK_BLOCK):
-                flags[i] = xs[i] != 0
+            if check:
+                wrong = 0
+                for i in range(PACK_BLOCK):
+                    v = xs[i]
+                    flags[i] = v != 0
+                    wrong |= (v != 0) & (v != 1)
+                found[j] = wrong
+            else:
+                for i in range(PACK_BLOCK):
+                    flags[i] = xs[i] != 0
             # eight 0/1 bytes -> one byte: the multiply moves byte k to bit 56 + k (little-endian)
             f64 = flags.view(np.uint64)
             o = out[j * (PACK_BLOCK // 8):(j + 1) * (PACK_BLOCK // 8)]
@@ -356,19 +413,29 @@ def _pack_kernel():
                 out[i // 8] = 0
             if x[i] != 0:
                 out[i // 8] |= 1 << (i % 8)
+            if check and x[i] != 1 and x[i] != 0:
+                found[blocks] = 1
+        if check:
+            bad[0] = found.max()
     return pack
 
 
+UNPACK_BLOCK = 512   # bytes per work item of the unpacking
+
+
 def _unpack_kernel():
+    """``unpack(p, out, lut)``: ``out[8j + k]`` = bit k of ``p[j]``, each byte's eight values copied
+    from the table ``lut[256, 8]`` (in out's dtype)."""
     numba = module()
 
     @numba.njit(parallel=True)
-    def unpack(p, out):
+    def unpack(p, out, lut):
         full = out.shape[0] // 8
-        for j in numba.prange(full):
-            b = numba.int32(p[j])
-            for k in range(8):
-                out[8 * j + k] = (b >> k) & 1
+        for jb in numba.prange((full + UNPACK_BLOCK - 1) // UNPACK_BLOCK):
+            for j in range(jb * UNPACK_BLOCK, min(full, (jb + 1) * UNPACK_BLOCK)):
+                row = lut[p[j]]
+                for k in range(8):
+                    out[8 * j + k] = row[k]
         for k in range(out.shape[0] - 8 * full):
-            out[8 * full + k] = (numba.int32(p[full]) >> k) & 1
+            out[8 * full + k] = lut[p[full], k]
     return unpack

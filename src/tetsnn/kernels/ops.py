@@ -113,12 +113,31 @@ def _spikes(x: Tensor, spec: NeuronSpec, kernel: str, decay: Optional[Tensor]) -
         c = constants(spec, x.dtype, x.device, decay)
         return triton_lif.forward(x, c, _triton_hard(spec), spec.dynamics == "ilif")
     if numba_applies(x):
-        x3 = _as3d(x)
-        s = torch.empty_like(x3)
-        key = ("fwd", spec.dynamics, spec.hard, spec.decay_input)
-        if nk.call(key, (x3.numpy(),), s.numpy(), constants(spec, x.dtype, decay=decay).numpy()):
-            return s.view(x.shape)
+        s = _numba_spikes((x,), spec, decay)
+        if s is not None:
+            return s
     return tk.forward(x, spec, _decay_value(spec, decay, x.dtype))[0]
+
+
+def _numba_spikes(terms: Tuple[Tensor, ...], spec: NeuronSpec, decay: Optional[Tensor]) -> Optional[Tensor]:
+    """Spikes (shaped as ``terms[0]``) of the sum of ``terms`` (one or two float32 / float64 tensors of one
+    shape and dtype; the kernel adds them as it reads them) by the numba kernel, or None where it cannot
+    run. Eager calls of a 0/1 neuron whose steps start at a byte (``[N, T, M]`` with ``M % 8 == 0``) also
+    pack the spikes to bits as the kernel writes them; :func:`pack_once` hands those out for the spikes
+    (while they are unmodified) instead of reading them again."""
+    x = terms[0]
+    s = torch.empty(x.shape, dtype=x.dtype)
+    s3 = s.view(s.shape[0], s.shape[1], -1)
+    pack = spec.dynamics == "lif" and s3.shape[2] % 8 == 0 and not torch.compiler.is_compiling()
+    bits = torch.empty(s.numel() // 8, dtype=torch.uint8) if pack else None
+    key = ("fwd", spec.dynamics, spec.hard, spec.decay_input, "x" if len(terms) == 1 else "x+x", pack)
+    src = tuple(_as3d(t).numpy() for t in terms)
+    if not nk.call(key, src, s3.numpy(), constants(spec, x.dtype, decay=decay).numpy(),
+                   _no_flag() if bits is None else bits.numpy()):
+        return None
+    if bits is not None:
+        s._tetsnn_bits = (bits, s._version)
+    return s
 
 
 def _triton_hard(spec: NeuronSpec) -> bool:
@@ -307,9 +326,33 @@ def pack_spikes(x: Tensor) -> Tensor:
     """uint8 tensor of ``ceil(numel / 8)`` bytes; bit k of byte j is ``x.flatten()[8j + k] != 0``."""
     x = x.contiguous().view(-1)
     out = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
-    if _cpu_fast(x) and nk.call(("pack",), x.numpy(), out.numpy()):
+    if _cpu_fast(x) and nk.call(("pack", False), x.numpy(), out.numpy(), _no_flag()):
         return out
     return tk.pack(x, out)
+
+
+_NO_FLAG = []
+
+
+def _no_flag():
+    """A small uint8 array the kernels take where they write no flag or bit."""
+    if not _NO_FLAG:
+        _NO_FLAG.append(torch.zeros(8, dtype=torch.uint8).numpy())
+    return _NO_FLAG[0]
+
+
+def _pack_checked(x: Tensor) -> Tensor:
+    """:func:`pack_spikes` of ``x`` after :func:`check_spikes` (on the CPU in one pass over ``x``)."""
+    if _cpu_fast(x):
+        flat = x.detach().contiguous().view(-1)
+        out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8)
+        bad = torch.zeros(1, dtype=torch.uint8)
+        if nk.call(("pack", True), flat.numpy(), out.numpy(), bad.numpy()):
+            if bad.item():
+                check_spikes(x)   # raises, naming a value
+            return out
+    check_spikes(x)
+    return pack_spikes(x)
 
 
 @pack_spikes.register_fake
@@ -321,7 +364,7 @@ def _(x):
 def unpack_spikes(packed: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
     """The 0/1 tensor of ``shape`` and ``dtype`` that :func:`pack_spikes` packed."""
     out = torch.empty(shape, dtype=dtype, device=packed.device)
-    if _cpu_fast(out) and nk.call(("unpack",), packed.numpy(), out.view(-1).numpy()):
+    if _cpu_fast(out) and nk.call(("unpack",), packed.numpy(), out.view(-1).numpy(), _bit_table(dtype)):
         return out
     return tk.unpack(packed, out)
 
@@ -329,6 +372,17 @@ def unpack_spikes(packed: Tensor, shape: list[int], dtype: torch.dtype) -> Tenso
 @unpack_spikes.register_fake
 def _(packed, shape, dtype):
     return packed.new_empty(shape, dtype=dtype)
+
+
+_BIT_TABLES = {}
+
+
+def _bit_table(dtype):
+    """``[256, 8]`` numpy array in ``dtype``: row b holds the bits of b, lowest first (the unpacking's table)."""
+    if dtype not in _BIT_TABLES:
+        b = torch.arange(256, dtype=torch.int32).unsqueeze(1)
+        _BIT_TABLES[dtype] = ((b >> torch.arange(8, dtype=torch.int32)) & 1).to(dtype).numpy()
+    return _BIT_TABLES[dtype]
 
 
 _RECENT = []  # the latest packings, newest last: (key, weak ref to the owner of the input's memory, weak ref to the bits)
@@ -350,12 +404,16 @@ def pack_once(x: Tensor) -> Tensor:
     unmodified tensor (a block's input feeds conv1, the downsample and the residual add)."""
     if torch.compiler.is_compiling():
         return pack_spikes(x)
+    owner = x if x._base is None else x._base
+    made = getattr(owner, "_tetsnn_bits", None)   # packed by the neuron kernel that wrote the spikes
+    if made is not None and made[1] == owner._version and x.dtype == owner.dtype and x.numel() == owner.numel() \
+            and x.data_ptr() == owner.data_ptr() and x.is_contiguous():
+        return made[0]
     key = _packing_key(x)
-    for k, owner, bits in _RECENT:
-        if k == key and owner() is not None and bits() is not None:
+    for k, alive, bits in _RECENT:
+        if k == key and alive() is not None and bits() is not None:
             return bits()
-    check_spikes(x)
-    return remember_packing(x, pack_spikes(x))
+    return remember_packing(x, _pack_checked(x))
 
 
 def _packing_key(x: Tensor):
@@ -479,12 +537,16 @@ def _bn_forward(y: Tensor, bn: BNOperand, y2: Optional[Tensor], bn2: BNOperand, 
     z, *stats = _normalise(y, bn)
     z = z.view(n, T, *z.shape[1:])
     stats2 = [stats[0].new_empty(0) for _ in range(4)]
+    other = residual
     if y2 is not None:
         z2, *stats2 = _normalise(y2, bn2)
-        z = z + z2.view(n, T, *z2.shape[1:])
-    elif residual is not None:
-        z = z + residual
-    s = neuron_forward_body(z, spec, kernel, decay)
+        other = z2.view(n, T, *z2.shape[1:])
+    s = None
+    if numba_applies(z) and (other is None or (other.dtype == z.dtype and other.shape == z.shape)):
+        # the kernel adds the residual as it reads z: the sum is never written
+        s = _numba_spikes((z,) if other is None else (z, other), spec, decay)
+    if s is None:
+        s = neuron_forward_body(z if other is None else z + other, spec, kernel, decay)
     return [s, *stats, *stats2]
 
 
