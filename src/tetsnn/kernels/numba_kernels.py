@@ -206,7 +206,6 @@ def _spikes_kernel():
             out[i] = one if (bits[f >> 3] >> (f & 7)) & 1 else zero
         return out
     return spikes
-    return rows, value
 
 
 def _values_kernel(source: str, fused_madd: bool):
