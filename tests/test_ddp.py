@@ -116,16 +116,12 @@ def test_resume_across_process_counts_with_signals_in_evaluation_and_before_firs
     """1 process -> 2 -> 1, each resumed at the exact global step. On 2 processes a signal during
     the evaluation abandons it: last.pt holds the trained epoch without its metrics row, and the
     evaluation runs on resume. A signal before the first step saves nothing."""
-    from test_train import _criterion_with
+    from test_train import _criterion_with, sigterm_at
 
     out = tmp_path / "run"
     args = TINY + ["--epochs", "3", "--out", str(out)]
 
-    def sigterm_at_5(k, loss):    # epoch 2, step 2
-        if k == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-    _criterion_with(monkeypatch, sigterm_at_5)
+    _criterion_with(monkeypatch, sigterm_at(5))   # epoch 2, step 2
     assert main(args) == 0
     monkeypatch.undo()
     assert (load_checkpoint(out / "last.pt")["step"], len(read_metrics(out))) == (2, 1)

@@ -53,6 +53,15 @@ def test_default_run_shortened(tmp_path):
     assert not [p for p in run.iterdir() if ".tmp" in p.name]
 
 
+def sigterm_at(step):
+    """An ``on_call`` for :func:`_criterion_with` that sends this process SIGTERM at training step ``step``."""
+    def on_call(k, loss):
+        if k == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+    return on_call
+
+
 def _criterion_with(monkeypatch, on_call):
     """Wrap the training criterion: ``on_call(k, loss)`` sees the k-th training call (1-based)."""
     build = train_mod.build_criterion
@@ -76,11 +85,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch):
     args = QUICK + ["--epochs", "2", "--seed", "7"]
     assert main(args + ["--out", str(tmp_path / "full")]) == 0
 
-    def sigterm_at_6(k, loss):   # 4 steps per epoch: step 6 is the middle of epoch 2
-        if k == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-    _criterion_with(monkeypatch, sigterm_at_6)
+    _criterion_with(monkeypatch, sigterm_at(6))   # 4 steps per epoch: step 6 is the middle of epoch 2
     part = tmp_path / "part"
     assert main(args + ["--out", str(part)]) == 0
     ckpt = load_checkpoint(part / "last.pt")

@@ -4,8 +4,6 @@ attention neurons running at each epoch's T, a SIGTERM in the middle of an epoch
 and training under torchrun with 2 gloo processes. The models are the smallest the architectures allow,
 on the 8x8 digits (``model_kw`` sets their size)."""
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from tetsnn.engine.evaluate import main as evaluate_main
 from tetsnn.engine.train import main
 
 from test_ddp import Torchrun
-from test_train import _criterion_with, read_metrics
+from test_train import _criterion_with, read_metrics, sigterm_at
 
 # model_kw of each model at its smallest: 8x8 grey digits, 16 channels, 2 heads
 TINY = {
@@ -104,11 +102,7 @@ def test_T_schedule_and_sigterm_resume_are_bit_identical(tmp_path, monkeypatch, 
     assert seen == [(1, [(1, 1)])] * 3 + [(2, [(2, 2)])] * 3          # 3 training steps per epoch
     assert [m["T"] for m in read_metrics(tmp_path / "full")] == [1, 2]
 
-    def sigterm_at_5(k, loss):   # epoch 2, step 2
-        if k == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-    _criterion_with(monkeypatch, sigterm_at_5)
+    _criterion_with(monkeypatch, sigterm_at(5))   # epoch 2, step 2
     part = tmp_path / "part"
     assert main(args + ["--out", str(part)]) == 0
     ckpt = load_checkpoint(part / "last.pt")
