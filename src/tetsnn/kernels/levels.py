@@ -9,7 +9,6 @@ check is fused into the packing. Elsewhere the check, then a ``pack_spikes`` per
 """
 from __future__ import annotations
 
-import warnings
 from typing import List
 
 import torch
@@ -19,9 +18,6 @@ from . import numba_kernels as nk
 from .ops import check_spikes, numba_applies, pack_spikes, unpack_spikes
 
 __all__ = ["planes_for", "pack_counts", "unpack_counts"]
-
-_KERNELS = {}   # name -> numba kernel
-
 
 def planes_for(levels: int) -> int:
     """Bits that hold the integers 0..levels: ``ceil(log2(levels + 1))``."""
@@ -36,7 +32,7 @@ def pack_counts(x: Tensor, levels: int) -> Tensor:
     if numba_applies(flat):
         out = torch.empty((planes, (flat.numel() + 7) // 8), dtype=torch.uint8)
         bad = torch.zeros(1, dtype=torch.int64)
-        if _call("pack", flat.numpy(), int(levels), out.numpy(), bad.numpy()):
+        if nk.call(("pack_counts",), flat.numpy(), int(levels), out.numpy(), bad.numpy()):
             if bad.item():
                 check_spikes(x, levels)   # raises, naming a value
             return out
@@ -50,27 +46,12 @@ def unpack_counts(planes: Tensor, shape: List[int], dtype: torch.dtype) -> Tenso
     if planes.shape[0] == 1:
         return unpack_spikes(planes[0], shape, dtype)
     out = torch.empty(shape, dtype=dtype, device=planes.device)
-    if numba_applies(out) and _call("unpack", planes.contiguous().numpy(), out.view(-1).numpy()):
+    if numba_applies(out) and nk.call(("unpack_counts",), planes.contiguous().numpy(), out.view(-1).numpy()):
         return out
     out.zero_()
     for b in range(planes.shape[0]):
         out += unpack_spikes(planes[b], shape, dtype) * (1 << b)
     return out
-
-
-def _call(name: str, *args) -> bool:
-    """Run kernel ``name``; False (with a warning, numba disabled, as :func:`tetsnn.kernels.numba_kernels.call`
-    does) when it cannot build or run."""
-    try:
-        if name not in _KERNELS:
-            _KERNELS[name] = {"pack": _pack_kernel, "unpack": _unpack_kernel}[name]()
-        _KERNELS[name](*args)
-    except Exception as e:  # a failed compile leaves the torch-op path in charge
-        nk.disable()
-        warnings.warn(f"the numba spike-count {name} kernel failed ({type(e).__name__}: {e}); falling back to "
-                      f"torch ops", RuntimeWarning, stacklevel=3)
-        return False
-    return True
 
 
 def _pack_kernel():
@@ -127,3 +108,7 @@ def _unpack_kernel():
             for k in range(min(8, n - 8 * j)):
                 out[8 * j + k] = (acc >> np.uint64(8 * k)) & np.uint64(0xFF)
     return unpack
+
+
+nk.register("pack_counts", _pack_kernel)
+nk.register("unpack_counts", _unpack_kernel)

@@ -56,19 +56,24 @@ def call(key, *args) -> bool:
         kernel(key)(*args)
     except Exception as e:  # a failed compile leaves the torch-op kernels in charge
         disable()
-        warnings.warn(f"the numba LIF kernel failed ({type(e).__name__}: {e}); falling back to torch ops",
+        warnings.warn(f"the numba {key[0]} kernel failed ({type(e).__name__}: {e}); falling back to torch ops",
                       RuntimeWarning, stacklevel=3)
         return False
     return True
 
 
+_BUILDERS = {}   # kind -> builder of the kernel (kind, *flags) from the flags; filled below and by register
+
+
+def register(kind: str, build) -> None:
+    """Make ``build(*flags)`` the builder of the kernels ``(kind, *flags)`` of another kernel module."""
+    _BUILDERS[kind] = build
+
+
 def kernel(key):
     """The numba kernel ``key = (kind, *flags)``, built on first use."""
     if key not in _KERNELS:
-        build = {"spikes": _spikes_kernel, "blocks": _blocks_kernel, "load": _load_kernel, "values": _values_kernel, "step": _step_kernel, "integrate": _integrate_kernel,
-                 "fwd": _forward_kernel, "bwd": _backward_kernel, "scale_shift": _scale_shift_kernel,
-                 "pack": _pack_kernel, "unpack": _unpack_kernel}[key[0]]
-        _KERNELS[key] = build(*key[1:])
+        _KERNELS[key] = _BUILDERS[key[0]](*key[1:])
     return _KERNELS[key]
 
 
@@ -438,3 +443,9 @@ def _unpack_kernel():
         for k in range(out.shape[0] - 8 * full):
             out[8 * full + k] = lut[p[full], k]
     return unpack
+
+
+_BUILDERS.update({"spikes": _spikes_kernel, "blocks": _blocks_kernel, "load": _load_kernel, "values": _values_kernel,
+                  "step": _step_kernel, "integrate": _integrate_kernel, "fwd": _forward_kernel,
+                  "bwd": _backward_kernel, "scale_shift": _scale_shift_kernel, "pack": _pack_kernel,
+                  "unpack": _unpack_kernel})
