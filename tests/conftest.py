@@ -7,6 +7,11 @@ import sys
 
 import pytest
 
+# The numba kernels compiled for one thread: half the compile time, which is most of the time of the
+# kernel tests. test_numba_threads.py shows the kernels compiled for all threads (the default) give the
+# same bits.
+os.environ.setdefault("TETSNN_NUMBA_PARALLEL", "0")
+
 # a few optimizer steps per epoch: enough to exercise every path of the engine in seconds
 QUICK = ["--limit-train", "256", "--limit-test", "128", "--batch-size", "64"]
 

@@ -58,7 +58,7 @@ def _pack_kernel():
     numba, np = nk.module(), __import__("numpy")
     block = nk.PACK_BLOCK
 
-    @numba.njit(parallel=True)
+    @nk.outer_jit()
     def pack(x, levels, out, bad):
         # x: flat float array of spike counts 0..levels; out[b, j] holds bit b of x[8j .. 8j+7] (x[8j] in
         # the lowest bit); bad[0] = the number of values that are no such count (NaN included), found in
@@ -98,7 +98,7 @@ def _unpack_kernel():
     # byte k of spread[B] is bit k of B
     spread = np.array([sum(((b >> k) & 1) << (8 * k) for k in range(8)) for b in range(256)], np.uint64)
 
-    @numba.njit(parallel=True)
+    @nk.outer_jit()
     def unpack(p, out):  # out[f] = sum_b bit (f % 8) of p[b, f // 8] * 2**b
         n, planes = out.shape[0], p.shape[0]
         for j in numba.prange((n + 7) // 8):

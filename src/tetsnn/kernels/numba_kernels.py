@@ -8,7 +8,9 @@ multiply-adds), so forward and backward agree with the loop bit for bit wherever
 
 Kernels are built on first use per configuration key and compiled on their first call; a failed build
 or compile makes :func:`call` return False (the caller then runs the torch-op kernels) and marks numba
-unusable for the process.
+unusable for the process. A kernel's outer loop hands its work items to all threads (``numba.prange``);
+the environment setting ``TETSNN_NUMBA_PARALLEL=0`` compiles the kernels for one thread instead, in
+about half the compile time, with the same results (each work item is computed alone either way).
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ import warnings
 from ..neuron.spec import C_DECAY, C_INPUT, C_K, C_LEVELS, C_ONE, C_THRESHOLD, C_WIDTH, C_ZERO
 from ..surrogate import SURROGATE_IDS, numba_grad
 
-__all__ = ["available", "module", "call", "kernel", "jobs", "BLOCK", "PACK_BLOCK"]
+__all__ = ["available", "module", "call", "kernel", "register", "parallel", "outer_jit", "jobs", "BLOCK",
+           "PACK_BLOCK"]
 
-STATE = {"numba": None}  # the numba module once imported, False when numba is unusable
-_KERNELS = {}  # (kind, *flags) -> numba kernel
+# the numba module once imported (False when numba is unusable); whether outer loops run on all threads
+STATE = {"numba": None, "parallel": None}
+_KERNELS = {}  # ((kind, *flags), parallel) -> numba kernel
 BLOCK = 2048  # neurons per work item
 PACK_BLOCK = 4096  # elements per work item of the bit packing (a multiple of 64)
 
@@ -50,6 +54,20 @@ def disable() -> None:
     STATE["numba"] = False
 
 
+def parallel() -> bool:
+    """Whether the kernels' outer loops run on all threads: yes, unless the environment sets
+    ``TETSNN_NUMBA_PARALLEL=0`` (one thread; compiles in about half the time, for tests and short runs)."""
+    if STATE["parallel"] is None:
+        STATE["parallel"] = os.environ.get("TETSNN_NUMBA_PARALLEL", "").strip() != "0"
+    return STATE["parallel"]
+
+
+def outer_jit(**options):
+    """The decorator of a kernel whose outer loop takes work items with ``numba.prange``: compiled to run
+    them on all threads, or on one (:func:`parallel`)."""
+    return module().njit(parallel=parallel(), **options)
+
+
 def call(key, *args) -> bool:
     """Run kernel ``key`` on ``args``; False (with a warning, numba disabled) when it cannot run."""
     try:
@@ -71,10 +89,11 @@ def register(kind: str, build) -> None:
 
 
 def kernel(key):
-    """The numba kernel ``key = (kind, *flags)``, built on first use."""
-    if key not in _KERNELS:
-        _KERNELS[key] = _BUILDERS[key[0]](*key[1:])
-    return _KERNELS[key]
+    """The numba kernel ``key = (kind, *flags)``, built on first use (per :func:`parallel` setting)."""
+    at = (key, parallel())
+    if at not in _KERNELS:
+        _KERNELS[at] = _BUILDERS[key[0]](*key[1:])
+    return _KERNELS[at]
 
 
 def jobs(n: int, m: int, block: int = BLOCK) -> int:
@@ -320,7 +339,7 @@ def _forward_kernel(dynamics: str, hard: bool, decay_input: bool, source: str = 
     integrate = kernel(("integrate", dynamics, hard, decay_input, source, False, pack))
     count, at = kernel(("blocks", BLOCK))
 
-    @numba.njit(parallel=True)
+    @outer_jit()
     def fwd(src, s, c, bits):
         n_, t_, m_ = src[0].shape
         for job in numba.prange(count(n_, m_)):
@@ -340,7 +359,7 @@ def _backward_kernel(dynamics: str, hard: bool, detach: bool, surrogate: str, de
     params, fire, grad = kernel(("step", dynamics, hard))
     count, at = kernel(("blocks", BLOCK))
 
-    @numba.njit(parallel=True)
+    @outer_jit()
     def bwd(gs, src, gx, gd, c):
         n_, t_, m_ = src[0].shape
         for job in numba.prange(count(n_, m_)):
@@ -390,7 +409,7 @@ def _pack_kernel(check: bool = False):
     a separate check would read the input again); without, ``bad`` is left alone."""
     numba, np = module(), __import__("numpy")
 
-    @numba.njit(parallel=True)
+    @outer_jit()
     def pack(x, out, bad):  # x: flat float array
         blocks = x.shape[0] // PACK_BLOCK
         found = np.zeros(blocks + 1, np.uint8)
@@ -432,7 +451,7 @@ def _unpack_kernel():
     from the table ``lut[256, 8]`` (in out's dtype)."""
     numba = module()
 
-    @numba.njit(parallel=True)
+    @outer_jit()
     def unpack(p, out, lut):
         full = out.shape[0] // 8
         for jb in numba.prange((full + UNPACK_BLOCK - 1) // UNPACK_BLOCK):

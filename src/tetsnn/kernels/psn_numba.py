@@ -22,7 +22,6 @@ from . import numba_kernels as nk
 __all__ = ["available", "forward", "backward"]
 
 _BLOCK = 1024
-_KERNELS = []
 
 
 def available() -> bool:
@@ -35,9 +34,8 @@ def _constants(surrogate: str, width: float, dtype) -> Tensor:
     return torch.tensor([SURROGATE_IDS[surrogate], width, surrogate_constant(surrogate, width)], dtype=dtype)
 
 
-def _kernels():
-    if _KERNELS:
-        return _KERNELS
+def _build():
+    """``(fwd, bwd)``, the kernel pair ``("psn",)`` of :func:`tetsnn.kernels.numba_kernels.kernel`."""
     import numba
     import numpy as np
     count, at = nk.kernel(("blocks", _BLOCK))
@@ -67,7 +65,7 @@ def _kernels():
         for i in range(h.shape[0]):
             h[i] = gs[i] * grad(h[i], kind, width, k, zero, one)
 
-    @numba.njit(parallel=True)
+    @nk.outer_jit()
     def fwd(x, weight, bias, s):
         n_, t_, m_ = x.shape
         for job in numba.prange(count(n_, m_)):
@@ -80,7 +78,7 @@ def _kernels():
                 for i in range(w):
                     st[i] = 1 if ht[i] > 0 else 0
 
-    @numba.njit(parallel=True, fastmath={"reassoc"})  # the sums over a block may be reordered (vectorised)
+    @nk.outer_jit(fastmath={"reassoc"})  # the sums over a block may be reordered (vectorised)
     def bwd(gs, x, weight, bias, c, gx, gw_parts, gb_parts):
         n_, t_, m_ = x.shape
         kind, width, k = int(c[0]), c[1], c[2]
@@ -110,8 +108,10 @@ def _kernels():
                         acc += gt[i] * xj[i]
                     gw_parts[job, t, j] = acc
 
-    _KERNELS.extend((fwd, bwd))
-    return _KERNELS
+    return fwd, bwd
+
+
+nk.register("psn", _build)
 
 
 def applies(x: Tensor, surrogate) -> bool:
@@ -127,7 +127,7 @@ def _np(t: Tensor, dtype):
 
 def forward(x3: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """0/1 spikes ``[N, T, F]`` of ``x3`` (contiguous) mixed by ``weight`` [T, T] and ``bias`` [T, 1]."""
-    fwd, _ = _kernels()
+    fwd, _ = nk.kernel(("psn",))
     s = torch.empty_like(x3)
     fwd(_np(x3, x3.dtype), _np(weight, x3.dtype), _np(bias.reshape(-1), x3.dtype), s.numpy())
     return s
@@ -135,7 +135,7 @@ def forward(x3: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 def backward(grad_s: Tensor, x3: Tensor, weight: Tensor, bias: Tensor, surrogate: str, width: float):
     """``(dL/dx, dL/dW, dL/db)`` for the forward above; ``dL/db`` is ``[T, 1]``."""
-    _, bwd = _kernels()
+    _, bwd = nk.kernel(("psn",))
     n, t, m = x3.shape
     jobs = nk.jobs(n, m, _BLOCK)
     gx = torch.empty_like(x3)
