@@ -4,9 +4,11 @@ machine without a GPU, with the ptxas that the triton wheel bundles.
 Each module of ``tetsnn.kernels`` that launches Triton kernels declares ``AOT_VARIANTS``: a list of
 ``(kernel, signature, constexprs)``, every combination its Python side can launch. The interpreter
 (``TRITON_INTERPRET=1``, used by the other kernel tests) accepts code the compiler rejects, so this
-compiles each declared variant for real. The compiler needs the kernels as ``triton.jit`` objects,
-not the interpreter's, so compiling runs in fresh processes without ``TRITON_INTERPRET`` (one per
-target, in parallel, each with an empty cache).
+compiles each declared variant for real: every one for sm_90 (H100, H200), and for sm_80 a subset in
+which every pair of settings of a kernel (two constexprs, or one and the argument types) that some
+variant combines appears together (:func:`pairwise`). The compiler needs the kernels as ``triton.jit``
+objects, not the interpreter's, so compiling runs in fresh processes without ``TRITON_INTERPRET`` (two,
+in parallel, each with an empty cache, splitting the work).
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-TARGETS = (80, 90)
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -70,20 +71,47 @@ def undeclared_launches(modules, sources, declared) -> list:
                   if is_triton_kernel(obj) and name in launched and id(obj) not in declared_ids)
 
 
-def compile_variants(arch: int) -> list:
-    """Compile every declared variant for ``sm_<arch>``; returns ``[(kernel, constexprs, error)]``."""
+def _settings(signature, constexprs) -> list:
+    return [("types", repr(sorted(signature.items())))] + [(k, repr(v)) for k, v in sorted(constexprs.items())]
+
+
+def pairwise(variants) -> list:
+    """Indices into ``variants`` (``(module, kernel, signature, constexprs)``) of a subset that holds, for
+    each kernel, every pair of settings that some variant of it holds; chosen greedily, in order."""
+    wanted, chosen = {}, []
+    for i, (module, kernel, signature, constexprs) in enumerate(variants):
+        items = _settings(signature, constexprs)
+        wanted[i] = {(id(kernel), a, b) for j, a in enumerate(items) for b in items[j + 1:]}
+    left = set().union(*wanted.values())
+    while left:
+        best = max(wanted, key=lambda i: (len(wanted[i] & left), -i))
+        chosen.append(best)
+        left -= wanted[best]
+    return sorted(chosen)
+
+
+def jobs() -> list:
+    """``(arch, variant index)`` of every compile: all variants for sm_90, the pairwise ones for sm_80."""
+    variants = declared_variants()
+    return [(90, i) for i in range(len(variants))] + [(80, i) for i in pairwise(variants)]
+
+
+def compile_variants(worker: int, workers: int) -> list:
+    """Compile this worker's share of :func:`jobs`; returns ``[(arch, kernel, constexprs, error)]``."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    target = GPUTarget("cuda", arch, 32)
+    variants = declared_variants()
     failures = []
-    for module, kernel, signature, constexprs in declared_variants():
+    for arch, i in jobs()[worker::workers]:
+        module, kernel, signature, constexprs = variants[i]
+        target = GPUTarget("cuda", arch, 32)
         name = f"{module}.{kernel.__name__}"
         try:
             compiled = triton.compile(triton.compiler.ASTSource(kernel, signature, constexprs), target=target)
             assert compiled.asm.get("cubin"), "no cubin produced"
         except Exception as e:  # the compiler's own message is the useful part
-            failures.append((name, repr(constexprs), f"{type(e).__name__}: {e}"))
+            failures.append((arch, name, repr(constexprs), f"{type(e).__name__}: {e}"))
     return failures
 
 
@@ -103,6 +131,9 @@ def _bundled_ptxas():
     return path if path and os.path.isfile(path) and os.access(path, os.X_OK) else None
 
 
+WORKERS = 2
+
+
 @pytest.mark.slow
 def test_every_declared_variant_compiles_for_sm80_and_sm90(tmp_path):
     if _bundled_ptxas() is None:
@@ -111,17 +142,29 @@ def test_every_declared_variant_compiles_for_sm80_and_sm90(tmp_path):
     assert len(variants) >= 32       # the Triton LIF alone: 8 forward + 24 backward variants
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
-    procs = {}
-    for arch in TARGETS:
-        env_arch = {**env, "TRITON_CACHE_DIR": str(tmp_path / f"cache{arch}")}
-        procs[arch] = subprocess.Popen([sys.executable, __file__, str(arch)], env=env_arch, text=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs = [subprocess.Popen([sys.executable, __file__, str(w), str(WORKERS)], text=True,
+                              env={**env, "TRITON_CACHE_DIR": str(tmp_path / f"cache{w}")},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for w in range(WORKERS)]
     failures = []
-    for arch, proc in procs.items():
-        out, err = proc.communicate(timeout=1800)   # a few hundred variants per target on a busy 2-core machine
-        assert proc.returncode == 0, f"the sm_{arch} compile worker crashed:\n{err[-3000:]}"
-        failures += [f"sm_{arch} {name} {consts}: {msg}" for name, consts, msg in json.loads(out.splitlines()[-1])]
+    for w, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=1800)   # a few hundred variants on a busy 2-core machine
+        assert proc.returncode == 0, f"compile worker {w} crashed:\n{err[-3000:]}"
+        failures += [f"sm_{arch} {name} {consts}: {msg}" for arch, name, consts, msg in json.loads(out.splitlines()[-1])]
     assert not failures, "\n\n".join(failures)
+
+
+def test_the_sm80_subset_holds_every_pair_of_settings():
+    variants = declared_variants()
+    chosen = pairwise(variants)
+    assert len(set(chosen)) == len(chosen) < len(variants)
+    for i, (_, kernel, signature, constexprs) in enumerate(variants):
+        items = _settings(signature, constexprs)
+        for j, a in enumerate(items):
+            for b in items[j + 1:]:
+                assert any(variants[c][1] is kernel and {a, b} <= set(_settings(*variants[c][2:])) for c in chosen)
+    # every kernel in it, and every sm_90 compile besides
+    assert {id(variants[c][1]) for c in chosen} == {id(v[1]) for v in variants}
+    assert sorted(i for arch, i in jobs() if arch == 90) == list(range(len(variants)))
 
 
 def test_every_launched_kernel_is_declared():
@@ -147,5 +190,5 @@ def test_signatures_name_every_argument():
         assert {k for k, v in signature.items() if v == "constexpr"} == set(constexprs), f"{module}.{kernel.__name__}"
 
 
-if __name__ == "__main__":   # the compile worker: prints the failures of one target as JSON
-    print(json.dumps(compile_variants(int(sys.argv[1]))))
+if __name__ == "__main__":   # compile worker W of N: prints the failures of its share of the jobs as JSON
+    print(json.dumps(compile_variants(int(sys.argv[1]), int(sys.argv[2]))))
