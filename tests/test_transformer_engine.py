@@ -24,7 +24,7 @@ TINY = {
     "spike_driven_transformer": "{img_size: 8, in_channels: 1, pooling: '0011', embed_dim: 16, heads: 2, depth: 1}",
 }
 # 3 optimizer steps per epoch; 65 test samples (under DDP: 2 evaluation batches on rank 0, 1 on rank 1)
-DATA = ["--limit-train", "192", "--limit-test", "65", "--batch-size", "64", "--seed", "5"]
+DATA = ["--limit-train", "96", "--limit-test", "65", "--batch-size", "32", "--seed", "5"]
 
 
 def args_of(name):
