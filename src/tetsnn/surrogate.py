@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 from typing import Callable, Union
 
+import numpy as np
 import torch
 
 __all__ = ["ZIF", "SigmoidSpike", "AtanSpike", "CustomSpike", "zif", "sigmoid_spike", "atan_spike",
            "zif_grad", "sigmoid_grad", "atan_grad", "SURROGATES", "SURROGATE_IDS", "resolve_surrogate",
-           "surrogate_constant", "numba_grad", "triton_surrogate"]
+           "surrogate_constant", "numba_grad", "numba_surrogate", "triton_surrogate"]
 
 # Each surrogate is the derivative ds/dv of the spike s = H(v), v = u - threshold.
 
@@ -150,15 +151,78 @@ def surrogate_constant(name: str, width: float) -> float:
 # float32 kernel computes in float32 as the torch forms do.
 
 def numba_grad(v, kind, w, k, zero, one):
-    """ds/dv of surrogate ``kind`` (SURROGATE_IDS) at ``v``: the numba kernels inline this function."""
+    """ds/dv of surrogate ``kind`` (SURROGATE_IDS) at ``v``: the numba kernels inline this function
+    (compiled through :func:`numba_surrogate`)."""
     if kind == 0:    # zif: (1/w)^2 * max(0, w - |v|)
         a = w - abs(v)
         return (a if a > zero else zero) * k
     if kind == 1:    # sigmoid: w * sig(w v) * (1 - sig(w v))
-        sg = one / (one + math.exp(-(w * v)))
-        return w * sg * (one - sg)
+        return numba_sigmoid(w * v, w, one)
     z = k * v        # atan: (w/2) / (1 + (pi/2 w v)^2)
     return (w / (one + one)) / (one + z * z)
+
+
+def numba_sigmoid(z, w, one):
+    """``w * sig(z) * (1 - sig(z))`` at ``z = w v`` in float64, as the torch form computes it. In float32
+    the kernels compile :func:`_sigmoid32` instead (:func:`numba_surrogate` registers it)."""
+    sg = one / (one + math.exp(-z))
+    return w * sg * (one - sg)
+
+
+# float32 constants of _exp32: ln 2 split in two (LN2_HI has 9 significant bits, so n * LN2_HI is exact),
+# Cephes' expf polynomial, 1.5 * 2^23 (adding it rounds |t| < 2^22 to an integer, kept in the low bits)
+LOG2E, LN2_HI, LN2_LO, LOW, ROUND = (np.float32(c) for c in (1.4426950408889634, 0.693359375, -2.12194440e-4,
+                                                           -104.0, 12582912.0))
+P0, P1, P2, P3, P4, P5 = (np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                                  4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+
+
+def _exp32(x, one):
+    """``exp(x)`` of a float32 ``x <= 0`` (or nan), in operations LLVM vectorises (``math.exp`` is a scalar
+    libm call): ``x = n ln2 + r``, ``|r| <= ln2 / 2``, ``exp(r)`` by a degree-7 polynomial, ``2^n`` built
+    from exponent bits in two halves so that results down to the subnormals round once. Within 2 ulp of
+    the exact value (tests/test_surrogate_exp.py); ``x < -104`` gives 0, nan stays nan."""
+    x = x if not x < LOW else LOW                  # not (x < LOW): nan passes through
+    t = x * LOG2E + ROUND
+    n = _as_int(t) - _as_int(ROUND)                # round(x / ln2), in [-150, 0]
+    fn = t - ROUND
+    r = (x - fn * LN2_HI) - fn * LN2_LO
+    p = (((((P0 * r + P1) * r + P2) * r + P3) * r + P4) * r + P5) * (r * r) + r + one
+    h = n >> 1                                     # 2^n = 2^h * 2^(n - h), both halves normal floats
+    return (p * _as_float((h + 127) << 23)) * _as_float((n - h + 127) << 23)
+
+
+def _sigmoid32(z, w, one):
+    """:func:`numba_sigmoid` in float32: ``sig(-|z|) = e / (1 + e)``, ``e = exp(-|z|)`` by :func:`_exp32`
+    (the derivative is even in z; on this side neither ``1 - sig`` cancels nor exp overflows)."""
+    e = _exp32(-abs(z), one)
+    sg = e / (one + e)
+    return w * sg * (one - sg)
+
+
+_NUMBA = []
+
+
+def numba_surrogate():
+    """:func:`numba_grad` as an inlined ``numba.njit`` function, :func:`numba_sigmoid` compiled as
+    :func:`_sigmoid32` for float32 (imports numba on first call)."""
+    if not _NUMBA:
+        import numba
+        from numba import types
+
+        def bitcast(src, dst):
+            @numba.extending.intrinsic
+            def cast(typingctx, a):
+                return dst(src), lambda context, builder, sig, args: builder.bitcast(
+                    args[0], context.get_value_type(dst))
+            return cast
+        globals().update(_as_int=bitcast(types.float32, types.int32), _as_float=bitcast(types.int32, types.float32))
+        overload = numba.extending.overload
+        overload(_exp32, inline="always")(lambda x, one: _exp32)
+        overload(numba_sigmoid, inline="always")(
+            lambda z, w, one: _sigmoid32 if z == types.float32 else numba_sigmoid)
+        _NUMBA.append(numba.njit(inline="always")(numba_grad))
+    return _NUMBA[0]
 
 
 def _triton_grad(v, w, k, KIND: tl.constexpr):  # noqa: F821 - tl is bound by triton_surrogate()
