@@ -171,8 +171,8 @@ def numba_sigmoid(z, w, one):
 
 # float32 constants of _exp32: ln 2 split in two (LN2_HI has 9 significant bits, so n * LN2_HI is exact),
 # Cephes' expf polynomial, 1.5 * 2^23 (adding it rounds |t| < 2^22 to an integer, kept in the low bits)
-LOG2E, LN2_HI, LN2_LO, LOW, ROUND = (np.float32(c) for c in (1.4426950408889634, 0.693359375, -2.12194440e-4,
-                                                           -104.0, 12582912.0))
+LOG2E, LN2_HI, LN2_LO, LOW, ROUND, TWO_M64 = (np.float32(c) for c in (
+    1.4426950408889634, 0.693359375, -2.12194440e-4, -104.0, 12582912.0, 2.0 ** -64))
 P0, P1, P2, P3, P4, P5 = (np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
                                                   4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
 
@@ -180,16 +180,16 @@ P0, P1, P2, P3, P4, P5 = (np.float32(c) for c in (1.9875691500e-4, 1.3981999507e
 def _exp32(x, one):
     """``exp(x)`` of a float32 ``x <= 0`` (or nan), in operations LLVM vectorises (``math.exp`` is a scalar
     libm call): ``x = n ln2 + r``, ``|r| <= ln2 / 2``, ``exp(r)`` by a degree-7 polynomial, ``2^n`` built
-    from exponent bits in two halves so that results down to the subnormals round once. Within 2 ulp of
+    from exponent bits. Within 2 ulp of
     the exact value (tests/test_surrogate_exp.py); ``x < -104`` gives 0, nan stays nan."""
     x = x if not x < LOW else LOW                  # not (x < LOW): nan passes through
-    t = x * LOG2E + ROUND
-    n = _as_int(t) - _as_int(ROUND)                # round(x / ln2), in [-150, 0]
+    t = x * LOG2E + ROUND                          # n = round(x / ln2) in [-150, 0]: t = ROUND + n
     fn = t - ROUND
     r = (x - fn * LN2_HI) - fn * LN2_LO
     p = (((((P0 * r + P1) * r + P2) * r + P3) * r + P4) * r + P5) * (r * r) + r + one
-    h = n >> 1                                     # 2^n = 2^h * 2^(n - h), both halves normal floats
-    return (p * _as_float((h + 127) << 23)) * _as_float((n - h + 127) << 23)
+    # 2^n = 2^(n + 64) * 2^-64: the first a normal float (exponent bits n + 64 + 127; the low bits of t
+    # are ROUND's plus n, and ROUND's vanish in the shift), so a subnormal result rounds once
+    return (p * _as_float((_as_int(t) + 191) << 23)) * TWO_M64
 
 
 def _sigmoid32(z, w, one):
