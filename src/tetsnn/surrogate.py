@@ -169,27 +169,29 @@ def numba_sigmoid(z, w, one):
     return w * sg * (one - sg)
 
 
-# float32 constants of _exp32: ln 2 split in two (LN2_HI has 9 significant bits, so n * LN2_HI is exact),
-# Cephes' expf polynomial, 1.5 * 2^23 (adding it rounds |t| < 2^22 to an integer, kept in the low bits)
-LOG2E, LN2_HI, LN2_LO, LOW, ROUND, TWO_M64 = (np.float32(c) for c in (
+# float32 constants of _exp32: log2(e); ln 2 in two parts (_LN2_HI has 9 significant bits, so n * _LN2_HI is
+# exact); the lowest argument with a nonzero result; 1.5 * 2^23 (adding it rounds |t| < 2^22 to an
+# integer, kept in the low bits); 2^-64; Cephes' expf polynomial
+_LOG2E, _LN2_HI, _LN2_LO, _LOW, _ROUND, _TWO_M64 = (np.float32(c) for c in (
     1.4426950408889634, 0.693359375, -2.12194440e-4, -104.0, 12582912.0, 2.0 ** -64))
-P0, P1, P2, P3, P4, P5 = (np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
-                                                  4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+_P = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                                   1.6666665459e-1, 5.0000001201e-1))
 
 
 def _exp32(x, one):
-    """``exp(x)`` of a float32 ``x <= 0`` (or nan), in operations LLVM vectorises (``math.exp`` is a scalar
-    libm call): ``x = n ln2 + r``, ``|r| <= ln2 / 2``, ``exp(r)`` by a degree-7 polynomial, ``2^n`` built
-    from exponent bits. Within 2 ulp of
-    the exact value (tests/test_surrogate_exp.py); ``x < -104`` gives 0, nan stays nan."""
-    x = x if not x < LOW else LOW                  # not (x < LOW): nan passes through
-    t = x * LOG2E + ROUND                          # n = round(x / ln2) in [-150, 0]: t = ROUND + n
-    fn = t - ROUND
-    r = (x - fn * LN2_HI) - fn * LN2_LO
-    p = (((((P0 * r + P1) * r + P2) * r + P3) * r + P4) * r + P5) * (r * r) + r + one
-    # 2^n = 2^(n + 64) * 2^-64: the first a normal float (exponent bits n + 64 + 127; the low bits of t
-    # are ROUND's plus n, and ROUND's vanish in the shift), so a subnormal result rounds once
-    return (p * _as_float((_as_int(t) + 191) << 23)) * TWO_M64
+    """``exp(x)`` of a float32 ``x <= 0`` (or nan) in operations LLVM vectorises (``math.exp`` is a scalar
+    libm call): ``x = n ln2 + r``, ``|r| <= ln2 / 2``, ``exp(r)`` by a degree-7 polynomial, ``2^n`` from
+    exponent bits. Within one ulp of the exact value (tests/test_surrogate_exp.py), whether or not the
+    target fuses the multiply-adds (``_madd``: LLVM's ``fmuladd``); ``x < -104`` gives 0, nan stays nan."""
+    x = x if not x < _LOW else _LOW                # not (x < _LOW): nan passes through
+    t = _madd(x, _LOG2E, _ROUND)                   # t = _ROUND + n, n = round(x / ln2) in [-150, 0]
+    fn = t - _ROUND
+    r = _madd(-fn, _LN2_LO, _madd(-fn, _LN2_HI, x))
+    p0, p1, p2, p3, p4, p5 = _P
+    p = _madd(_madd(_madd(_madd(_madd(_madd(p0, r, p1), r, p2), r, p3), r, p4), r, p5), r * r, r) + one
+    # 2^n = 2^(n + 64) * 2^-64: the first a normal float, exponent bits n + 64 + 127 (t's bits are _ROUND's
+    # plus n, and _ROUND's leave the int32 in the shift), so a subnormal result rounds once
+    return (p * _as_float((_as_int(t) + 191) << 23)) * _TWO_M64
 
 
 def _sigmoid32(z, w, one):
@@ -200,23 +202,40 @@ def _sigmoid32(z, w, one):
     return w * sg * (one - sg)
 
 
+def _numba_intrinsics(numba):
+    """The LLVM operations :func:`_exp32` needs that numba has no spelling for: ``_as_int`` / ``_as_float``
+    (float32 <-> int32 bit casts) and ``_madd(a, b, c)`` (``a * b + c``, fused where the target has FMA)."""
+    import llvmlite.ir
+    from numba import types
+
+    def bitcast(src, dst):
+        @numba.extending.intrinsic
+        def cast(typingctx, a):
+            return dst(src), lambda context, builder, sig, args: builder.bitcast(args[0],
+                                                                               context.get_value_type(dst))
+        return cast
+
+    @numba.extending.intrinsic
+    def madd(typingctx, a, b, c):
+        def codegen(context, builder, sig, args):
+            ty = args[0].type
+            f = builder.module.declare_intrinsic("llvm.fmuladd", [ty], llvmlite.ir.FunctionType(ty, [ty] * 3))
+            return builder.call(f, args)
+        return a(a, b, c), codegen
+    return dict(_as_int=bitcast(types.float32, types.int32), _as_float=bitcast(types.int32, types.float32),
+                _madd=madd)
+
+
 _NUMBA = []
 
 
 def numba_surrogate():
-    """:func:`numba_grad` as an inlined ``numba.njit`` function, :func:`numba_sigmoid` compiled as
+    """:func:`numba_grad` as an inlined ``numba.njit`` function, with :func:`numba_sigmoid` compiled as
     :func:`_sigmoid32` for float32 (imports numba on first call)."""
     if not _NUMBA:
         import numba
         from numba import types
-
-        def bitcast(src, dst):
-            @numba.extending.intrinsic
-            def cast(typingctx, a):
-                return dst(src), lambda context, builder, sig, args: builder.bitcast(
-                    args[0], context.get_value_type(dst))
-            return cast
-        globals().update(_as_int=bitcast(types.float32, types.int32), _as_float=bitcast(types.int32, types.float32))
+        globals().update(_numba_intrinsics(numba))
         overload = numba.extending.overload
         overload(_exp32, inline="always")(lambda x, one: _exp32)
         overload(numba_sigmoid, inline="always")(
