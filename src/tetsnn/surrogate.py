@@ -18,11 +18,12 @@ from __future__ import annotations
 import math
 from typing import Callable, Union
 
+import numpy as np
 import torch
 
 __all__ = ["ZIF", "SigmoidSpike", "AtanSpike", "CustomSpike", "zif", "sigmoid_spike", "atan_spike",
            "zif_grad", "sigmoid_grad", "atan_grad", "SURROGATES", "SURROGATE_IDS", "resolve_surrogate",
-           "surrogate_constant", "numba_grad", "triton_surrogate"]
+           "surrogate_constant", "numba_grad", "numba_surrogate", "triton_surrogate"]
 
 # Each surrogate is the derivative ds/dv of the spike s = H(v), v = u - threshold.
 
@@ -150,15 +151,97 @@ def surrogate_constant(name: str, width: float) -> float:
 # float32 kernel computes in float32 as the torch forms do.
 
 def numba_grad(v, kind, w, k, zero, one):
-    """ds/dv of surrogate ``kind`` (SURROGATE_IDS) at ``v``: the numba kernels inline this function."""
+    """ds/dv of surrogate ``kind`` (SURROGATE_IDS) at ``v``: the numba kernels inline this function
+    (compiled through :func:`numba_surrogate`)."""
     if kind == 0:    # zif: (1/w)^2 * max(0, w - |v|)
         a = w - abs(v)
         return (a if a > zero else zero) * k
     if kind == 1:    # sigmoid: w * sig(w v) * (1 - sig(w v))
-        sg = one / (one + math.exp(-(w * v)))
-        return w * sg * (one - sg)
+        return numba_sigmoid(w * v, w, one)
     z = k * v        # atan: (w/2) / (1 + (pi/2 w v)^2)
     return (w / (one + one)) / (one + z * z)
+
+
+def numba_sigmoid(z, w, one):
+    """``w * sig(z) * (1 - sig(z))`` at ``z = w v`` in float64, as the torch form computes it. In float32
+    the kernels compile :func:`_sigmoid32` instead (:func:`numba_surrogate` registers it)."""
+    sg = one / (one + math.exp(-z))
+    return w * sg * (one - sg)
+
+
+# float32 constants of _exp32: log2(e); ln 2 in two parts (_LN2_HI has 9 significant bits, so n * _LN2_HI is
+# exact); the lowest argument with a nonzero result; 1.5 * 2^23 (adding it rounds |t| < 2^22 to an
+# integer, kept in the low bits); 2^-64; Cephes' expf polynomial
+_LOG2E, _LN2_HI, _LN2_LO, _LOW, _ROUND, _TWO_M64 = (np.float32(c) for c in (
+    1.4426950408889634, 0.693359375, -2.12194440e-4, -104.0, 12582912.0, 2.0 ** -64))
+_P = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                                   1.6666665459e-1, 5.0000001201e-1))
+
+
+def _exp32(x, one):
+    """``exp(x)`` of a float32 ``x <= 0`` (or nan) in operations LLVM vectorises (``math.exp`` is a scalar
+    libm call): ``x = n ln2 + r``, ``|r| <= ln2 / 2``, ``exp(r)`` by a degree-7 polynomial, ``2^n`` from
+    exponent bits. Within one ulp of the exact value (tests/test_surrogate_exp.py), whether or not the
+    target fuses the multiply-adds (``_madd``: LLVM's ``fmuladd``); ``x < -104`` gives 0, nan stays nan."""
+    x = x if not x < _LOW else _LOW                # not (x < _LOW): nan passes through
+    t = _madd(x, _LOG2E, _ROUND)                   # t = _ROUND + n, n = round(x / ln2) in [-150, 0]
+    fn = t - _ROUND
+    r = _madd(-fn, _LN2_LO, _madd(-fn, _LN2_HI, x))
+    p0, p1, p2, p3, p4, p5 = _P
+    p = _madd(_madd(_madd(_madd(_madd(_madd(p0, r, p1), r, p2), r, p3), r, p4), r, p5), r * r, r) + one
+    # 2^n = 2^(n + 64) * 2^-64: the first a normal float, exponent bits n + 64 + 127 (t's bits are _ROUND's
+    # plus n, and _ROUND's leave the int32 in the shift), so a subnormal result rounds once
+    return (p * _as_float((_as_int(t) + 191) << 23)) * _TWO_M64
+
+
+def _sigmoid32(z, w, one):
+    """:func:`numba_sigmoid` in float32: ``sig(-|z|) = e / (1 + e)``, ``e = exp(-|z|)`` by :func:`_exp32`
+    (the derivative is even in z; on this side neither ``1 - sig`` cancels nor exp overflows)."""
+    e = _exp32(-abs(z), one)
+    sg = e / (one + e)
+    return w * sg * (one - sg)
+
+
+def _numba_intrinsics(numba):
+    """The LLVM operations :func:`_exp32` needs that numba has no spelling for: ``_as_int`` / ``_as_float``
+    (float32 <-> int32 bit casts) and ``_madd(a, b, c)`` (``a * b + c``, fused where the target has FMA)."""
+    import llvmlite.ir
+    from numba import types
+
+    def bitcast(src, dst):
+        @numba.extending.intrinsic
+        def cast(typingctx, a):
+            return dst(src), lambda context, builder, sig, args: builder.bitcast(args[0],
+                                                                               context.get_value_type(dst))
+        return cast
+
+    @numba.extending.intrinsic
+    def madd(typingctx, a, b, c):
+        def codegen(context, builder, sig, args):
+            ty = args[0].type
+            f = builder.module.declare_intrinsic("llvm.fmuladd", [ty], llvmlite.ir.FunctionType(ty, [ty] * 3))
+            return builder.call(f, args)
+        return a(a, b, c), codegen
+    return dict(_as_int=bitcast(types.float32, types.int32), _as_float=bitcast(types.int32, types.float32),
+                _madd=madd)
+
+
+_NUMBA = []
+
+
+def numba_surrogate():
+    """:func:`numba_grad` as an inlined ``numba.njit`` function, with :func:`numba_sigmoid` compiled as
+    :func:`_sigmoid32` for float32 (imports numba on first call)."""
+    if not _NUMBA:
+        import numba
+        from numba import types
+        globals().update(_numba_intrinsics(numba))
+        overload = numba.extending.overload
+        overload(_exp32, inline="always")(lambda x, one: _exp32)
+        overload(numba_sigmoid, inline="always")(
+            lambda z, w, one: _sigmoid32 if z == types.float32 else numba_sigmoid)
+        _NUMBA.append(numba.njit(inline="always")(numba_grad))
+    return _NUMBA[0]
 
 
 def _triton_grad(v, w, k, KIND: tl.constexpr):  # noqa: F821 - tl is bound by triton_surrogate()

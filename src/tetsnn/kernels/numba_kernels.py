@@ -18,7 +18,7 @@ import os
 import warnings
 
 from ..neuron.spec import C_DECAY, C_INPUT, C_K, C_LEVELS, C_ONE, C_THRESHOLD, C_WIDTH, C_ZERO
-from ..surrogate import SURROGATE_IDS, numba_grad
+from ..surrogate import SURROGATE_IDS, numba_surrogate
 
 __all__ = ["available", "module", "call", "kernel", "register", "parallel", "outer_jit", "jobs", "BLOCK",
            "PACK_BLOCK"]
@@ -255,7 +255,7 @@ def _step_kernel(dynamics: str, hard: bool):
     kind, detach) -> dL/dh`` from dL/ds and dL/du (the BPTT step; see :mod:`tetsnn.kernels.ops`)."""
     numba, np = module(), __import__("numpy")
     njit = numba.njit(inline="always")
-    sgrad = njit(numba_grad)
+    sgrad = numba_surrogate()
 
     @njit
     def params(c):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..surrogate import SURROGATE_IDS, numba_grad, surrogate_constant
+from ..surrogate import SURROGATE_IDS, numba_surrogate, surrogate_constant
 from . import numba_kernels as nk
 
 __all__ = ["available", "forward", "backward"]
@@ -55,7 +55,7 @@ def _build():
                 for i in range(w):
                     ht[i] += wj * xj[i]
 
-    grad = numba.njit(inline="always")(numba_grad)
+    grad = numba_surrogate()
 
     @numba.njit(inline="always")
     def surrogate(kind, h, gs, width, k):
