@@ -260,10 +260,10 @@ def test_stop_before_the_first_step_prints_a_command_that_works(tmp_path):
     hint = re.search(r"continue with: tetsnn (.*)$", out, re.M)
     assert hint and "before the first step" in out, out
     resumed = _cli(hint.group(1).split(), tmp_path / "b")
+    whole = _cli(args + ["--out", str(tmp_path / "whole")], tmp_path)   # beside it, one thread each
     out2, err2 = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err2
     assert "final test accuracy" in out2
-    whole = _cli(args + ["--out", str(tmp_path / "whole")], tmp_path)
     assert whole.communicate(timeout=300)[0] and whole.returncode == 0
     a = load_checkpoint(tmp_path / "a" / "early" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "whole" / "last.pt")["model"]
