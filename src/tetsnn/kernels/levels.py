@@ -48,7 +48,7 @@ def pack_counts(x: Tensor, levels: int, checked: bool = True) -> Tensor:
 def unpack_counts(planes: Tensor, shape: List[int], dtype: torch.dtype) -> Tensor:
     """The spike counts of :func:`pack_counts`' planes as a ``shape`` tensor of ``dtype`` (torch ops alone
     while torch.compile traces)."""
-    if not torch.compiler.is_compiling():
+    if planes.shape[0] > 1 and not torch.compiler.is_compiling():
         out = torch.empty(shape, dtype=dtype, device=planes.device)
         if numba_applies(out) and nk.call(("unpack_counts",), planes.contiguous().numpy(), out.view(-1).numpy()):
             return out
