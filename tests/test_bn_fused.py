@@ -392,7 +392,7 @@ def test_eager_path_equals_the_op():
             args = (*leaves[:3], running[0], running[1], 0.1, 1e-5, *second,
                     leaves[6] if residual is not None else None, *lif)
             if eager:
-                s = bn_fused._BNNeuronFunction.apply(*args)
+                s = bn_fused._BNNeuronFunction.apply(*args, None)   # no SpikePacking
                 stats = running if downsample else running[:2]      # updated in place
             else:
                 out = torch.ops.tetsnn.bn_lif_forward(*args)

@@ -216,3 +216,45 @@ def test_channels_last_conv_gradients_bit_identical():
     plain(xb).backward(g)
     assert torch.equal(xa.grad, xb.grad)
     assert torch.equal(compact_conv.weight.grad, plain.weight.grad)
+
+
+def _made(t):
+    """What the neuron kernel left on its spikes: (packed bits or None), or None without a link."""
+    made = getattr(t, "_tetsnn_bits", None)
+    return None if made is None else made.bits
+
+
+@pytest.mark.skipif(not ops.nk.available(), reason="numba is not importable")
+@pytest.mark.parametrize("memory", ["default", "min"])
+def test_neuron_packs_its_spikes_only_for_a_spike_fed_layer(memory):
+    # a neuron's kernel packs its spikes as it writes them once a spike-fed layer has taken their bits;
+    # the last neuron (its spikes feed a plain linear layer and the loss) never packs
+    tetsnn.seed_all(0)
+    first = Layer(2, 8, memory=memory)                      # conv + BatchNorm fused into the LIF
+    second = Layer(8, 8, spikes=True, memory=memory)        # spike-fed: takes the bits of first's spikes
+    lif, fc, head = LIF(), SpikeLinear(8 * 4 * 4, 16), nn.Linear(16, 3)   # LIF module -> spike-fed -> plain
+    last = LIF()
+    x = torch.rand(2, 3, 2, 4, 4) * 2
+
+    def step():
+        for m in (first, second, fc, head):
+            m.zero_grad()
+        s1 = first(x)
+        s2 = second(s1)
+        s3 = lif(s2.flatten(2) * 2 - 0.5)
+        s4 = last(fc(s3))
+        head(s4).pow(2).sum().backward()
+        grads = [p.grad.clone() for m in (first, second, fc, head) for p in m.parameters()]
+        return (s1, s3, s4), grads
+
+    (s1, s3, s4), grads = step()
+    # first step: no layer had asked yet, so no neuron packed; the spike-fed layers packed for themselves
+    assert _made(s1) is None and _made(s3) is None and _made(s4) is None
+    assert first.act.packing.on and lif.packing.on and not second.act.packing.on and not last.packing.on
+    (s1, s3, s4), again = step()
+    assert torch.equal(_made(s1), pack_spikes(s1)) and torch.equal(_made(s3), pack_spikes(s3))
+    assert _made(s4) is None and not last.packing.on and not second.act.packing.on
+    assert len(grads) == len(again) and all(torch.equal(a, b) for a, b in zip(grads, again))
+    # without gradients nothing packs the spikes, so neither does the kernel
+    with torch.no_grad():
+        assert not hasattr(lif(x.flatten(2).repeat(1, 1, 4)), "_tetsnn_bits")

@@ -13,8 +13,9 @@ from torch import nn  # noqa: E402
 
 import tetsnn  # noqa: E402
 from tetsnn import ILIF  # noqa: E402
-from tetsnn.compact import SpikeConv2d, SpikeLinear, bits_per_value  # noqa: E402
+from tetsnn.compact import SpikeConv2d, SpikeLinear  # noqa: E402
 from tetsnn.kernels import numba_kernels  # noqa: E402
+from tetsnn.kernels.levels import planes_for  # noqa: E402
 from tetsnn.kernels.torch_kernels import forward as torch_forward  # noqa: E402
 
 sjn = pytest.importorskip("spikingjelly.activation_based.neuron")
@@ -93,7 +94,7 @@ def saved_numel(fn):
 @pytest.mark.parametrize("levels", [1, 2, 3, 4, 7])
 def test_spike_fed_layers_keep_log2_bits(levels):
     """Integer spikes 0..D are kept as ceil(log2(D+1)) bit planes; gradients equal the plain layers'."""
-    assert bits_per_value(levels) == (levels + 1 - 1).bit_length()
+    assert planes_for(levels) == (levels + 1 - 1).bit_length()
     g = torch.Generator().manual_seed(levels)
     x = torch.randint(0, levels + 1, (6, 4, 5, 5), generator=g).double()
     for lean, plain, inp in ((SpikeConv2d(4, 3, 3, padding=1, levels=levels), nn.Conv2d(4, 3, 3, padding=1), x),
@@ -110,7 +111,7 @@ def test_spike_fed_layers_keep_log2_bits(levels):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         xx = inp.clone().requires_grad_()
         kept = [n for n, dt in saved_numel(lambda: lean(xx)) if dt == torch.uint8]
-        assert kept == [(x.numel() + 7) // 8] * bits_per_value(levels)
+        assert kept == [(x.numel() + 7) // 8] * planes_for(levels)
 
 
 def test_models_take_ilif_and_keep_bits_for_its_counts():

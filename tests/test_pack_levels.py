@@ -61,3 +61,12 @@ def test_unpack_reads_the_planes_in_place_or_from_copies():
     assert torch.equal(unpack_levels(planes, list(x.shape), x.dtype), x)
     copies = tuple(p.clone() for p in planes)   # separate tensors (as a caller may keep them)
     assert torch.equal(unpack_levels(copies, list(x.shape), x.dtype), x)
+
+
+def test_unchecked_planes_are_the_checked_ones_without_the_check(kernels):
+    # checked=False (what torch.compile traces): the per-plane torch ops, the same planes, no error
+    x = torch.randint(0, 6, (5, 333), generator=torch.Generator().manual_seed(4)).float()
+    planes = levels_mod.pack_counts(x, 5, checked=False)
+    assert torch.equal(planes, levels_mod.pack_counts(x, 5)) and torch.equal(planes, reference_planes(x, 5))
+    x[1, 7] = 0.5
+    levels_mod.pack_counts(x, 5, checked=False)

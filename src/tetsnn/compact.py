@@ -17,40 +17,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels.levels import pack_counts, planes_for, unpack_counts
-from .kernels.ops import check_spikes, pack_once, pack_spikes, unpack_spikes
+from .kernels.levels import pack_counts, unpack_counts
+from .kernels.ops import pack_once, pack_spikes, unpack_spikes
 
-__all__ = ["pack_spikes", "unpack_spikes", "bits_per_value", "pack_levels", "unpack_levels", "SpikeConv2d", "SpikeConv1d", "SpikeLinear", "spike_conv2d", "spike_conv1d",
+__all__ = ["pack_spikes", "unpack_spikes", "pack_levels", "unpack_levels", "SpikeConv2d", "SpikeConv1d", "SpikeLinear", "spike_conv2d", "spike_conv1d",
            "spike_linear",
            "ShapeOnlyAvgPool2d", "ShapeOnlyAdaptiveAvgPool2d", "SpikeMaxPool2d", "spike_avg_pool2d",
            "spike_adaptive_avg_pool2d", "spike_max_pool2d"]
-
-def bits_per_value(levels: int) -> int:
-    """Bits that hold the integers 0..levels: ``ceil(log2(levels + 1))``."""
-    return planes_for(levels)
-
 
 def pack_levels(x: Tensor, levels: int):
     """Bit planes of integer spikes 0..levels (one plane, bit 0, for 0/1 spikes), checked to be such
     counts (a ValueError names a value that is not)."""
     if levels <= 1:
         return (pack_once(x),)
-    if torch.compiler.is_compiling():   # the check is data-dependent: eager only, as pack_once's
-        xi = x.detach().to(torch.int32)
-        return tuple(pack_spikes(((xi >> b) & 1).to(x.dtype)) for b in range(bits_per_value(levels)))
-    return tuple(pack_counts(x, levels).unbind(0))   # one pass checks and packs on the CPU
+    # one pass checks and packs on the CPU; the check is data-dependent: eager only, as pack_once's
+    return tuple(pack_counts(x, levels, checked=not torch.compiler.is_compiling()).unbind(0))
 
 
 def unpack_levels(planes, shape, dtype) -> Tensor:
     """The integer spikes of :func:`pack_levels`' bit planes, as a ``shape`` tensor of ``dtype``."""
     if len(planes) == 1:
         return unpack_spikes(planes[0], shape, dtype)
-    if torch.compiler.is_compiling():
-        x = unpack_spikes(planes[0], shape, dtype)
-        for b, plane in enumerate(planes[1:], 1):
-            x = x + unpack_spikes(plane, shape, dtype) * (1 << b)
-        return x
-    return unpack_counts(_stacked(planes), shape, dtype)
+    return unpack_counts(torch.stack(planes) if torch.compiler.is_compiling() else _stacked(planes), shape, dtype)
 
 
 def _stacked(planes) -> Tensor:

@@ -138,7 +138,7 @@ def bn_spikes(path: Path, y: torch.Tensor, bn: nn.Module, neuron: nn.Module, T: 
     output, which a ``memory="min"`` recompute discards; there it saves for backward and computes nothing
     (:func:`tetsnn.memory.replaying`)."""
     return bn_neuron(y, bn, neuron.spec, path.kernel, T, neuron.decay_tensor(),
-                     saved_only=output_unused and replaying(), **residual)
+                     saved_only=output_unused and replaying(), packing=getattr(neuron, "packing", None), **residual)
 
 
 def _hooked(m: nn.Module) -> bool:

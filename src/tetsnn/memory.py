@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .compact import pack_levels, unpack_levels
-from .kernels.ops import pack_spikes, remember_packing
+from .kernels.ops import pack_once, remember_packing
 
 __all__ = ["MEMORY", "check_memory", "recomputes", "replaying", "run_block", "run_sequence", "kept_tensors"]
 
@@ -96,7 +96,7 @@ class _Block:
             levels = self.levels = _count_levels(x)
         if levels:
             with torch.no_grad():   # x itself (not a detached alias): the block's spike-fed ops reuse the bits
-                self.input = (remember_packing(x, pack_spikes(x)),) if made and levels == 1 else \
+                self.input = (pack_once(x, checked=False),) if made and levels == 1 else \
                     pack_levels(x, levels)   # bit planes
             self.storage = None
         else:

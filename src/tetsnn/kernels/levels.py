@@ -5,7 +5,9 @@ stream) keeps of its input for backward.
 planes ``[bits, ceil(numel / 8)]`` (uint8; plane b holds bit b of each count, laid out as
 :func:`tetsnn.kernels.ops.pack_spikes` lays out 0/1 spikes); ``unpack_counts`` rebuilds the counts.
 On the CPU (float32 / float64, numba importable) each is one parallel numba pass over the values: the
-check is fused into the packing. Elsewhere the check, then a ``pack_spikes`` per plane.
+check is fused into the packing. Elsewhere the check, then a ``pack_spikes`` per plane. While
+torch.compile traces, the per-plane torch ops alone (``pack_counts(checked=False)``: a data-dependent
+error or a numba call would break the graph).
 """
 from __future__ import annotations
 
@@ -24,34 +26,36 @@ def planes_for(levels: int) -> int:
     return max(1, int(levels).bit_length())
 
 
-def pack_counts(x: Tensor, levels: int) -> Tensor:
+def pack_counts(x: Tensor, levels: int, checked: bool = True) -> Tensor:
     """The bit planes ``[planes_for(levels), ceil(numel / 8)]`` of the spike counts in ``x`` (in its logical
-    order), raising :func:`tetsnn.kernels.ops.check_spikes`' error where a value is no integer 0..levels."""
+    order), raising :func:`tetsnn.kernels.ops.check_spikes`' error where a value is no integer 0..levels;
+    ``checked=False``: no check, and torch ops alone (what torch.compile traces)."""
     planes = planes_for(levels)
     flat = x.detach().contiguous().view(-1)
-    if numba_applies(flat):
+    if checked and numba_applies(flat):
         out = torch.empty((planes, (flat.numel() + 7) // 8), dtype=torch.uint8)
         bad = torch.zeros(1, dtype=torch.int64)
         if nk.call(("pack_counts",), flat.numpy(), int(levels), out.numpy(), bad.numpy()):
             if bad.item():
                 check_spikes(x, levels)   # raises, naming a value
             return out
-    check_spikes(x, levels)
+    if checked:
+        check_spikes(x, levels)
     xi = flat.to(torch.int32)
     return torch.stack([pack_spikes(((xi >> b) & 1).to(x.dtype)) for b in range(planes)])
 
 
 def unpack_counts(planes: Tensor, shape: List[int], dtype: torch.dtype) -> Tensor:
-    """The spike counts of :func:`pack_counts`' planes as a ``shape`` tensor of ``dtype``."""
-    if planes.shape[0] == 1:
-        return unpack_spikes(planes[0], shape, dtype)
-    out = torch.empty(shape, dtype=dtype, device=planes.device)
-    if numba_applies(out) and nk.call(("unpack_counts",), planes.contiguous().numpy(), out.view(-1).numpy()):
-        return out
-    out.zero_()
-    for b in range(planes.shape[0]):
-        out += unpack_spikes(planes[b], shape, dtype) * (1 << b)
-    return out
+    """The spike counts of :func:`pack_counts`' planes as a ``shape`` tensor of ``dtype`` (torch ops alone
+    while torch.compile traces)."""
+    if planes.shape[0] > 1 and not torch.compiler.is_compiling():
+        out = torch.empty(shape, dtype=dtype, device=planes.device)
+        if numba_applies(out) and nk.call(("unpack_counts",), planes.contiguous().numpy(), out.view(-1).numpy()):
+            return out
+    x = unpack_spikes(planes[0], shape, dtype)
+    for b in range(1, planes.shape[0]):
+        x = x + unpack_spikes(planes[b], shape, dtype) * (1 << b)
+    return x
 
 
 def _pack_kernel():

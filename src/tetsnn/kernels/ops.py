@@ -47,7 +47,7 @@ from . import torch_kernels as tk
 
 __all__ = ["neuron_spikes", "bn_neuron", "BNOperand", "NO_BN", "flatten_neuron", "unflatten_neuron", "constants",
            "half_to_float", "numba_applies", "pack_spikes", "unpack_spikes", "pack_once", "check_spikes",
-           "remember_packing",
+           "remember_packing", "SpikePacking",
            "lif_forward", "lif_backward", "bn_lif_forward", "bn_lif_backward"]
 
 _aten = torch.ops.aten
@@ -106,37 +106,68 @@ def _as3d(t: Tensor) -> Tensor:
     return t.contiguous().view(t.shape[0], t.shape[1], -1)
 
 
-def _spikes(x: Tensor, spec: NeuronSpec, kernel: str, decay: Optional[Tensor]) -> Tensor:
-    """Spikes of a contiguous float32 / float64 input."""
+def _spikes(x: Tensor, spec: NeuronSpec, kernel: str, decay: Optional[Tensor],
+            packing: Optional["SpikePacking"] = None) -> Tensor:
+    """Spikes of a contiguous float32 / float64 input (``packing``: see :func:`_numba_spikes`)."""
     if kernel == "triton":
         from . import triton_lif
         c = constants(spec, x.dtype, x.device, decay)
         return triton_lif.forward(x, c, _triton_hard(spec), spec.dynamics == "ilif")
     if numba_applies(x):
-        s = _numba_spikes((x,), spec, decay)
+        s = _numba_spikes((x,), spec, decay, packing)
         if s is not None:
             return s
     return tk.forward(x, spec, _decay_value(spec, decay, x.dtype))[0]
 
 
-def _numba_spikes(terms: Tuple[Tensor, ...], spec: NeuronSpec, decay: Optional[Tensor]) -> Optional[Tensor]:
+class SpikePacking:
+    """Whether a neuron's numba kernel packs its spikes to bits as it writes them (``on``).
+
+    Each spiking neuron module holds one, off at first. The spikes its kernel makes carry a link to it,
+    and :func:`pack_once` turns it on when a spike-fed layer (a :mod:`tetsnn.compact` layer, a residual
+    kept as bits) asks for the bits of those spikes. From then on the kernel packs as it writes, and
+    :func:`pack_once` hands those bits out instead of reading the spikes again. A neuron whose spikes no
+    such layer packs (a network's last, one feeding a loss or a non-spiking layer) never packs them. The
+    bits are only a cache of ``pack_spikes(spikes)``: outputs and gradients are the same either way."""
+
+    __slots__ = ("on",)
+
+    def __init__(self):
+        self.on = False
+
+
+class _Made(NamedTuple):
+    """What a neuron's numba kernel leaves on the spikes it makes (``spikes._tetsnn_bits``)."""
+    bits: Optional[Tensor]     # the spikes packed as the kernel wrote them, or None (packing off)
+    version: int               # the spikes' version counter then: the bits hold while it is unchanged
+    packing: SpikePacking      # the neuron's switch, turned on by pack_once
+
+
+def _asking(packing: Optional[SpikePacking]) -> Optional[SpikePacking]:
+    """``packing`` where a spike-fed layer may pack this call's spikes (eager, gradients on), else None."""
+    return packing if torch.is_grad_enabled() and not torch.compiler.is_compiling() else None
+
+
+def _numba_spikes(terms: Tuple[Tensor, ...], spec: NeuronSpec, decay: Optional[Tensor],
+                  packing: Optional[SpikePacking] = None) -> Optional[Tensor]:
     """Spikes (shaped as ``terms[0]``) of the sum of ``terms`` (one or two float32 / float64 tensors of one
     shape and dtype; the kernel adds them as it reads them) by the numba kernel, or None where it cannot
-    run. Eager calls of a 0/1 neuron whose steps start at a byte (``[N, T, M]`` with ``M % 8 == 0``) also
-    pack the spikes to bits as the kernel writes them; :func:`pack_once` hands those out for the spikes
-    (while they are unmodified) instead of reading them again."""
+    run. With a neuron's ``packing`` (eager calls with gradients on), the spikes of a 0/1 neuron whose
+    steps start at a byte (``[N, T, M]`` with ``M % 8 == 0``) carry a :class:`_Made`, and with
+    ``packing.on`` the kernel packs them to bits as it writes them (see :class:`SpikePacking`)."""
     x = terms[0]
     s = torch.empty(x.shape, dtype=x.dtype)
     s3 = s.view(s.shape[0], s.shape[1], -1)
-    pack = spec.dynamics == "lif" and s3.shape[2] % 8 == 0 and not torch.compiler.is_compiling()
+    packable = packing is not None and spec.dynamics == "lif" and s3.shape[2] % 8 == 0
+    pack = packable and packing.on
     bits = torch.empty(s.numel() // 8, dtype=torch.uint8) if pack else None
     key = ("fwd", spec.dynamics, spec.hard, spec.decay_input, "x" if len(terms) == 1 else "x+x", pack)
     src = tuple(_as3d(t).numpy() for t in terms)
     if not nk.call(key, src, s3.numpy(), constants(spec, x.dtype, decay=decay).numpy(),
                    _no_flag() if bits is None else bits.numpy()):
         return None
-    if bits is not None:
-        s._tetsnn_bits = (bits, s._version)
+    if packable:
+        s._tetsnn_bits = _Made(bits, s._version, packing)
     return s
 
 
@@ -179,10 +210,12 @@ def _grad_fn(spec: NeuronSpec):
     return None if grad is None else (lambda v: grad(v, width))
 
 
-def neuron_forward_body(x: Tensor, spec: NeuronSpec, kernel: str, decay: Optional[Tensor]) -> Tensor:
-    """Spikes of an ``[N, T, ...]`` input, in its dtype (half inputs are integrated in float32)."""
+def neuron_forward_body(x: Tensor, spec: NeuronSpec, kernel: str, decay: Optional[Tensor],
+                        packing: Optional[SpikePacking] = None) -> Tensor:
+    """Spikes of an ``[N, T, ...]`` input, in its dtype (half inputs are integrated in float32);
+    ``packing``: see :func:`_numba_spikes`."""
     # the kernels work on a contiguous copy of a strided input (channels_last, a time slice, ...)
-    return _spikes(half_to_float(x).contiguous(), spec, kernel, decay).to(x.dtype)
+    return _spikes(half_to_float(x).contiguous(), spec, kernel, decay, packing).to(x.dtype)
 
 
 def neuron_backward_body(grad_s: Tensor, x: Tensor, spec: NeuronSpec, kernel: str,
@@ -258,18 +291,19 @@ class _NeuronFunction(torch.autograd.Function):
     handling (about 50 us a call on the CPU); torch.compile traces the op itself."""
 
     @staticmethod
-    def forward(ctx, x, *args):
+    def forward(ctx, x, *args_packing):
+        *args, packing = args_packing   # the op's arguments, then the neuron's SpikePacking (or None)
         _lif_setup_context(ctx, (x, *args), None)
         decay = args[N_NEURON_ARGS - 1] if len(args) == N_NEURON_ARGS else None
         spec, kernel, decay = unflatten_neuron(*ctx.args, decay)
-        return neuron_forward_body(x, spec, kernel, decay)
+        return neuron_forward_body(x, spec, kernel, decay, packing)
 
     @staticmethod
     def backward(ctx, grad_s):
         x, decay = ctx.saved_tensors
         spec, kernel, _ = unflatten_neuron(*ctx.args, decay)
         gx, gd = neuron_backward_body(grad_s, x, spec, kernel, decay)
-        return _lif_grads(ctx, gx, gd)
+        return (*_lif_grads(ctx, gx, gd), None)
 
 
 class _CustomNeuronFunction(torch.autograd.Function):
@@ -292,9 +326,11 @@ class _CustomNeuronFunction(torch.autograd.Function):
         return gx.to(x.dtype), None if gd is None else gd.to(decay.dtype), None
 
 
-def neuron_spikes(x: Tensor, spec: NeuronSpec, kernel: str = "fused", decay: Optional[Tensor] = None) -> Tensor:
+def neuron_spikes(x: Tensor, spec: NeuronSpec, kernel: str = "fused", decay: Optional[Tensor] = None,
+                  packing: Optional[SpikePacking] = None) -> Tensor:
     """Spikes of ``[N, T, ...]`` input ``x`` by the fused kernels (``kernel`` "fused" or "triton");
-    ``decay`` is a learnable decay (0-dim tensor) or None for the spec's fixed one.
+    ``decay`` is a learnable decay (0-dim tensor) or None for the spec's fixed one; ``packing`` the
+    neuron module's :class:`SpikePacking` (None: the kernel never packs the spikes).
 
     float16 / bfloat16 inputs are integrated in float32 and kept for backward as they are; spikes
     and gradients come back in the input's dtype.
@@ -311,8 +347,9 @@ def neuron_spikes(x: Tensor, spec: NeuronSpec, kernel: str = "fused", decay: Opt
             args = args[:-2]
             if not spec.decay_input:
                 args = args[:-1]
-    op = lif_forward if torch.compiler.is_compiling() else _NeuronFunction.apply
-    return op(x, *args)
+    if torch.compiler.is_compiling():
+        return lif_forward(x, *args)
+    return _NeuronFunction.apply(x, *args, _asking(packing))
 
 
 # --------------------------------------------------------------------------- bit packing of spikes
@@ -399,21 +436,34 @@ def check_spikes(x: Tensor, levels: int = 1) -> None:
                          f"build layers whose input is not {kind} with spikes=False")
 
 
-def pack_once(x: Tensor) -> Tensor:
-    """``pack_spikes(x)``, reusing the bits of one of the last few calls when it packed the same,
-    unmodified tensor (a block's input feeds conv1, the downsample and the residual add)."""
+def pack_once(x: Tensor, checked: bool = True) -> Tensor:
+    """``pack_spikes(x)``: the bits the neuron kernel that made ``x`` packed as it wrote it (see
+    :class:`SpikePacking`), else those of one of the last few calls that packed the same, unmodified
+    tensor (a block's input feeds conv1, the downsample and the residual add), else packed now, after
+    :func:`check_spikes` unless ``checked`` is False (``x`` is known to be 0/1)."""
     if torch.compiler.is_compiling():
         return pack_spikes(x)
-    owner = x if x._base is None else x._base
-    made = getattr(owner, "_tetsnn_bits", None)   # packed by the neuron kernel that wrote the spikes
-    if made is not None and made[1] == owner._version and x.dtype == owner.dtype and x.numel() == owner.numel() \
-            and x.data_ptr() == owner.data_ptr() and x.is_contiguous():
-        return made[0]
+    bits = _made_bits(x)
+    if bits is not None:
+        return bits
     key = _packing_key(x)
     for k, alive, bits in _RECENT:
         if k == key and alive() is not None and bits() is not None:
             return bits()
-    return remember_packing(x, _pack_checked(x))
+    return remember_packing(x, _pack_checked(x) if checked else pack_spikes(x))
+
+
+def _made_bits(x: Tensor) -> Optional[Tensor]:
+    """The bits the neuron kernel packed ``x`` to as it wrote it, where ``x`` is all of a neuron's spikes,
+    unmodified since (None where the kernel did not pack them); turns that neuron's packing on, so that
+    its next spikes are packed as they are written."""
+    owner = x if x._base is None else x._base
+    made = getattr(owner, "_tetsnn_bits", None)
+    if made is None or made.version != owner._version or x.dtype != owner.dtype or x.numel() != owner.numel() \
+            or x.data_ptr() != owner.data_ptr() or not x.is_contiguous():
+        return None
+    made.packing.on = True
+    return made.bits
 
 
 def _packing_key(x: Tensor):
@@ -526,11 +576,13 @@ def _recompute(a: SavedBN, b: Optional[SavedBN], bits, bits_meta, n, t):
 
 
 def _bn_forward(y: Tensor, bn: BNOperand, y2: Optional[Tensor], bn2: BNOperand, residual: Optional[Tensor], T: int,
-                spec: NeuronSpec, kernel: str, decay: Optional[Tensor]) -> List[Tensor]:
+                spec: NeuronSpec, kernel: str, decay: Optional[Tensor],
+                packing: Optional[SpikePacking] = None) -> List[Tensor]:
     """Spikes ``[N, T, C, ...]`` of ``neuron(BN(y) [+ BN2(y2) | + residual])`` for ``y`` of shape
     ``[N*T, C, ...]``, then per BatchNorm ``mean, invstd, new_running_mean, new_running_var`` (the running
     statistics after this batch's update, for the caller to copy into the buffers; empty where absent).
-    The op is functional (autograd needs that), so it updates copies of the running statistics."""
+    The op is functional (autograd needs that), so it updates copies of the running statistics.
+    ``packing``: see :func:`_numba_spikes`."""
     if kernel == "triton":
         return _triton_forward(y, bn, y2, bn2, residual, T, spec, decay)
     n = y.shape[0] // T
@@ -544,9 +596,9 @@ def _bn_forward(y: Tensor, bn: BNOperand, y2: Optional[Tensor], bn2: BNOperand, 
     s = None
     if numba_applies(z) and (other is None or (other.dtype == z.dtype and other.shape == z.shape)):
         # the kernel adds the residual as it reads z: the sum is never written
-        s = _numba_spikes((z,) if other is None else (z, other), spec, decay)
+        s = _numba_spikes((z,) if other is None else (z, other), spec, decay, packing)
     if s is None:
-        s = neuron_forward_body(z if other is None else z + other, spec, kernel, decay)
+        s = neuron_forward_body(z if other is None else z + other, spec, kernel, decay, packing)
     return [s, *stats, *stats2]
 
 
@@ -716,15 +768,16 @@ class _BNNeuronFunction(torch.autograd.Function):
     the running statistics (inputs that take no gradient) in place. torch.compile traces the op."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _bn_forward(*_bn_unflatten(*inputs))
+    def forward(ctx, *inputs_packing):
+        *inputs, packing = inputs_packing   # the op's arguments, then the neuron's SpikePacking (or None)
+        output = _bn_forward(*_bn_unflatten(*inputs), packing)
         _bn_save(ctx, inputs, output)
         _update_running(inputs, output)
         return output[0]
 
     @staticmethod
     def backward(ctx, grad_s):
-        return _bn_all_grads(ctx, (grad_s,), _bn_input_grad)
+        return (*_bn_all_grads(ctx, (grad_s,), _bn_input_grad), None)
 
 
 class _BNNeuronSaved(torch.autograd.Function):
@@ -887,12 +940,13 @@ def _triton_backward(grad_s, a: SavedBN, b: Optional[SavedBN], bits, T, spec: Ne
 
 def bn_neuron(y: Tensor, bn, spec: NeuronSpec, kernel: str, T: int, decay: Optional[Tensor] = None,
               residual: Optional[Tensor] = None, y2: Optional[Tensor] = None, bn2=None,
-              saved_only: bool = False) -> Tensor:
+              saved_only: bool = False, packing: Optional[SpikePacking] = None) -> Tensor:
     """Spikes of ``neuron(BN(y).view(N, T, ...) [+ BN2(y2) | + residual])`` for ``y = conv(x)`` of shape
     ``[N*T, C, ...]``, with ``bn`` / ``bn2`` training-mode ``nn.BatchNorm`` modules (their running statistics
     and ``num_batches_tracked`` are updated), the neuron described by ``spec`` (with its learnable ``decay``)
     and run by ``kernel`` ("fused" or "triton"). ``residual`` must be 0/1 spikes ``[N, T, C, ...]`` (kept as
-    bits), or for an ILIF neuron its counts (kept as they are).
+    bits), or for an ILIF neuron its counts (kept as they are). ``packing``: the neuron module's
+    :class:`SpikePacking` (None: the kernel never packs the spikes).
 
     ``saved_only`` (a ``memory="min"`` recompute, which reads the tensors the op saves for backward and
     nothing else, in eager mode): save what the op saves, with the batch statistics uninitialised (the
@@ -904,7 +958,7 @@ def bn_neuron(y: Tensor, bn, spec: NeuronSpec, kernel: str, T: int, decay: Optio
     if saved_only and not torch.compiler.is_compiling():
         return _BNNeuronSaved.apply(*inputs)
     if not torch.compiler.is_compiling():
-        return _BNNeuronFunction.apply(*inputs)
+        return _BNNeuronFunction.apply(*inputs, _asking(packing))
     output = bn_lif_forward(*inputs)
     with torch.no_grad():
         _update_running(inputs, output)

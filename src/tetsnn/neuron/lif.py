@@ -21,7 +21,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from ..kernels.ops import neuron_spikes
+from ..kernels.ops import SpikePacking, neuron_spikes
 from ..kernels.plan import BACKENDS, Path, plan, resolve_backend
 from ..kernels.torch_kernels import charge, fire, reset
 from ..surrogate import resolve_surrogate
@@ -62,6 +62,11 @@ class SpikingNeuron(nn.Module):
     backends = set(BACKENDS) - {"auto"}
     spike_fn: Optional[Callable] = None
 
+    def __init__(self):
+        super().__init__()
+        # whether the kernel packs the spikes to bits as it writes them: on once a spike-fed layer asks
+        self.packing = SpikePacking()
+
     def _check_backend(self, backend: str) -> None:
         if backend != "auto" and backend not in self.backends:
             raise ValueError(f"unknown backend {backend!r}: expected 'auto' or one of {sorted(self.backends)}")
@@ -82,7 +87,7 @@ class SpikingNeuron(nn.Module):
         path = plan(spec, x, backend=self.backend)
         if path is Path.LOOP:
             return lif_loop(x, spec, self.spike_fn, self.decay_tensor())
-        return neuron_spikes(x, spec, path.kernel, self.decay_tensor())
+        return neuron_spikes(x, spec, path.kernel, self.decay_tensor(), self.packing)
 
     def path(self, x: torch.Tensor, bn: Optional[nn.Module] = None) -> Path:
         """The :class:`~tetsnn.kernels.plan.Path` that runs on ``x`` (with ``bn`` offered for fusion)."""
