@@ -35,7 +35,7 @@ import torch
 from tetsnn import create_model
 
 from bench_lif import interleave, mib, peak_memory, saved_bytes, train_step, verdict
-from report import write_results
+from report import commit, write_results
 
 NAME = "bench_bn_fused"
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +157,8 @@ def time_table(rounds: int) -> dict:
 
 def markdown(res: dict) -> str:
     lines = [f"## BatchNorm fused into the neuron (`benchmarks/bench_bn_fused.py`, {res['device']}, "
-             f"{res['cpu_count']} CPUs, {res['torch_threads']} torch threads, torch {res['torch']})", "",
+             f"{res['cpu_count']} CPUs, {res['torch_threads']} torch threads, torch {res['torch']}, "
+             f"commit {res.get('commit', 'not recorded')})", "",
              "Each model against its ANN twin (`neuron=\"relu\"`, the same layers with ReLU) and against the "
              "unfused spiking layers (`fuse_bn=False`; its pooling of spikes keeps no float copy either).", "",
              "### (a) Saved activation bytes of one training step (parameters and buffers excluded)", "",
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
         measured.update(time=time_table(args.rounds), rounds=args.rounds)
     last = ROOT / "benchmarks" / "results" / f"{NAME}.json"
     result = json.loads(last.read_text()) if last.exists() else {}  # the tables a skip keeps
-    result.update(measured, device="cpu", machine=platform.machine(), cpu_count=os.cpu_count(),
+    result.update(measured, commit=commit(), device="cpu", machine=platform.machine(), cpu_count=os.cpu_count(),
                   torch_threads=torch.get_num_threads(), torch=torch.__version__)
     if measured:
         result["seconds"] = round(time.time() - t0)  # of the latest measuring invocation

@@ -238,8 +238,9 @@ def markdown(res: dict) -> str:
                           f"input gradient of {mib(f['input_gradient_bytes'])} at batch 8, T=32. Its training-mode "
                           "BatchNorm needs the sums of its output gradient over all samples and steps before any input "
                           "gradient can be formed, so with per-block autograd both are alive at once, whatever is "
-                          "kept for backward: the goal is out of reach without processing a block's backward in "
-                          "chunks of time steps."]
+                          "kept for backward and however a block splits its own backward: the goal is out of reach "
+                          "unless the whole network's backward runs a chunk of time steps at a time, outside "
+                          "autograd's block-by-block order."]
         v = res["long"]["snn memory=min, T=32"]["vs_default_T4"]
         goals.append(f"| vggsnn T=32 min step within default's T=4 peak | <= 1.00x | {v}x | {verdict(v, 1.0)} |")
         lines.append("")
