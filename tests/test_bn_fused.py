@@ -106,6 +106,50 @@ def test_running_statistics_over_steps(momentum):
     assert torch.equal(fused(x), plain(x))
 
 
+def test_float32_statistics_alone_equal_torch_batch_norm():
+    """The CPU float32 forward takes the batch statistics alone (BatchNorm's output is never written: the
+    kernel rebuilds it as it reads the conv output): mean, invstd and the updated running statistics are
+    torch's bit for bit, contiguous or channels-last, with or without running statistics."""
+    g = torch.Generator().manual_seed(5)
+    for i in range(60):
+        c = int(torch.randint(1, 40, (1,), generator=g))
+        shape = [int(torch.randint(2, 12, (1,), generator=g)), c] + [int(torch.randint(1, 9, (1,), generator=g))
+                                                                     for _ in range(i % 3)]
+        y = torch.randn(shape, generator=g) * float(torch.rand(1, generator=g) * 50) + float(torch.randn(1, generator=g) * 20)
+        if i % 3 == 2 and i % 2:
+            y = y.contiguous(memory_format=torch.channels_last)
+        track = i % 4 != 0
+        bn = bn_fused.BNOperand(None, None, torch.randn(c, generator=g) if track else None,
+                                torch.rand(c, generator=g) if track else None, [0.1, 0.5, 1.0][i % 3], [1e-5, 1e-3][i % 2])
+        got, want = bn_fused._batch_stats_cpu(y, bn), bn_fused._normalise(y, bn)[1:]
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (shape, i)
+    assert bn_fused._stats_exact(torch.float32) and not bn_fused._stats_exact(torch.float64)
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_float32_forward_never_normalises(momentum, monkeypatch):
+    """Plain, residual and downsample blocks in float32 over several steps: the fused forward never runs
+    torch's batch_norm, and outputs, gradients and running statistics are those of the unfused modules."""
+    def build(f):
+        net = small_net("lif", f, reset="soft")
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = momentum
+        net[2].downsample.module[1] = nn.BatchNorm2d(6, affine=False)   # no affine
+        return net
+    fused, plain = twins(build, torch.float32)
+    for step in range(3):
+        x = torch.rand(2, 3, 2, 6, 6, generator=torch.Generator().manual_seed(step)) * 3
+        with monkeypatch.context() as m:
+            m.setattr(bn_fused, "_normalise", None)   # any call fails
+            out1, gx1, gp1, buf1 = run(fused, x)
+        out2, gx2, gp2, buf2 = run(plain, x)
+        assert torch.equal(out1, out2) and 0 < out1.mean() < 1
+        assert all(torch.equal(buf1[k], buf2[k]) for k in buf1)
+        for a, b in [(gx1, gx2)] + [(gp1[k], gp2[k]) for k in gp1]:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
 def test_frozen_parameters_and_no_affine():
     """requires_grad=False parameters get no gradient; a BatchNorm without weight and bias fuses too."""
     def build(f):

@@ -65,7 +65,7 @@ def parallel() -> bool:
 def outer_jit(**options):
     """The decorator of a kernel whose outer loop takes work items with ``numba.prange``: compiled to run
     them on all threads, or on one (:func:`parallel`)."""
-    return module().njit(parallel=parallel(), **options)
+    return module().njit(parallel=parallel(), error_model="numpy", **options)
 
 
 def call(key, *args) -> bool:
@@ -331,12 +331,13 @@ def _integrate_kernel(dynamics: str, hard: bool, decay_input: bool, source: str,
     return integrate
 
 
-def _forward_kernel(dynamics: str, hard: bool, decay_input: bool, source: str = "x", pack: bool = False):
-    """Spikes of the input ``src`` (read as ``source`` says, :func:`_load_kernel`) into ``s``; threads over
-    blocks of neurons. With ``pack`` (0/1 spikes, ``M`` a multiple of 8) also their bits into ``bits``
-    (as :func:`_pack_kernel` packs ``s``)."""
+def _forward_kernel(dynamics: str, hard: bool, decay_input: bool, source: str = "x", pack: bool = False,
+                    fused_madd: bool = False):
+    """Spikes of the input ``src`` (read as ``source`` and ``fused_madd`` say, :func:`_load_kernel`) into
+    ``s``; threads over blocks of neurons. With ``pack`` (0/1 spikes, ``M`` a multiple of 8) also their
+    bits into ``bits`` (as :func:`_pack_kernel` packs ``s``)."""
     numba = module()
-    integrate = kernel(("integrate", dynamics, hard, decay_input, source, False, pack))
+    integrate = kernel(("integrate", dynamics, hard, decay_input, source, fused_madd, pack))
     count, at = kernel(("blocks", BLOCK))
 
     @outer_jit()

@@ -155,15 +155,23 @@ def _numba_spikes(terms: Tuple[Tensor, ...], spec: NeuronSpec, decay: Optional[T
     run. With a neuron's ``packing`` (eager calls with gradients on), the spikes of a 0/1 neuron whose
     steps start at a byte (``[N, T, M]`` with ``M % 8 == 0``) carry a :class:`_Made`, and with
     ``packing.on`` the kernel packs them to bits as it writes them (see :class:`SpikePacking`)."""
-    x = terms[0]
-    s = torch.empty(x.shape, dtype=x.dtype)
+    src = tuple(_as3d(t).numpy() for t in terms)
+    return _numba_fire(src, "x" if len(terms) == 1 else "x+x", terms[0].shape, terms[0].dtype, spec, decay,
+                       packing)
+
+
+def _numba_fire(src: tuple, source: str, shape, dtype, spec: NeuronSpec, decay: Optional[Tensor],
+                packing: Optional[SpikePacking], fused_madd: bool = False) -> Optional[Tensor]:
+    """The spikes ``[N, T, ...]`` (``shape``) of the input the numba kernel reads from the arrays ``src`` as
+    ``source`` says (``numba_kernels._load_kernel``), or None where it cannot run; ``packing`` as for
+    :func:`_numba_spikes`."""
+    s = torch.empty(shape, dtype=dtype)
     s3 = s.view(s.shape[0], s.shape[1], -1)
     packable = packing is not None and spec.dynamics == "lif" and s3.shape[2] % 8 == 0
     pack = packable and packing.on
     bits = torch.empty(s.numel() // 8, dtype=torch.uint8) if pack else None
-    key = ("fwd", spec.dynamics, spec.hard, spec.decay_input, "x" if len(terms) == 1 else "x+x", pack)
-    src = tuple(_as3d(t).numpy() for t in terms)
-    if not nk.call(key, src, s3.numpy(), constants(spec, x.dtype, decay=decay).numpy(),
+    key = ("fwd", spec.dynamics, spec.hard, spec.decay_input, source, pack, fused_madd)
+    if not nk.call(key, src, s3.numpy(), constants(spec, dtype, decay=decay).numpy(),
                    _no_flag() if bits is None else bits.numpy()):
         return None
     if packable:
@@ -563,6 +571,64 @@ def _normalise(y, bn: BNOperand):
     return z, mean, invstd, mean.new_empty(0) if rm is None else rm, mean.new_empty(0) if rv is None else rv
 
 
+_STATS_EXACT = {}   # dtype -> whether _batch_stats_cpu reproduces native_batch_norm's statistics bit for bit
+
+
+def _batch_stats_cpu(y, bn: BNOperand):
+    """``[mean, invstd, new_running_mean, new_running_var]`` of torch's CPU training-mode batch_norm on
+    copies of the running statistics, without normalising: ``batch_norm_update_stats`` runs the same
+    statistics code, and ``invstd = 1 / sqrt(var + eps)`` is formed in float64 as its kernel forms it."""
+    rm = None if bn.running_mean is None else bn.running_mean.clone()
+    rv = None if bn.running_var is None else bn.running_var.clone()
+    mean, var = torch.batch_norm_update_stats(y, rm, rv, bn.momentum)
+    invstd = (1 / torch.sqrt(var.double() + bn.eps)).to(var.dtype)
+    return [mean, invstd, mean.new_empty(0) if rm is None else rm, mean.new_empty(0) if rv is None else rv]
+
+
+def _stats_exact(dtype) -> bool:
+    """Whether :func:`_batch_stats_cpu` gives what :func:`_normalise` gives, bit for bit, on random
+    conv-like and linear-like input of ``dtype`` (float32 only: checked once per process)."""
+    if dtype not in _STATS_EXACT:
+        g = torch.Generator().manual_seed(0)
+        ok = dtype == torch.float32
+        for shape in ((6, 5, 3, 7), (40, 3)) if ok else ():
+            y = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1
+            c = shape[1]
+            bn = BNOperand(None, None, torch.randn(c, generator=g, dtype=dtype), torch.rand(c, generator=g, dtype=dtype),
+                           0.1, 1e-5)
+            ok = ok and all(torch.equal(p, q) for p, q in zip(_batch_stats_cpu(y, bn), _normalise(y, bn)[1:]))
+        _STATS_EXACT[dtype] = ok
+    return _STATS_EXACT[dtype]
+
+
+def _numba_bn_forward(y, bn: BNOperand, y2, bn2: BNOperand, residual, T, spec: NeuronSpec, decay,
+                      packing) -> Optional[List[Tensor]]:
+    """:func:`_bn_forward`'s output with BatchNorm's output never written: the batch statistics alone
+    (:func:`_batch_stats_cpu`), then the numba kernel rebuilding ``BN(y)`` as it reads ``y``, as the
+    backward does; None where that does not reproduce torch's batch_norm bit for bit (the caller
+    normalises with torch, then runs the neuron)."""
+    terms = (y,) if y2 is None else (y, y2)
+    if not all(numba_applies(t) and t.dtype == y.dtype and t.is_contiguous() for t in terms) or bn.eps == 0 \
+            or (y2 is not None and bn2.eps == 0) or not _stats_exact(y.dtype):
+        return None
+    fused_madd = _rebuild_mode(y.dtype)
+    if fused_madd is None or (residual is not None and (residual.dtype != y.dtype or y2 is not None)):
+        return None
+    n = y.shape[0] // T
+    shape = (n, T, *y.shape[1:])
+    stats = _batch_stats_cpu(y, bn)
+    src, source = _bn_operand(SavedBN(y, bn.weight, bn.bias, stats[0], stats[1], bn.eps), shape, fused_madd), "bn"
+    stats2 = [stats[0].new_empty(0) for _ in range(4)]
+    if y2 is not None:
+        stats2 = _batch_stats_cpu(y2, bn2)
+        src += _bn_operand(SavedBN(y2, bn2.weight, bn2.bias, stats2[0], stats2[1], bn2.eps), shape, fused_madd)
+        source = "bn+bn"
+    elif residual is not None:
+        src, source = src + (_as3d(residual.view(shape)).numpy(),), "bn+x"
+    s = _numba_fire(src, source, shape, y.dtype, spec, decay, packing, fused_madd)
+    return None if s is None else [s, *stats, *stats2]
+
+
 def _recompute(a: SavedBN, b: Optional[SavedBN], bits, bits_meta, n, t):
     """``z`` as the forward made it, viewed ``[N, T, C, ...]``."""
     z = _aten.native_batch_norm(a.y, a.weight, a.bias, None, None, True, 0.0, a.eps)[0]
@@ -585,6 +651,9 @@ def _bn_forward(y: Tensor, bn: BNOperand, y2: Optional[Tensor], bn2: BNOperand, 
     ``packing``: see :func:`_numba_spikes`."""
     if kernel == "triton":
         return _triton_forward(y, bn, y2, bn2, residual, T, spec, decay)
+    out = _numba_bn_forward(y, bn, y2, bn2, residual, T, spec, decay, packing)
+    if out is not None:
+        return out
     n = y.shape[0] // T
     z, *stats = _normalise(y, bn)
     z = z.view(n, T, *z.shape[1:])
@@ -824,6 +893,13 @@ def _scale_shift(mean, invstd, weight, bias, neurons: int, fused_madd: bool):
     return a_c.repeat(per), b_c.repeat(per)
 
 
+def _bn_operand(s: SavedBN, shape, fused_madd: bool) -> tuple:
+    """The arrays a numba kernel rebuilds ``BN(y)`` from (source "bn"): ``y`` as ``[N, T, M]`` (``shape`` is
+    ``[N, T, C, ...]``), its per-neuron scale and shift."""
+    x3 = _as3d(s.y.view(shape))
+    return (x3.numpy(), *_scale_shift(s.mean, s.invstd, s.weight, s.bias, x3.shape[2], fused_madd))
+
+
 def _rebuild_mode(dtype):
     """How to rebuild torch's CPU batch_norm output for ``dtype``: True (one rounding, fused
     multiply-add), False (separate roundings) or None (neither reproduces it, or numba cannot)."""
@@ -872,13 +948,10 @@ def _numba_backward(grad_s, a: SavedBN, b: Optional[SavedBN], bits, bits_dtype, 
     n = y.shape[0] // T
     shape = (n, T, *y.shape[1:])
 
-    def operand(s: SavedBN):
-        x3 = _as3d(s.y.view(shape))
-        return (x3.numpy(), *_scale_shift(s.mean, s.invstd, s.weight, s.bias, x3.shape[2], fused_madd))
-    src = operand(a)
+    src = _bn_operand(a, shape, fused_madd)
     source = "bn"
     if b is not None:
-        src, source = src + operand(b), "bn+bn"
+        src, source = src + _bn_operand(b, shape, fused_madd), "bn+bn"
     elif bits is not None and bits.dtype == torch.uint8:
         src, source = src + (bits.numpy(),), "bn+bits"
     elif bits is not None:   # ILIF's residual counts, kept as floats
