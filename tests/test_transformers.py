@@ -114,6 +114,30 @@ def test_spike_attention_matches_matmul_and_keeps_bits():
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-10)
 
 
+def test_spike_attention_on_one_qkv_tensor_keeps_its_bits_and_forms_one_gradient():
+    """q, k, v as the slices of one tensor (one neuron's spikes, as SpikingSelfAttention passes them): the
+    same outputs and gradients as three separate operands, one bit tensor kept, one gradient formed."""
+    g = torch.Generator().manual_seed(2)
+    base = _spikes(2, 3, 3 * 4 * 6, 10, g=g).requires_grad_()
+    w = torch.randn(2, 3, 4, 6, 10, generator=g, dtype=torch.float64)
+    qkv = base.view(2, 3, 3, 4, 6, 10)
+    out = spike_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], 0.125, qkv=qkv)
+    assert type(out.grad_fn).__name__ == "_StackedAttentionFnBackward"
+    (saved,) = out.grad_fn.saved_tensors
+    assert saved.dtype == torch.uint8 and saved.numel() == base.numel() // 8
+    (out * w).sum().backward()
+    ref_base = base.detach().clone().requires_grad_()
+    r = ref_base.view(2, 3, 3, 4, 6, 10)
+    ref = spike_attention(r[:, :, 0].contiguous(), r[:, :, 1].contiguous(), r[:, :, 2].contiguous(), 0.125)
+    assert type(ref.grad_fn).__name__ == "_SpikeAttentionFnBackward"
+    (ref * w).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(base.grad, ref_base.grad, rtol=0, atol=1e-12)
+    # slices of another tensor, or not in qkv's order: the three-operand path
+    other = spike_attention(qkv[:, :, 1], qkv[:, :, 0], qkv[:, :, 2], 0.125, qkv=qkv)
+    assert type(other.grad_fn).__name__ == "_SpikeAttentionFnBackward"
+
+
 def test_spike_mul_broadcasts_and_keeps_bits():
     g = torch.Generator().manual_seed(1)
     a = _spikes(2, 3, 4, 1, 10, g=g).requires_grad_()

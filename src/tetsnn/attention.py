@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .compact import spike_conv1d
-from .kernels.ops import pack_spikes, unpack_spikes
+from .kernels.ops import pack_once, pack_spikes, unpack_spikes
 from .layers import ConvBN, conv_bn_spike
 from .memory import check_memory, run_block
 from .neuron import make_neuron, spike_levels
@@ -77,6 +77,17 @@ def _compact(*xs: Tensor) -> bool:
                                                        torch.bfloat16) for x in xs)
 
 
+def _attention_grads(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, scale: float, needs=(True, True, True)):
+    """The gradients of ``(v @ k^T) @ q * scale`` with respect to q, k and v (None where not needed)."""
+    g = grad * scale
+    kv = v @ k.transpose(-2, -1)
+    gq = kv.transpose(-2, -1) @ g if needs[0] else None
+    gkv = g @ q.transpose(-2, -1)
+    gk = gkv.transpose(-2, -1) @ v if needs[1] else None
+    gv = gkv @ k if needs[2] else None
+    return gq, gk, gv
+
+
 class _SpikeAttentionFn(torch.autograd.Function):
     """``(v @ k^T) @ q * scale`` on 0/1 spikes ``[..., d, L]``; keeps q, k, v as packed bits and rebuilds
     ``v @ k^T`` in backward."""
@@ -92,22 +103,42 @@ class _SpikeAttentionFn(torch.autograd.Function):
     def backward(ctx, grad):
         shape, dtype, scale = ctx.meta
         q, k, v = (unpack_spikes(p, shape, dtype) for p in ctx.saved_tensors)
-        g = grad * scale
-        kv = v @ k.transpose(-2, -1)
-        gq = kv.transpose(-2, -1) @ g if ctx.needs_input_grad[0] else None
-        gkv = g @ q.transpose(-2, -1)
-        gk = gkv.transpose(-2, -1) @ v if ctx.needs_input_grad[1] else None
-        gv = gkv @ k if ctx.needs_input_grad[2] else None
-        return gq, gk, gv, None
+        return (*_attention_grads(q, k, v, grad, scale, ctx.needs_input_grad[:3]), None)
 
 
-def spike_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 0.125, compact: bool = True) -> Tensor:
+class _StackedAttentionFn(torch.autograd.Function):
+    """:class:`_SpikeAttentionFn` on one tensor ``qkv [..., 3, heads, d, L]`` holding q, k and v (one
+    neuron's spikes): keeps the bits that neuron's kernel packed (:func:`pack_once`) and returns one
+    gradient for the whole tensor, where three slices would each form a zero-filled gradient of its size."""
+
+    @staticmethod
+    def forward(ctx, qkv, scale):
+        q, k, v = qkv.unbind(-4)
+        ctx.meta = (list(qkv.shape), qkv.dtype, scale)
+        ctx.save_for_backward(pack_once(qkv, checked=False))   # neuron outputs: 0/1
+        return ((v @ k.transpose(-2, -1)) @ q) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, scale = ctx.meta
+        # each slice made contiguous once: the products would copy each strided operand anyway
+        q, k, v = (t.contiguous() for t in unpack_spikes(ctx.saved_tensors[0], shape, dtype).unbind(-4))
+        return torch.stack(_attention_grads(q, k, v, grad, scale), -4), None
+
+
+def spike_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 0.125, compact: bool = True,
+                    qkv: Optional[Tensor] = None) -> Tensor:
     """Spikformer's spiking self-attention product ``Q K^T V * scale`` in the channel layout
     ``[..., d, L]`` of its code (``(v @ k^T) @ q``: ``d x d`` before ``d x L``). With ``compact`` and
     gradients on, q, k and v are kept as packed bits for backward (they must be 0/1 spikes: they are not
-    checked, as the neurons before them make them so)."""
+    checked, as the neurons before them make them so). ``qkv``: the contiguous tensor ``[..., 3, heads, d,
+    L]`` whose slices along dim -4 are q, k and v, if they are (its gradient is then formed whole)."""
     if not (compact and _compact(q, k, v)):
         return (v @ k.transpose(-2, -1)) @ q * scale
+    if qkv is not None and not torch.compiler.is_compiling() and qkv.is_contiguous() and all(
+            t.shape == qkv.shape[:-4] + qkv.shape[-3:] and t.data_ptr() == qkv[..., i, :, :, :].data_ptr()
+            and t.stride() == qkv[..., i, :, :, :].stride() for i, t in enumerate((q, k, v))):
+        return _StackedAttentionFn.apply(qkv, scale)
     return _SpikeAttentionFn.apply(q, k, v, scale)
 
 
@@ -200,7 +231,7 @@ class SpikingSelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, t, c, length = x.shape
         qkv = self.qkv(x).view(n, t, 3, self.heads, c // self.heads, length)
-        y = self.product(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        y = self.product(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], qkv=qkv)
         return self.proj(self.attn_act(y.reshape(n, t, c, length)))
 
     def extra_repr(self) -> str:
@@ -294,8 +325,9 @@ class QKVProduct(SpikeProduct):
         super().__init__()
         self.scale, self.compact = float(scale), compact
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return spike_attention(q, k, v, self.scale, self.compact)
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, qkv: Optional[Tensor] = None) -> Tensor:
+        """``qkv``: the one tensor q, k and v are slices of, if they are (see :func:`spike_attention`)."""
+        return spike_attention(q, k, v, self.scale, self.compact, qkv)
 
     def spike_synops(self, q, k, v) -> int:
         d = q.shape[-2]
