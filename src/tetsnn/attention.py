@@ -77,6 +77,18 @@ def _compact(*xs: Tensor) -> bool:
                                                        torch.bfloat16) for x in xs)
 
 
+def _product(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``(v @ k^T) @ q * scale``: Spikformer's ``Q K^T V * scale`` in the channel layout ``[..., d, L]``."""
+    return (v @ k.transpose(-2, -1)) @ q * scale
+
+
+def _is_split_of(qkv: Tensor, q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether q, k and v are the slices 0, 1, 2 of the contiguous ``qkv`` along dim -4 (same memory)."""
+    return qkv.is_contiguous() and all(
+        t.shape == qkv.shape[:-4] + qkv.shape[-3:] and t.data_ptr() == qkv[..., i, :, :, :].data_ptr()
+        and t.stride() == qkv[..., i, :, :, :].stride() for i, t in enumerate((q, k, v)))
+
+
 def _attention_grads(q: Tensor, k: Tensor, v: Tensor, grad: Tensor, scale: float, needs=(True, True, True)):
     """The gradients of ``(v @ k^T) @ q * scale`` with respect to q, k and v (None where not needed)."""
     g = grad * scale
@@ -94,10 +106,9 @@ class _SpikeAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        kv = v @ k.transpose(-2, -1)
         ctx.meta = (list(q.shape), q.dtype, scale)
         ctx.save_for_backward(pack_spikes(q), pack_spikes(k), pack_spikes(v))   # neuron outputs: 0/1
-        return (kv @ q) * scale
+        return _product(q, k, v, scale)
 
     @staticmethod
     def backward(ctx, grad):
@@ -113,10 +124,9 @@ class _StackedAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, scale):
-        q, k, v = qkv.unbind(-4)
         ctx.meta = (list(qkv.shape), qkv.dtype, scale)
         ctx.save_for_backward(pack_once(qkv, checked=False))   # neuron outputs: 0/1
-        return ((v @ k.transpose(-2, -1)) @ q) * scale
+        return _product(*qkv.unbind(-4), scale)
 
     @staticmethod
     def backward(ctx, grad):
@@ -134,10 +144,8 @@ def spike_attention(q: Tensor, k: Tensor, v: Tensor, scale: float = 0.125, compa
     checked, as the neurons before them make them so). ``qkv``: the contiguous tensor ``[..., 3, heads, d,
     L]`` whose slices along dim -4 are q, k and v, if they are (its gradient is then formed whole)."""
     if not (compact and _compact(q, k, v)):
-        return (v @ k.transpose(-2, -1)) @ q * scale
-    if qkv is not None and not torch.compiler.is_compiling() and qkv.is_contiguous() and all(
-            t.shape == qkv.shape[:-4] + qkv.shape[-3:] and t.data_ptr() == qkv[..., i, :, :, :].data_ptr()
-            and t.stride() == qkv[..., i, :, :, :].stride() for i, t in enumerate((q, k, v))):
+        return _product(q, k, v, scale)
+    if qkv is not None and not torch.compiler.is_compiling() and _is_split_of(qkv, q, k, v):
         return _StackedAttentionFn.apply(qkv, scale)
     return _SpikeAttentionFn.apply(q, k, v, scale)
 

@@ -575,14 +575,10 @@ _STATS_EXACT = {}   # dtype -> whether _batch_stats_cpu reproduces native_batch_
 
 
 def _batch_stats_cpu(y, bn: BNOperand):
-    """``[mean, invstd, new_running_mean, new_running_var]`` of torch's CPU training-mode batch_norm on
-    copies of the running statistics, without normalising: ``batch_norm_update_stats`` runs the same
-    statistics code, and ``invstd = 1 / sqrt(var + eps)`` is formed in float64 as its kernel forms it."""
-    rm = None if bn.running_mean is None else bn.running_mean.clone()
-    rv = None if bn.running_var is None else bn.running_var.clone()
-    mean, var = torch.batch_norm_update_stats(y, rm, rv, bn.momentum)
-    invstd = (1 / torch.sqrt(var.double() + bn.eps)).to(var.dtype)
-    return [mean, invstd, mean.new_empty(0) if rm is None else rm, mean.new_empty(0) if rv is None else rv]
+    """:func:`_batch_stats` as torch's CPU training-mode batch_norm gives them, bit for bit:
+    ``batch_norm_update_stats`` runs the same statistics code, and ``invstd = 1 / sqrt(var + eps)`` is
+    formed in float64 as its kernel forms it."""
+    return _batch_stats(y, bn, lambda var: (1 / torch.sqrt(var.double() + bn.eps)).to(var.dtype))
 
 
 def _stats_exact(dtype) -> bool:
@@ -970,13 +966,15 @@ def _numba_backward(grad_s, a: SavedBN, b: Optional[SavedBN], bits, bits_dtype, 
 
 # --------------------------------------------------------------------------- the Triton kernels
 
-def _batch_stats(y, bn: BNOperand):
-    """``[mean, invstd, new_running_mean, new_running_var]`` without normalising (Triton path)."""
+def _batch_stats(y, bn: BNOperand, invstd=None):
+    """``[mean, invstd, new_running_mean, new_running_var]`` without normalising, on copies of the running
+    statistics (the last two empty without them); ``invstd(var)`` forms invstd (default, the Triton
+    path's: ``rsqrt(var + eps)``)."""
     rm = None if bn.running_mean is None else bn.running_mean.clone()
     rv = None if bn.running_var is None else bn.running_var.clone()
     mean, var = torch.batch_norm_update_stats(y, rm, rv, bn.momentum)
-    return [mean, torch.rsqrt(var + bn.eps), mean.new_empty(0) if rm is None else rm,
-            mean.new_empty(0) if rv is None else rv]
+    return [mean, torch.rsqrt(var + bn.eps) if invstd is None else invstd(var),
+            mean.new_empty(0) if rm is None else rm, mean.new_empty(0) if rv is None else rv]
 
 
 def _triton_forward(y, bn: BNOperand, y2, bn2: BNOperand, residual, T, spec: NeuronSpec, decay):
