@@ -126,6 +126,26 @@ def test_float32_statistics_alone_equal_torch_batch_norm():
     assert bn_fused._stats_exact(torch.float32) and not bn_fused._stats_exact(torch.float64)
 
 
+def test_float32_statistics_kernel_equals_torch_batch_norm():
+    """Where numba runs, the float32 statistics of contiguous conv-like input come from the numba kernel
+    (sums vectorised), and they equal torch's bit for bit, also far from zero mean (where the variance's
+    float32 terms cancel most) and for a cumulative-average momentum."""
+    from tetsnn.kernels import numba_kernels as nk
+    assert bn_fused._stats_mode(torch.float32) == ("numba" if nk.available() else "torch")
+    g = torch.Generator().manual_seed(11)
+    for i in range(80):
+        shape = [int(torch.randint(1, 17, (1,), generator=g)), int(torch.randint(1, 24, (1,), generator=g)),
+                 int(torch.randint(2, 700, (1,), generator=g))]
+        scale = 10 ** float(torch.empty(1).uniform_(-3, 3, generator=g))
+        offset = 10 ** float(torch.empty(1).uniform_(-3, 4, generator=g))
+        y = torch.randn(shape, generator=g) * scale + offset
+        c = shape[1]
+        bn = bn_fused.BNOperand(None, None, torch.randn(c, generator=g), torch.rand(c, generator=g),
+                                [0.1, 1 / (i + 1)][i % 2], 1e-5)
+        got, want = bn_fused._batch_stats_cpu(y, bn), bn_fused._normalise(y, bn)[1:]
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (shape, scale, offset)
+
+
 @pytest.mark.parametrize("momentum", [0.3, None])
 def test_float32_forward_never_normalises(momentum, monkeypatch):
     """Plain, residual and downsample blocks in float32 over several steps: the fused forward never runs

@@ -402,6 +402,35 @@ def _scale_shift_kernel(fused_madd: bool):
     return scale_shift
 
 
+def _bn_stats_kernel():
+    """``stats(y, mean, var_sum)``: per channel of a float32 ``y[N, C, L]`` (``L > 1``), the statistics as
+    torch's CPU batch_norm forms them for contiguous input: ``mean = float32(sum / count)``, the sum in
+    float64, then ``var_sum = float32(sum of float64((y - mean)^2))``, the square in float32. The sums
+    may be reassociated (fast-math ``reassoc`` alone, so they vectorise; torch adds in order, one value
+    at a time): in float64 that moves a float32 result only where the sum lies within a few float64
+    ulps of a float32 rounding boundary, and a probe (``ops._stats_mode``) checks the result once."""
+    numba, np = module(), __import__("numpy")
+
+    @outer_jit(fastmath={"reassoc"})
+    def stats(y, mean, var_sum):
+        n_, c_, l_ = y.shape
+        count = n_ * l_
+        for c in numba.prange(c_):
+            s = 0.0
+            for n in range(n_):
+                for i in range(l_):
+                    s += np.float64(y[n, c, i])
+            m = np.float32(s / count)
+            v = 0.0
+            for n in range(n_):
+                for i in range(l_):
+                    d = y[n, c, i] - m
+                    v += np.float64(d * d)
+            mean[c] = m
+            var_sum[c] = np.float32(v)
+    return stats
+
+
 # --------------------------------------------------------------------------- bit packing
 
 def _pack_kernel(check: bool = False):
@@ -467,5 +496,5 @@ def _unpack_kernel():
 
 _BUILDERS.update({"spikes": _spikes_kernel, "blocks": _blocks_kernel, "load": _load_kernel, "values": _values_kernel,
                   "step": _step_kernel, "integrate": _integrate_kernel, "fwd": _forward_kernel,
-                  "bwd": _backward_kernel, "scale_shift": _scale_shift_kernel, "pack": _pack_kernel,
-                  "unpack": _unpack_kernel})
+                  "bwd": _backward_kernel, "scale_shift": _scale_shift_kernel, "bn_stats": _bn_stats_kernel,
+                  "pack": _pack_kernel, "unpack": _unpack_kernel})
