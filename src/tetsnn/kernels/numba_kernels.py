@@ -4,7 +4,8 @@ output rebuilt inside them, and the bit packing of spikes.
 Every kernel reads the constant array of :mod:`tetsnn.neuron.spec` (layout ``C_*``) in the input's
 dtype, and its surrogate from :func:`tetsnn.surrogate.numba_grad`. Each operation is the one the
 per-step loop's autograd performs, in the same dtype and order (no fast-math, so no fused
-multiply-adds), so forward and backward agree with the loop bit for bit wherever none intervenes.
+multiply-adds), so forward and backward agree with the loop bit for bit wherever none intervenes. The
+one exception, BatchNorm's statistics (``bn_stats``), reorders float64 sums only (see its builder).
 
 Kernels are built on first use per configuration key and compiled on their first call; a failed build
 or compile makes :func:`call` return False (the caller then runs the torch-op kernels) and marks numba

@@ -582,7 +582,8 @@ def _batch_stats_cpu(y, bn: BNOperand, how: Optional[str] = None):
     (about 3x faster), then the running statistics follow torch's float32/float64 steps. Either way
     ``invstd = 1 / sqrt(var + eps)`` is formed in float64, as torch's kernel forms it."""
     how = how or _stats_mode(y.dtype)
-    if how == "numba" and y.dtype == torch.float32 and y.dim() > 2 and y[0, 0].numel() > 1 and y.is_contiguous():
+    if how == "numba" and y.dtype == torch.float32 and y.dim() > 2 and y.numel() > y.shape[0] * y.shape[1] > 0 \
+            and y.is_contiguous():
         c = y.shape[1]
         y3 = y.view(y.shape[0], c, -1)
         mean, var_sum = y.new_empty(c), y.new_empty(c)
